@@ -1,0 +1,270 @@
+"""Building blocks shared by the encoders and the decoder (channels-last).
+
+Every module takes `dtype` (compute) and `param_dtype` (storage) and annotates its parameters
+with logical axis names (`conv_in`, `conv_out`, `embed`, `norm`), which the sharding rules in the
+config map onto mesh axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+Padding = Sequence[tuple[int, int]]
+
+# torch's default init (kaiming-uniform with a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
+default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that checkpoints carry (e.g. fixed positional tables)."""
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: Sequence[int],
+    *,
+    stride: Sequence[int] | int = 1,
+    padding: Padding | str = "SAME",
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """An N-d convolution over channels-last inputs `(B, *spatial, C)`."""
+    spatial = len(kernel_size)
+    strides = (stride,) * spatial if isinstance(stride, int) else tuple(stride)
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=tuple(kernel_size),
+        strides=strides,
+        padding=padding if isinstance(padding, str) else [tuple(p) for p in padding],
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(
+            default_kernel_init, (None,) * spatial + ("conv_in", "conv_out")
+        ),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+        rngs=rngs,
+    )
+
+
+def same_conv(
+    in_features: int,
+    out_features: int,
+    spatial: int,
+    *,
+    kernel: int = 3,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A stride-1 convolution with symmetric zero padding `kernel // 2` in every dimension."""
+    pad = kernel // 2
+    return conv(
+        in_features,
+        out_features,
+        (kernel,) * spatial,
+        padding=[(pad, pad)] * spatial,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    axes: tuple[str | None, str | None] = ("embed", "heads"),
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(default_kernel_init, axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over channels-last inputs, statistics in float32, optional fused SiLU.
+
+    Matches `torch.nn.GroupNorm(num_groups, C, eps)`: per sample and group, the mean and biased
+    variance over all positions and the group's channels.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        num_groups: int = 32,
+        epsilon: float = 1e-6,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        del rngs
+        if num_features % num_groups:
+            raise ValueError(
+                f"GroupNorm: {num_features} channels do not split into {num_groups} groups"
+            )
+        self.num_groups = num_groups
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
+        shape = x.shape  # (B, *spatial, C)
+        grouped = x.astype(jnp.float32).reshape(
+            shape[0], -1, self.num_groups, shape[-1] // self.num_groups
+        )
+        mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=(1, 3), keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        if silu:
+            out = jax.nn.silu(out)
+        return out.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis (torch `nn.LayerNorm(dim)`, eps 1e-5), float32 statistics."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-5,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        del rngs
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        out = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        out = out * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+class ResnetBlock(nnx.Module):
+    """GroupNorm-SiLU-Conv twice, with a 1x1 projection on the skip path when widths differ."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        spatial: int,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = GroupNorm(in_features, **kw)
+        self.conv1 = same_conv(in_features, out_features, spatial, **kw)
+        self.norm2 = GroupNorm(out_features, **kw)
+        self.conv2 = same_conv(out_features, out_features, spatial, **kw)
+        self.nin_shortcut = (
+            same_conv(in_features, out_features, spatial, kernel=1, **kw)
+            if in_features != out_features
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class Downsample(nnx.Module):
+    """Strided convolution with the reference's asymmetric (0, 1) zero padding.
+
+    `factors` is the stride per dimension, e.g. (1, 2, 2) halves only H and W of a video; a
+    dimension with factor 1 gets a size-1 kernel and no padding.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        factors: Sequence[int],
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kernel = tuple(3 if f == 2 else 1 for f in factors)
+        padding = [(0, 1) if f == 2 else (0, 0) for f in factors]
+        self.conv = conv(
+            features,
+            features,
+            kernel,
+            stride=tuple(factors),
+            padding=padding,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+def upsample_nearest(x: jax.Array, factors: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour upsampling of the spatial axes of `(B, *spatial, C)` by integer factors."""
+    for axis, factor in enumerate(factors, start=1):
+        if factor > 1:
+            x = jnp.repeat(x, factor, axis=axis)
+    return x
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour upsampling by `factors`, then a 3x3(x3) convolution."""
+
+    def __init__(
+        self,
+        features: int,
+        factors: Sequence[int],
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.factors = tuple(factors)
+        self.conv = same_conv(
+            features, features, len(factors), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(upsample_nearest(x, self.factors))
+
+
+def maybe_remat(module: nnx.Module, *args: jax.Array, remat: bool) -> jax.Array:
+    """Calls `module(*args)`, rematerialising its activations in the backward pass if `remat`."""
+    if not remat:
+        return module(*args)
+    return nnx.remat(lambda m, *a: m(*a))(module, *args)

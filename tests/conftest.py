@@ -1,0 +1,20 @@
+"""Test set-up: eight simulated CPU devices, fixtures directory, float32 matmuls."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(
+    os.environ.get("REDUCIO_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"parity fixtures not found at {FIXTURES}; set REDUCIO_FIXTURES")
+    return FIXTURES
