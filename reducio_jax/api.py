@@ -1,0 +1,196 @@
+"""The user-facing Reducio-VAE: load weights, then encode / latent / decode / reconstruct.
+
+```python
+from reducio_jax import ReducioVAE
+vae = ReducioVAE.from_torch_checkpoint("reducio-ft4-fs32-attn23.ckpt", "configs/reducio_ft4.py")
+post = vae.encode(video)                 # video: (B, T, H, W, 3) in [-1, 1]
+z = vae.latent(post, rng=None)           # posterior mean (or a sample with rng), then LayerNorm
+recon = vae.decode(z, video[:, (T - 1) // 2])
+```
+
+Each method runs a compiled (`nnx.jit`) function, cached per input shape; frames taller than one
+tile window are tiled when the config enables tiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from reducio_jax.config import ConfigError, config_from_yaml
+from reducio_jax.convert.checkpoint import (
+    ReducioWeights,
+    convert_torch_checkpoint,
+    load_pretrained,
+    load_pretrained_config,
+    save_pretrained,
+)
+from reducio_jax.models import VideoVAE, build_vae, content_frame_index, latent_layer_norm
+from reducio_jax.models.posterior import DiagonalGaussian
+from reducio_jax.models.tiling import TileConfig, tiled_content_features, tiled_decode, tiled_moments
+from reducio_jax.sharding import make_mesh, param_sharding_fn
+
+ConfigLike = ml_collections.ConfigDict | str | pathlib.Path
+
+
+def load_config(cfg: ConfigLike) -> ml_collections.ConfigDict:
+    """A ConfigDict, a `configs/*.py` file with `get_config()`, or an official YAML/JSON file."""
+    if isinstance(cfg, ml_collections.ConfigDict):
+        return cfg
+    path = pathlib.Path(cfg)
+    if path.suffix != ".py":
+        return config_from_yaml(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_reducio_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config() function")
+    return module.get_config()
+
+
+def tile_config(cfg: ml_collections.ConfigDict) -> TileConfig | None:
+    model = cfg.model
+    if not model.use_tiling:
+        return None
+    f_s = model.ddconfig.get("f_s", len(model.ddconfig["ch_mult"]) - 1)
+    return TileConfig(model.tile_sample_min_size, model.tile_overlap_factor, 2**f_s)
+
+
+def _tiles_for(tiles: TileConfig | None, height: int) -> TileConfig | None:
+    return tiles if tiles is not None and tiles.applies_to(height) else None
+
+
+def _check_video(video: jax.Array, factor: int) -> None:
+    if video.ndim != 5 or video.shape[-1] != 3:
+        raise ValueError(f"expected a video batch (B, T, H, W, 3), got shape {tuple(video.shape)}")
+    if video.shape[2] % factor or video.shape[3] % factor:
+        raise ValueError(
+            f"frame size {video.shape[2]}x{video.shape[3]} must be a multiple of {factor} "
+            "(the spatial compression); crop or pad the video"
+        )
+
+
+@functools.partial(nnx.jit, static_argnames=("tiles",))
+def _content(model: VideoVAE, frame: jax.Array, tiles: TileConfig | None):
+    if tiles is None:
+        return model.content_features(frame)
+    return tiled_content_features(model.content_features, frame, tiles)
+
+
+@functools.partial(nnx.jit, static_argnames=("tiles",))
+def _encode(model: VideoVAE, video: jax.Array, tiles: TileConfig | None) -> DiagonalGaussian:
+    if tiles is None:
+        return model.encode(video)
+    moments = tiled_moments(lambda v: model.quant_conv(model.encoder_3d(v)).astype(jnp.float32), video, tiles)
+    return DiagonalGaussian.from_moments(moments)
+
+
+@jax.jit
+def _latent(posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
+    z = posterior.mode() if rng is None else posterior.sample(rng)
+    return latent_layer_norm(z)
+
+
+def _decode_with(model: VideoVAE, latent: jax.Array, content, tiles: TileConfig | None) -> jax.Array:
+    if tiles is None:
+        return model.decode(latent, content)
+    video = tiled_decode(model.decoder, model.post_quant_conv(latent.astype(model.dtype)), content, tiles)
+    pad = (-model.num_frames) % model.temporal_factor
+    return video[:, pad:]
+
+
+@functools.partial(nnx.jit, static_argnames=("tiles",))
+def _decode(model: VideoVAE, latent: jax.Array, frame: jax.Array, tiles: TileConfig | None) -> jax.Array:
+    return _decode_with(model, latent, _content.__wrapped__(model, frame, tiles), tiles)
+
+
+@functools.partial(nnx.jit, static_argnames=("tiles",))
+def _reconstruct(model: VideoVAE, video: jax.Array, rng: jax.Array | None, tiles: TileConfig | None) -> jax.Array:
+    frame = video[:, content_frame_index(video.shape[1])]
+    content = _content.__wrapped__(model, frame, tiles)
+    latent = _latent.__wrapped__(_encode.__wrapped__(model, video, tiles), rng)
+    return _decode_with(model, latent, content, tiles)
+
+
+class ReducioVAE:
+    """A Reducio-VAE with its config. Videos are (B, T, H, W, 3) in [-1, 1], channels-last."""
+
+    def __init__(self, model: VideoVAE, cfg: ml_collections.ConfigDict, weights: ReducioWeights | None = None):
+        self.model = model
+        self.config = cfg
+        self.weights = weights or ReducioWeights(vae=model)
+        self.tiles = tile_config(cfg)
+        f_s = cfg.model.ddconfig.get("f_s", len(cfg.model.ddconfig["ch_mult"]) - 1)
+        self.spatial_factor = 2**f_s
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: ConfigLike, *, seed: int = 0) -> ReducioVAE:
+        """Randomly initialised (for training from scratch)."""
+        cfg = load_config(cfg)
+        with nnx.use_eager_sharding(False):
+            return cls(build_vae(cfg.model, seed=seed), cfg)
+
+    @classmethod
+    def from_torch_checkpoint(
+        cls, path: str | pathlib.Path, cfg: ConfigLike, *, mesh: jax.sharding.Mesh | None = None
+    ) -> ReducioVAE:
+        """Converts a released `.ckpt` / `.pt` / `.safetensors` file (no torch needed)."""
+        cfg = load_config(cfg)
+        weights = convert_torch_checkpoint(path, cfg, sharding_for=_sharding_for(cfg, mesh))
+        return cls(weights.vae, cfg, weights)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | pathlib.Path, cfg: ConfigLike | None = None, *, mesh: jax.sharding.Mesh | None = None
+    ) -> ReducioVAE:
+        """Restores an Orbax directory written by `save_pretrained` / `convert_torch_weights.py`."""
+        cfg = load_config(cfg) if cfg is not None else load_pretrained_config(directory)
+        weights = load_pretrained(directory, cfg, sharding_for=_sharding_for(cfg, mesh))
+        return cls(weights.vae, cfg, weights)
+
+    def save_pretrained(self, directory: str | pathlib.Path) -> pathlib.Path:
+        return save_pretrained(self.weights, directory, self.config)
+
+    # -- the four operations ------------------------------------------------------------------
+    def content_features(self, frame: jax.Array) -> Any:
+        """(B, H, W, 3) -> content features (a grid of per-tile feature lists when tiled)."""
+        return _content(self.model, frame, _tiles_for(self.tiles, frame.shape[1]))
+
+    def encode(self, video: jax.Array) -> DiagonalGaussian:
+        """(B, T, H, W, 3) -> posterior with mean/logvar (B, T/2**f_t, H/32, W/32, embed_dim)."""
+        _check_video(video, self.spatial_factor)
+        return _encode(self.model, video, _tiles_for(self.tiles, video.shape[2]))
+
+    def latent(self, posterior: DiagonalGaussian, rng: jax.Array | None = None) -> jax.Array:
+        """The decoder's input: posterior mean (rng None) or a sample, LayerNorm-ed per clip."""
+        return _latent(posterior, rng)
+
+    def decode(self, latent: jax.Array, content_frame: jax.Array) -> jax.Array:
+        """Latent (B, t, h, w, z) + content frame (B, H, W, 3) -> video (B, T, H, W, 3)."""
+        if content_frame.ndim != 4:
+            raise ValueError(f"content frame must be (B, H, W, 3), got shape {tuple(content_frame.shape)}")
+        return _decode(self.model, latent, content_frame, _tiles_for(self.tiles, content_frame.shape[1]))
+
+    def reconstruct(self, video: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """encode -> latent -> decode with the middle frame as content, in one compiled call."""
+        _check_video(video, self.spatial_factor)
+        return _reconstruct(self.model, video, rng, _tiles_for(self.tiles, video.shape[2]))
+
+
+def _sharding_for(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
+    if mesh is None:
+        return None
+    return param_sharding_fn(mesh, cfg.mesh.rules)
+
+
+__all__ = ["ReducioVAE", "load_config", "make_mesh"]

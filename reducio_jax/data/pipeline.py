@@ -1,0 +1,294 @@
+"""Grain pipeline: sharded, shuffled, checkpointable clip batches, on host and on device.
+
+Host pipeline (per JAX process ``p`` of ``P``), over record indices ``0..N-1``::
+
+    range(N) -> shuffle(seed) [train] -> even split: [:N - N % P] [train] or pad to a
+    multiple of the global batch with masked repeats [eval] -> [p::P] -> repeat(num_epochs)
+    -> load/decode (random crop/start from a per-element RNG) -> batch(B / P)
+    -> mp_prefetch(num_workers)
+
+Every process applies the same global permutation (reshuffled each epoch) and keeps every
+P-th element, so processes see disjoint clips that together cover the epoch. A record
+that fails to load is replaced by the next readable index (``i+1``, ``i+2``, ...,
+deterministic) and logged once per file and process; eval marks replacements and padding
+with ``mask = False`` so each clip counts exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from reducio_jax.data.config import get_config
+from reducio_jax.data.errors import BadVideoError, DataError
+from reducio_jax.data.sources import ClipSource, make_source
+from reducio_jax.data.video import ClipSpec, parse_resolution
+
+log = logging.getLogger(__name__)
+DEFAULT_BATCH_AXES = ("data", "fsdp")
+_MAX_REPLACEMENTS = 64  # consecutive unreadable records tolerated before giving up
+
+
+class _LoadClip:
+    """Record index -> element dict; replaces unreadable records by the next readable one."""
+
+    def __init__(self, source: ClipSource, num_records: int, mask_replaced: bool):
+        self.source, self.num_records, self.mask_replaced = source, num_records, mask_replaced
+        self._warned: set[int] = set()  # indices already reported by this process
+
+    def __call__(self, position: int, rng: np.random.Generator | None = None) -> dict:
+        # Known-bad files are retried rather than cached: the result must depend only on
+        # (position, rng), not on what this process saw before (resumed runs match).
+        n = len(self.source)
+        index, valid = position % n, position < self.num_records
+        for skipped in range(min(n, _MAX_REPLACEMENTS)):
+            i = (index + skipped) % n
+            try:
+                video = self.source.load(i, rng)  # (T, H, W, 3) uint8
+            except BadVideoError as e:
+                self._report(i, e)
+                continue
+            keep = valid and not (self.mask_replaced and skipped)
+            # every record passed over before this one was unreadable
+            return {
+                "video": video,
+                "index": np.int32(i),
+                "mask": np.bool_(keep),
+                "skipped": np.int32(skipped),
+            }
+        raise DataError(
+            f"{min(n, _MAX_REPLACEMENTS)} consecutive records from {self.source.name(index)} "
+            "on are unreadable: check the dataset (PyAV must decode the files)."
+        )
+
+    def _report(self, i: int, e: Exception) -> None:
+        if i in self._warned:
+            return
+        self._warned.add(i)
+        log.warning("Skipping unreadable video %s (%s)", self.source.name(i), e)
+
+
+def as_config(cfg: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+    """The data block with defaults (:func:`get_config`) for keys it does not set."""
+    given = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    return ml_collections.ConfigDict({**get_config().to_dict(), **given})
+
+
+def _clip_spec(cfg: Any, train: bool) -> ClipSpec:
+    h, w = parse_resolution(cfg.resolution)
+    return ClipSpec(
+        num_frames=int(cfg.num_frames),
+        fps=float(cfg.fps),
+        height=h,
+        width=w,
+        random_start=train,
+        random_crop=train and bool(cfg.random_crop),
+    )
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if not 0 <= p < n:
+        raise ValueError(f"process_index {p} is not in [0, {n}).")
+    return p, n
+
+
+def _local_batch(cfg: Any, process_count: int) -> int:
+    if cfg.batch_size <= 0 or cfg.batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size {cfg.batch_size} must be a positive multiple of the "
+            f"process count {process_count}."
+        )
+    return cfg.batch_size // process_count
+
+
+def _index_dataset(n: int, cfg: Any, train: bool, p: int, count: int) -> grain.MapDataset:
+    """Positions for process p: values >= n (eval padding) load record ``v % n`` masked."""
+    ds = grain.MapDataset.range(n)
+    if train:
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=int(cfg.seed) % 2**32)
+        if n < count:
+            raise DataError(f"Only {n} clips for {count} processes: add data or use fewer hosts.")
+        ds = ds[: n - n % count]
+    else:
+        padded = math.ceil(n / cfg.batch_size) * cfg.batch_size
+        ds = grain.MapDataset.range(padded)
+    return ds[p::count]
+
+
+def _check_epochs(cfg: Any, per_process: int, local_batch: int, train: bool) -> int | None:
+    epochs = cfg.num_epochs if (train or cfg.num_epochs is not None) else 1
+    if epochs is not None and per_process * epochs < local_batch:
+        raise DataError(
+            f"{per_process * epochs} clips per process cannot fill one batch of "
+            f"{local_batch}: lower data.batch_size or add data."
+        )
+    return epochs
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; parse defaults if the app did not."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_host_dataset(
+    cfg: ml_collections.ConfigDict | dict,
+    *,
+    train: bool,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """This process's batches as numpy: a Grain ``IterDataset`` of dicts
+
+    ``video`` (B/P, T, H, W, 3) uint8, ``index`` (B/P,) int32 record index, ``mask``
+    (B/P,) bool (False for eval padding/replacements), ``skipped`` (B/P,) int32 number of
+    unreadable files passed over for each clip. ``iter()`` it for a checkpointable iterator.
+
+    Raises:
+      DataError: missing/empty dataset (before any device work).
+    """
+    dataset, _ = _build(as_config(cfg), train, *_process_info(process_index, process_count))
+    return dataset
+
+
+def _build(cfg: Any, train: bool, p: int, count: int) -> tuple[grain.IterDataset, ClipSource]:
+    local_batch = _local_batch(cfg, count)
+    source = make_source(cfg, _clip_spec(cfg, train))
+    n = len(source)
+    ds = _index_dataset(n, cfg, train, p, count)
+    ds = ds.repeat(_check_epochs(cfg, len(ds), local_batch, train))
+    load = _LoadClip(source, n, mask_replaced=not train)
+    if train:
+        seed = int(np.random.SeedSequence([int(cfg.seed), p]).generate_state(1)[0])
+        ds = ds.random_map(load, seed=seed)
+    else:
+        ds = ds.map(load)
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=local_batch)
+    it_ds = ds.to_iter_dataset(read).batch(local_batch, drop_remainder=True)
+    if cfg.num_workers > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return it_ds, source
+
+
+@jax.jit
+def video_to_float(video: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1], on device (keeps the input's sharding)."""
+    return video.astype(jnp.float32) / 127.5 - 1.0
+
+
+class Loader:
+    """Iterates global batches ``{"video", "mask", "index"}`` as sharded ``jax.Array``s.
+
+    ``video`` (B, T, H, W, 3) float32 in [-1, 1], ``mask`` (B,) bool, ``index`` (B,) int32;
+    the batch dimension is split over ``batch_axes`` of ``mesh``. Checkpoint
+    :attr:`iterator` with ``grain.checkpoint.CheckpointSave/CheckpointRestore`` (or use
+    :meth:`get_state` / :meth:`set_state`). Not re-iterable: one pass per ``Loader``.
+    ``loader.source.name(i)`` names record ``i`` (file path, TFDS id or ``synthetic/i``).
+    """
+
+    def __init__(
+        self,
+        dataset: grain.IterDataset,
+        *,
+        mesh: Mesh,
+        batch_axes: Sequence[str],
+        global_batch: int,
+        source: ClipSource | None = None,
+    ):
+        self.dataset, self.source = dataset, source
+        self.iterator = iter(dataset)
+        self.sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
+        self.global_batch = global_batch
+        self._stats = {"batches": 0, "clips": 0, "skipped": 0}
+
+    def __iter__(self) -> Loader:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = next(self.iterator)  # host numpy, this process's rows
+        self._stats["batches"] += 1
+        self._stats["clips"] += int(batch["mask"].sum())
+        self._stats["skipped"] += int(batch["skipped"].sum())
+        return {
+            "video": video_to_float(self._global(batch["video"])),
+            "mask": self._global(batch["mask"]),
+            "index": self._global(batch["index"]),
+        }
+
+    def _global(self, local: np.ndarray) -> jax.Array:
+        shape = (self.global_batch, *local.shape[1:])
+        return jax.make_array_from_process_local_data(self.sharding, local, shape)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since construction: ``batches``, ``clips`` (unmasked, this process),
+        ``skipped`` (unreadable files passed over, counted each time)."""
+        return dict(self._stats)
+
+    def close(self) -> None:
+        """Stops worker processes (if any)."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _batch_axes(mesh: Mesh, batch_axes: Sequence[str] | None) -> tuple[str, ...]:
+    if batch_axes is None:
+        axes = tuple(a for a in DEFAULT_BATCH_AXES if a in mesh.axis_names)
+    else:
+        axes = tuple(batch_axes)
+    missing = [a for a in axes if a not in mesh.axis_names]
+    if not axes or missing:
+        raise ValueError(f"Batch axes {axes or DEFAULT_BATCH_AXES} not in mesh {mesh.axis_names}.")
+    return axes
+
+
+def make_loader(
+    cfg: ml_collections.ConfigDict | dict,
+    *,
+    mesh: Mesh,
+    train: bool,
+    batch_axes: Sequence[str] | None = None,
+) -> Loader:
+    """Device loader for this JAX process (see :class:`Loader`).
+
+    ``batch_axes`` default: those of ``("data", "fsdp")`` present in ``mesh``; the global
+    batch must divide evenly over them and over ``jax.process_count()``.
+    """
+    cfg = as_config(cfg)
+    axes = _batch_axes(mesh, batch_axes)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if cfg.batch_size % shards:
+        raise ValueError(
+            f"data.batch_size {cfg.batch_size} is not divisible by the {shards} devices "
+            f"along mesh axes {axes}."
+        )
+    dataset, source = _build(cfg, train, *_process_info(None, None))
+    return Loader(
+        dataset, mesh=mesh, batch_axes=axes, global_batch=int(cfg.batch_size), source=source
+    )

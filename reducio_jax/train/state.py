@@ -1,0 +1,203 @@
+"""The train state (a pytree of arrays), the networks' graph definitions and the optimizers.
+
+`TrainState` holds everything a checkpoint must restore: the VAE parameters and buffers, the
+discriminator parameters and BatchNorm statistics, both Adam states, the step and the base
+PRNG key. The graph definitions (static) and the frozen LPIPS weights live in `Networks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from reducio_jax.models import LPIPS, PatchDiscriminator, VideoVAE, build_lpips, build_vae
+from reducio_jax.train import schedules
+from reducio_jax.train.sharding import tree_shardings
+
+log = logging.getLogger(__name__)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32: optimizer updates done
+    rng: jax.Array  # (2,) uint32: base key; step s samples with fold_in(rng, s)
+    vae_params: nnx.State  # nnx.Param leaves
+    vae_buffers: nnx.State  # fixed tables (not trained)
+    disc_params: nnx.State
+    disc_stats: nnx.State  # BatchNorm running mean / var / num_batches_tracked
+    opt_vae: Any  # optax state over vae_params
+    opt_disc: Any  # optax state over disc_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """Static graph definitions and the frozen LPIPS state (None: no perceptual loss)."""
+
+    vae: nnx.GraphDef
+    disc: nnx.GraphDef
+    lpips: nnx.GraphDef | None
+    lpips_state: nnx.State | None
+
+
+def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
+    return jnp.dtype(cfg.model.get("dtype", "float32"))
+
+
+def make_vae(cfg: ml_collections.ConfigDict, seed: int = 0) -> VideoVAE:
+    return build_vae(cfg.model, seed=seed)
+
+
+def make_discriminator(cfg: ml_collections.ConfigDict, seed: int = 0) -> PatchDiscriminator:
+    """The 3D PatchGAN of `cfg.loss`, computing in the model's dtype (params float32)."""
+    loss = cfg.loss
+    return PatchDiscriminator(
+        in_channels=loss.get("disc_in_channels", 3),
+        ndf=loss.get("disc_ch", 64),
+        n_layers=loss.get("disc_num_layers", 3),
+        spatial=3,
+        dtype=compute_dtype(cfg),
+        rngs=nnx.Rngs(seed + 1),
+    )
+
+
+def make_lpips(cfg: ml_collections.ConfigDict) -> LPIPS:
+    return build_lpips(dtype=compute_dtype(cfg))
+
+
+def make_optimizers(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, ...]:
+    """Adam(b1, b2) for the VAE (LambdaLinear lr) and the discriminator (WarmupLR lr)."""
+    optim = cfg.optim
+
+    def adam(schedule: optax.Schedule, clip: float) -> optax.GradientTransformation:
+        tx = optax.adam(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=1e-8)
+        return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+    tx_vae = adam(schedules.vae_schedule(optim), float(optim.get("grad_clip_norm", 0.0)))
+    tx_disc = adam(
+        schedules.disc_schedule(optim, cfg.loss), float(optim.get("disc_grad_clip_norm", 0.0))
+    )
+    return tx_vae, tx_disc
+
+
+def _split_vae(vae: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    return nnx.split(vae, nnx.Param, ...)
+
+
+def _split_disc(disc: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    return nnx.split(disc, nnx.Param, nnx.BatchStat)
+
+
+def graphdefs(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    with nnx.use_eager_sharding(False):
+        vae_graph = _split_vae(nnx.eval_shape(lambda: make_vae(cfg)))[0]
+        disc_graph = _split_disc(nnx.eval_shape(lambda: make_discriminator(cfg)))[0]
+    return vae_graph, disc_graph
+
+
+def _state_from(
+    cfg: ml_collections.ConfigDict, vae: nnx.Module, disc: nnx.Module
+) -> TrainState:
+    """A TrainState around existing modules, with fresh optimizer states."""
+    tx_vae, tx_disc = make_optimizers(cfg)
+    _, vae_params, vae_buffers = _split_vae(vae)
+    _, disc_params, disc_stats = _split_disc(disc)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(int(cfg.train.seed) + 7)),
+        vae_params=vae_params,
+        vae_buffers=vae_buffers,
+        disc_params=disc_params,
+        disc_stats=disc_stats,
+        opt_vae=tx_vae.init(vae_params),
+        opt_disc=tx_disc.init(disc_params),
+    )
+
+
+def abstract_state(cfg: ml_collections.ConfigDict) -> TrainState:
+    """Shapes, dtypes and axis metadata of the train state, nothing allocated."""
+    seed = int(cfg.train.seed)
+    with nnx.use_eager_sharding(False):
+        return jax.eval_shape(lambda: _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed)))
+
+
+def state_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+    return tree_shardings(abstract_state(cfg), mesh, cfg.mesh.rules)
+
+
+def init_state(cfg: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """Randomly initialised state, created directly in its shards (jit with out_shardings)."""
+    seed = int(cfg.train.seed)
+    shardings = state_shardings(cfg, mesh)
+
+    def fresh() -> TrainState:
+        return _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
+
+    with nnx.use_eager_sharding(False):
+        return jax.jit(fresh, out_shardings=shardings)()
+
+
+def state_from_modules(
+    cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    vae: nnx.Module,
+    disc: nnx.Module | None,
+) -> TrainState:
+    """State around pretrained modules (already placed); the discriminator is fresh if None."""
+    seed = int(cfg.train.seed)
+    shardings = state_shardings(cfg, mesh)
+    if disc is None:
+        log.info("The pretrained weights have no discriminator: it starts from random weights.")
+        with nnx.use_eager_sharding(False):
+            d_shard = (shardings.disc_params, shardings.disc_stats)
+            disc_params, disc_stats = jax.jit(
+                lambda: _split_disc(make_discriminator(cfg, seed))[1:], out_shardings=d_shard
+            )()
+    else:
+        _, disc_params, disc_stats = _split_disc(disc)
+    _, vae_params, vae_buffers = _split_vae(vae)
+    tx_vae, tx_disc = make_optimizers(cfg)
+
+    def assemble(vp: nnx.State, vb: nnx.State, dp: nnx.State, ds: nnx.State) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.key_data(jax.random.key(seed + 7)),
+            vae_params=vp,
+            vae_buffers=vb,
+            disc_params=dp,
+            disc_stats=ds,
+            opt_vae=tx_vae.init(vp),
+            opt_disc=tx_disc.init(dp),
+        )
+
+    return jax.jit(assemble, out_shardings=shardings)(vae_params, vae_buffers, disc_params, disc_stats)
+
+
+def lpips_from_module(module: LPIPS | None) -> tuple[nnx.GraphDef | None, nnx.State | None]:
+    if module is None:
+        return None, None
+    graph, state = nnx.split(module)
+    return graph, state
+
+
+def lpips_graph(cfg: ml_collections.ConfigDict) -> nnx.GraphDef:
+    """LPIPS graph in the compute dtype (weights come from elsewhere)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.split(nnx.eval_shape(lambda: make_lpips(cfg)))[0]
+
+
+def param_count(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def module_apply(graph: nnx.GraphDef, *states: Any) -> Callable[..., Any]:
+    """A fresh module from states (copied Variables, safe inside any trace level)."""
+    return nnx.merge(graph, *states, copy=True)

@@ -1,0 +1,42 @@
+"""Shared test helpers: build checkpoint files from the fixture recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import recipe
+
+from reducio_jax.convert.torch_format import save_torch_checkpoint
+
+LIGHTNING_EXTRA = {
+    "epoch": 3,
+    "global_step": 20000,
+    "pytorch-lightning_version": "2.0.1",
+    "optimizer_states": [],
+    "lr_schedulers": [],
+}
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def write_checkpoint(path: pathlib.Path, state_dict: dict[str, np.ndarray], *, use_torch: bool = HAVE_TORCH) -> pathlib.Path:
+    """A released-layout Lightning checkpoint: with torch.save when torch is installed, else with
+    the project's own writer of torch-format files."""
+    if use_torch:
+        import torch
+
+        tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state_dict.items()}
+        torch.save({**LIGHTNING_EXTRA, "state_dict": tensors}, path)
+    else:
+        save_torch_checkpoint(path, state_dict, extra=LIGHTNING_EXTRA)
+    return path
+
+
+def recipe_checkpoint(fixtures: pathlib.Path, name: str, path: pathlib.Path, **kw) -> pathlib.Path:
+    return write_checkpoint(path, recipe.state_dict(fixtures, name), **kw)
+
+
+def max_err(ours, golden) -> float:
+    return float(np.max(np.abs(np.asarray(ours, np.float32) - np.asarray(golden, np.float32))))
