@@ -25,7 +25,11 @@ def reducio_params(*, f_t: int, resolution: int = 256, use_tiling: bool = False)
             "f_max": [1.0],
             "f_min": [0.01],
         },
-        "scheduler_disc_config": {"warmup_factor": 0.1, "warmup_start_iters": 5000, "warmup_iters": 1000},
+        "scheduler_disc_config": {
+            "warmup_factor": 0.1,
+            "warmup_start_iters": 5000,
+            "warmup_iters": 1000,
+        },
         "lossconfig": {
             "disc_start": 10001,
             "kl_weight": 1e-6,

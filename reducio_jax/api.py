@@ -34,7 +34,12 @@ from reducio_jax.convert.checkpoint import (
 )
 from reducio_jax.models import VideoVAE, build_vae, content_frame_index, latent_layer_norm
 from reducio_jax.models.posterior import DiagonalGaussian
-from reducio_jax.models.tiling import TileConfig, tiled_content_features, tiled_decode, tiled_moments
+from reducio_jax.models.tiling import (
+    TileConfig,
+    tiled_content_features,
+    tiled_decode,
+    tiled_moments,
+)
 from reducio_jax.sharding import make_mesh, param_sharding_fn
 
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path
@@ -90,7 +95,9 @@ def _content(model: VideoVAE, frame: jax.Array, tiles: TileConfig | None):
 def _encode(model: VideoVAE, video: jax.Array, tiles: TileConfig | None) -> DiagonalGaussian:
     if tiles is None:
         return model.encode(video)
-    moments = tiled_moments(lambda v: model.quant_conv(model.encoder_3d(v)).astype(jnp.float32), video, tiles)
+    moments = tiled_moments(
+        lambda v: model.quant_conv(model.encoder_3d(v)).astype(jnp.float32), video, tiles
+    )
     return DiagonalGaussian.from_moments(moments)
 
 
@@ -100,21 +107,29 @@ def _latent(posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
     return latent_layer_norm(z)
 
 
-def _decode_with(model: VideoVAE, latent: jax.Array, content, tiles: TileConfig | None) -> jax.Array:
+def _decode_with(
+    model: VideoVAE, latent: jax.Array, content, tiles: TileConfig | None
+) -> jax.Array:
     if tiles is None:
         return model.decode(latent, content)
-    video = tiled_decode(model.decoder, model.post_quant_conv(latent.astype(model.dtype)), content, tiles)
+    video = tiled_decode(
+        model.decoder, model.post_quant_conv(latent.astype(model.dtype)), content, tiles
+    )
     pad = (-model.num_frames) % model.temporal_factor
     return video[:, pad:]
 
 
 @functools.partial(nnx.jit, static_argnames=("tiles",))
-def _decode(model: VideoVAE, latent: jax.Array, frame: jax.Array, tiles: TileConfig | None) -> jax.Array:
+def _decode(
+    model: VideoVAE, latent: jax.Array, frame: jax.Array, tiles: TileConfig | None
+) -> jax.Array:
     return _decode_with(model, latent, _content.__wrapped__(model, frame, tiles), tiles)
 
 
 @functools.partial(nnx.jit, static_argnames=("tiles",))
-def _reconstruct(model: VideoVAE, video: jax.Array, rng: jax.Array | None, tiles: TileConfig | None) -> jax.Array:
+def _reconstruct(
+    model: VideoVAE, video: jax.Array, rng: jax.Array | None, tiles: TileConfig | None
+) -> jax.Array:
     frame = video[:, content_frame_index(video.shape[1])]
     content = _content.__wrapped__(model, frame, tiles)
     latent = _latent.__wrapped__(_encode.__wrapped__(model, video, tiles), rng)
@@ -124,7 +139,9 @@ def _reconstruct(model: VideoVAE, video: jax.Array, rng: jax.Array | None, tiles
 class ReducioVAE:
     """A Reducio-VAE with its config. Videos are (B, T, H, W, 3) in [-1, 1], channels-last."""
 
-    def __init__(self, model: VideoVAE, cfg: ml_collections.ConfigDict, weights: ReducioWeights | None = None):
+    def __init__(
+        self, model: VideoVAE, cfg: ml_collections.ConfigDict, weights: ReducioWeights | None = None
+    ):
         self.model = model
         self.config = cfg
         self.weights = weights or ReducioWeights(vae=model)
@@ -151,7 +168,11 @@ class ReducioVAE:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | pathlib.Path, cfg: ConfigLike | None = None, *, mesh: jax.sharding.Mesh | None = None
+        cls,
+        directory: str | pathlib.Path,
+        cfg: ConfigLike | None = None,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> ReducioVAE:
         """Restores an Orbax directory written by `save_pretrained` / `convert_torch_weights.py`."""
         cfg = load_config(cfg) if cfg is not None else load_pretrained_config(directory)
@@ -178,8 +199,12 @@ class ReducioVAE:
     def decode(self, latent: jax.Array, content_frame: jax.Array) -> jax.Array:
         """Latent (B, t, h, w, z) + content frame (B, H, W, 3) -> video (B, T, H, W, 3)."""
         if content_frame.ndim != 4:
-            raise ValueError(f"content frame must be (B, H, W, 3), got shape {tuple(content_frame.shape)}")
-        return _decode(self.model, latent, content_frame, _tiles_for(self.tiles, content_frame.shape[1]))
+            raise ValueError(
+                f"content frame must be (B, H, W, 3), got shape {tuple(content_frame.shape)}"
+            )
+        return _decode(
+            self.model, latent, content_frame, _tiles_for(self.tiles, content_frame.shape[1])
+        )
 
     def reconstruct(self, video: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """encode -> latent -> decode with the middle frame as content, in one compiled call."""

@@ -76,7 +76,11 @@ def _coerce_numbers(value: Any) -> Any:
         return [_coerce_numbers(v) for v in value]
     if isinstance(value, str) and _NUMBER.match(value.strip()):
         number = float(value)
-        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+        return (
+            int(number)
+            if number.is_integer() and "." not in value and "e" not in value.lower()
+            else number
+        )
     return value
 
 
@@ -128,17 +132,25 @@ def train_block() -> ml_collections.ConfigDict:
     return block
 
 
-def make_config(params: Mapping[str, Any], *, base_learning_rate: float | None = None) -> ml_collections.ConfigDict:
+def make_config(
+    params: Mapping[str, Any], *, base_learning_rate: float | None = None
+) -> ml_collections.ConfigDict:
     """Builds the full run config from an official `model.params` mapping."""
     params = _coerce_numbers(copy.deepcopy(dict(params)))
     cfg = ml_collections.ConfigDict()
     cfg.model = model_block(params)
     loss = dict(LOSS_DEFAULTS)
-    loss.update({k: v for k, v in _params_of(params.get("lossconfig", {})).items() if k != "target"})
+    loss.update(
+        {k: v for k, v in _params_of(params.get("lossconfig", {})).items() if k != "target"}
+    )
     cfg.loss = ml_collections.ConfigDict(loss)
 
     cfg.optim = ml_collections.ConfigDict()
-    lr = base_learning_rate if base_learning_rate is not None else params.get("base_learning_rate", 2e-5)
+    lr = (
+        base_learning_rate
+        if base_learning_rate is not None
+        else params.get("base_learning_rate", 2e-5)
+    )
     cfg.optim.base_learning_rate = float(lr)
     cfg.optim.b1, cfg.optim.b2 = 0.5, 0.9
     sched = dict(SCHEDULER_DEFAULTS)
@@ -187,6 +199,8 @@ def config_from_yaml(path: str | pathlib.Path) -> ml_collections.ConfigDict:
         loaded = loaded["model"]
     params = _params_of(loaded)
     try:
-        return make_config(params, base_learning_rate=_coerce_numbers(lr) if lr is not None else None)
+        return make_config(
+            params, base_learning_rate=_coerce_numbers(lr) if lr is not None else None
+        )
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

@@ -54,7 +54,9 @@ class LossWeights:
         values.update(overrides)
         weights = cls(**values)
         if weights.disc_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"loss.disc_loss must be 'hinge' or 'vanilla', not {weights.disc_loss!r}")
+            raise ValueError(
+                f"loss.disc_loss must be 'hinge' or 'vanilla', not {weights.disc_loss!r}"
+            )
         if weights.loss_norm not in ("l1", "l2"):
             raise ValueError(f"loss.loss_norm must be 'l1' or 'l2', not {weights.loss_norm!r}")
         return weights
@@ -65,7 +67,9 @@ def disc_factor_at(step: Array | int, w: LossWeights) -> Array:
     return jnp.where(jnp.asarray(step) < w.disc_start, 0.0, w.disc_factor).astype(jnp.float32)
 
 
-def perceptual_per_frame(lpips_fn: Callable[[Array, Array], Array], x: Array, recon: Array) -> Array:
+def perceptual_per_frame(
+    lpips_fn: Callable[[Array, Array], Array], x: Array, recon: Array
+) -> Array:
     """LPIPS of every frame pair: (B, T, H, W, 3) x2 -> (B, T)."""
     b, t = x.shape[:2]
     frames = lambda v: v.reshape(b * t, *v.shape[2:])  # noqa: E731  (B*T, H, W, 3)

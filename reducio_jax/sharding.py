@@ -25,7 +25,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
             raise ValueError(f"mesh shape {sizes} does not divide {len(devices)} devices")
         sizes[free[0]] = len(devices) // known
     if int(np.prod(list(sizes.values()))) != len(devices):
-        raise ValueError(f"mesh shape {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}")
+        raise ValueError(
+            f"mesh shape {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}"
+        )
     return jax.make_mesh(
         tuple(sizes.values()),
         tuple(sizes),
@@ -34,7 +36,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     )
 
 
-def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
+def logical_to_spec(
+    logical: Sequence[str | None] | None, rules: Rules, mesh: Mesh, shape: Sequence[int]
+) -> PartitionSpec:
     """Maps logical axis names to mesh axes; an axis whose size the mesh axis does not divide
     (or a mesh axis already used) stays replicated."""
     if not logical:
@@ -65,7 +69,10 @@ def param_sharding_fn(mesh: Mesh, rules: Rules):
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
     """A State of NamedShardings mirroring `state` (abstract or concrete)."""
     sharding_for = param_sharding_fn(mesh, rules)
-    flat = [(path, variable.replace(sharding_for(path, variable))) for path, variable in nnx.to_flat_state(state)]
+    flat = [
+        (path, variable.replace(sharding_for(path, variable)))
+        for path, variable in nnx.to_flat_state(state)
+    ]
     return nnx.from_flat_state(flat)
 
 

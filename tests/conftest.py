@@ -9,7 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(
-    os.environ.get("REDUCIO_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+    os.environ.get(
+        "REDUCIO_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    )
 )
 
 

@@ -21,7 +21,9 @@ LIGHTNING_EXTRA = {
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
-def write_checkpoint(path: pathlib.Path, state_dict: dict[str, np.ndarray], *, use_torch: bool = HAVE_TORCH) -> pathlib.Path:
+def write_checkpoint(
+    path: pathlib.Path, state_dict: dict[str, np.ndarray], *, use_torch: bool = HAVE_TORCH
+) -> pathlib.Path:
     """A released-layout Lightning checkpoint: with torch.save when torch is installed, else with
     the project's own writer of torch-format files."""
     if use_torch:

@@ -55,7 +55,9 @@ def manifest(fixtures: pathlib.Path, name: str) -> list[dict]:
 
 
 def state_dict(fixtures: pathlib.Path, name: str) -> dict[str, np.ndarray]:
-    return {e["key"]: recipe_value(e["key"], e["shape"], e["dtype"]) for e in manifest(fixtures, name)}
+    return {
+        e["key"]: recipe_value(e["key"], e["shape"], e["dtype"]) for e in manifest(fixtures, name)
+    }
 
 
 def video_input(u8: np.ndarray) -> np.ndarray:

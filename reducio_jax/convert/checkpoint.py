@@ -72,7 +72,9 @@ def convert_state_dict_to_modules(
             + ", ".join(sorted(groups["unknown"]))
         )
     if "discriminator_2d" in groups:
-        raise ConversionError("checkpoint has a 2D discriminator (loss.discriminator_2d), which this port does not train")
+        raise ConversionError(
+            "checkpoint has a 2D discriminator (loss.discriminator_2d), which this port does not train"
+        )
     if "vae" not in groups:
         raise ConversionError("checkpoint has no VAE weights (no encoder_3d/decoder keys)")
     factories = _factories(cfg)
@@ -100,7 +102,9 @@ def convert_torch_checkpoint(
     return convert_state_dict_to_modules(load_state_dict(path), cfg, sharding_for=sharding_for)
 
 
-def save_pretrained(weights: ReducioWeights, directory: str | pathlib.Path, cfg: ml_collections.ConfigDict) -> pathlib.Path:
+def save_pretrained(
+    weights: ReducioWeights, directory: str | pathlib.Path, cfg: ml_collections.ConfigDict
+) -> pathlib.Path:
     """Writes the modules and the config as one Orbax checkpoint directory."""
     directory = pathlib.Path(directory).absolute()
     items: dict[str, Any] = {
@@ -128,7 +132,9 @@ def _read_meta(directory: pathlib.Path) -> dict[str, Any]:
             "create one with convert_torch_weights.py"
         )
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(directory, ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+        restored = checkpointer.restore(
+            directory, ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+        )
     return dict(restored[CONFIG_ITEM])
 
 
@@ -152,7 +158,9 @@ def load_pretrained(
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(
             directory,
-            ocp.args.Composite(**{name: ocp.args.StandardRestore(t) for name, t in targets.items()}),
+            ocp.args.Composite(
+                **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+            ),
         )
     modules = {}
     for name, (graphdef, state) in abstract.items():
@@ -172,5 +180,12 @@ def _restore_target(state: nnx.State, sharding_for: Shardings | None) -> dict:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for path, variable in nnx.to_flat_state(state):
         sharding = (sharding_for(path, variable) if sharding_for else None) or default
-        flat.append((path, variable.replace(jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding))))
+        flat.append(
+            (
+                path,
+                variable.replace(
+                    jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)
+                ),
+            )
+        )
     return nnx.from_flat_state(flat).to_pure_dict()

@@ -113,9 +113,13 @@ def fill_state(
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched))
     if missing:
-        problems.append(f"{len(missing)} {what} parameter(s) missing from the checkpoint: " + ", ".join(missing))
+        problems.append(
+            f"{len(missing)} {what} parameter(s) missing from the checkpoint: " + ", ".join(missing)
+        )
     if unused:
-        problems.append(f"{len(unused)} checkpoint key(s) unused by the {what}: " + ", ".join(unused))
+        problems.append(
+            f"{len(unused)} checkpoint key(s) unused by the {what}: " + ", ".join(unused)
+        )
     if problems:
         raise ConversionError(
             f"checkpoint does not match the configured {what} (check the config matches the "

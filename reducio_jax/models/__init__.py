@@ -19,7 +19,9 @@ def build_vae(model_cfg: Mapping[str, Any], *, seed: int = 0) -> VideoVAE:
     return VideoVAE.from_config(model_cfg, rngs=nnx.Rngs(seed))
 
 
-def build_discriminator(loss_cfg: Mapping[str, Any], *, spatial: int = 3, seed: int = 0) -> PatchDiscriminator:
+def build_discriminator(
+    loss_cfg: Mapping[str, Any], *, spatial: int = 3, seed: int = 0
+) -> PatchDiscriminator:
     """The PatchGAN of a config's `loss` block (3D on videos, or the 2D one on frames)."""
     return PatchDiscriminator(
         in_channels=loss_cfg.get("disc_in_channels", 3),

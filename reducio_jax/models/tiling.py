@@ -51,7 +51,9 @@ def blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
     weight = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape(shape)
     tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
     head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
-    mixed = (tail.astype(jnp.float32) * (1 - weight) + head.astype(jnp.float32) * weight).astype(b.dtype)
+    mixed = (tail.astype(jnp.float32) * (1 - weight) + head.astype(jnp.float32) * weight).astype(
+        b.dtype
+    )
     rest = jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)
     return jnp.concatenate([mixed, rest], axis=axis)
 
@@ -77,7 +79,9 @@ def run_batched(fn: Callable, tiles: Grid) -> Grid:
             groups.setdefault(shapes, []).append((i, j))
     out: Grid = [[None] * len(row) for row in tiles]
     for members in groups.values():
-        batch = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[tiles[i][j] for i, j in members])
+        batch = jax.tree.map(
+            lambda *xs: jnp.concatenate(xs, axis=0), *[tiles[i][j] for i, j in members]
+        )
         result = fn(batch)
         for k, (i, j) in enumerate(members):
             size = jax.tree.leaves(tiles[i][j])[0].shape[0]
@@ -117,7 +121,9 @@ def tiled_content_features(
     tiles = split_tiles(frame, cfg.sample_size, cfg.sample_window, h_axis=1)
     features = run_batched(encode_2d, tiles)
 
-    def blend_levels(a: Sequence[jax.Array], b: Sequence[jax.Array], direction: int) -> list[jax.Array]:
+    def blend_levels(
+        a: Sequence[jax.Array], b: Sequence[jax.Array], direction: int
+    ) -> list[jax.Array]:
         axis = 1 + direction  # (B, H, W, C)
         return [
             blend(fa, fb, int(fa.shape[axis] / (1 + cfg.overlap) * cfg.overlap), axis)
@@ -127,7 +133,9 @@ def tiled_content_features(
     return blend_grid(features, blend_levels)
 
 
-def tiled_moments(encode_3d: Callable[[jax.Array], jax.Array], video: jax.Array, cfg: TileConfig) -> jax.Array:
+def tiled_moments(
+    encode_3d: Callable[[jax.Array], jax.Array], video: jax.Array, cfg: TileConfig
+) -> jax.Array:
     """(B, T, H, W, 3) -> posterior moments (B, t, h, w, 2z) assembled from blended tiles."""
     tiles = split_tiles(video, cfg.sample_size, cfg.sample_window, h_axis=2)
     moments = run_batched(encode_3d, tiles)

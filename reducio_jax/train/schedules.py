@@ -40,7 +40,9 @@ def lambda_linear_factor(cfg: Mapping[str, Any]) -> optax.Schedule:
 
     def factor(count: jnp.ndarray) -> jnp.ndarray:
         n = jnp.asarray(count, jnp.float32)
-        cycle = jnp.minimum(jnp.searchsorted(jnp.asarray(ends, jnp.float32), n, side="left"), ends.size - 1)
+        cycle = jnp.minimum(
+            jnp.searchsorted(jnp.asarray(ends, jnp.float32), n, side="left"), ends.size - 1
+        )
         pick = lambda a: jnp.asarray(a, jnp.float32)[cycle]  # noqa: E731
         local = jnp.minimum(n - pick(starts), pick(lengths))
         w = pick(warm)
@@ -58,7 +60,9 @@ def warmup_factor(cfg: Mapping[str, Any]) -> optax.Schedule:
     iters = float(cfg["warmup_iters"])
     method = cfg.get("warmup_method", "linear")
     if method not in ("linear", "constant"):
-        raise ValueError(f"scheduler_disc.warmup_method must be 'linear' or 'constant', not {method!r}")
+        raise ValueError(
+            f"scheduler_disc.warmup_method must be 'linear' or 'constant', not {method!r}"
+        )
 
     def factor(count: jnp.ndarray) -> jnp.ndarray:
         n = jnp.asarray(count, jnp.float32)
@@ -71,7 +75,10 @@ def warmup_factor(cfg: Mapping[str, Any]) -> optax.Schedule:
 
 def vae_schedule(optim_cfg: Mapping[str, Any]) -> optax.Schedule:
     """Learning rate of the VAE: base_learning_rate * LambdaLinearScheduler."""
-    base, factor = float(optim_cfg["base_learning_rate"]), lambda_linear_factor(optim_cfg["scheduler"])
+    base, factor = (
+        float(optim_cfg["base_learning_rate"]),
+        lambda_linear_factor(optim_cfg["scheduler"]),
+    )
     return lambda count: base * factor(count)
 
 

@@ -36,7 +36,9 @@ def mesh_shape(shape_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]
             raise ValueError(f"mesh.shape {shape} does not fit {num_devices} devices")
         shape[free[0]] = num_devices // fixed
     if math.prod(shape.values()) != num_devices:
-        raise ValueError(f"mesh.shape {shape} needs {math.prod(shape.values())} devices, have {num_devices}")
+        raise ValueError(
+            f"mesh.shape {shape} needs {math.prod(shape.values())} devices, have {num_devices}"
+        )
     return shape
 
 

@@ -103,9 +103,7 @@ def graphdefs(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDe
     return vae_graph, disc_graph
 
 
-def _state_from(
-    cfg: ml_collections.ConfigDict, vae: nnx.Module, disc: nnx.Module
-) -> TrainState:
+def _state_from(cfg: ml_collections.ConfigDict, vae: nnx.Module, disc: nnx.Module) -> TrainState:
     """A TrainState around existing modules, with fresh optimizer states."""
     tx_vae, tx_disc = make_optimizers(cfg)
     _, vae_params, vae_buffers = _split_vae(vae)
@@ -126,7 +124,9 @@ def abstract_state(cfg: ml_collections.ConfigDict) -> TrainState:
     """Shapes, dtypes and axis metadata of the train state, nothing allocated."""
     seed = int(cfg.train.seed)
     with nnx.use_eager_sharding(False):
-        return jax.eval_shape(lambda: _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed)))
+        return jax.eval_shape(
+            lambda: _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
+        )
 
 
 def state_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Any:
@@ -178,7 +178,9 @@ def state_from_modules(
             opt_disc=tx_disc.init(dp),
         )
 
-    return jax.jit(assemble, out_shardings=shardings)(vae_params, vae_buffers, disc_params, disc_stats)
+    return jax.jit(assemble, out_shardings=shardings)(
+        vae_params, vae_buffers, disc_params, disc_stats
+    )
 
 
 def lpips_from_module(module: LPIPS | None) -> tuple[nnx.GraphDef | None, nnx.State | None]:

@@ -146,9 +146,9 @@ def train_step_fn(
             lr_vae=lr_vae(state.step),
             lr_disc=lr_disc(state.step),
         )
-        metrics["finite"] = jnp.all(
-            jnp.stack([jnp.isfinite(v) for v in metrics.values()])
-        ).astype(jnp.float32)
+        metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()])).astype(
+            jnp.float32
+        )
         new_state = state.replace(
             step=state.step + 1,
             vae_params=vae_params,

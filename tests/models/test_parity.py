@@ -136,7 +136,10 @@ def test_tiny_tiled_256px(tiny_ckpt, fixtures_dir):
 
 @pytest.mark.parametrize(
     "name, config",
-    [("reducio_kl_ft4_fs32_z16_attn23", reducio_ft4), ("reducio_kl_ft2_fs32_z16_attn23", reducio_ft2)],
+    [
+        ("reducio_kl_ft4_fs32_z16_attn23", reducio_ft4),
+        ("reducio_kl_ft2_fs32_z16_attn23", reducio_ft2),
+    ],
 )
 def test_full_size_models_64px(fixtures_dir, tmp_path, name, config):
     ckpt = recipe_checkpoint(fixtures_dir, name, tmp_path / f"{name}.ckpt")
