@@ -1,7 +1,7 @@
 """Reducio-VAE 2x temporal compression (16x8x8x8 latents at 256px)."""
 
-from configs._official import reducio_params
 from reducio_jax.config import make_config
+from reducio_jax.official import reducio_params
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Reducio-VAE ft4 weights with spatial tiling for 1024px frames."""
 
-from configs._official import reducio_params
 from reducio_jax.config import make_config
+from reducio_jax.official import reducio_params
 
 
 def get_config():

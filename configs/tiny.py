@@ -1,7 +1,7 @@
 """The tiny Reducio-VAE of the parity fixtures (width 32): for tests, demos and CPU runs."""
 
-from configs._official import tiny_params
 from reducio_jax.config import make_config
+from reducio_jax.official import tiny_params
 
 
 def get_config():

@@ -21,7 +21,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from reducio_jax.convert.load import Shardings, abstract_model, load_converted
-from reducio_jax.convert.mapping import ConversionError, convert_state_dict, split_groups
+from reducio_jax.convert.mapping import (
+    ConversionError,
+    convert_state_dict,
+    source_keys,
+    split_groups,
+)
 from reducio_jax.convert.torch_format import load_state_dict
 from reducio_jax.models import (
     LPIPS,
@@ -66,10 +71,11 @@ def convert_state_dict_to_modules(
 ) -> ReducioWeights:
     """A torch state_dict (numpy arrays) -> filled Flax modules for `cfg`."""
     groups = split_groups(convert_state_dict(state_dict))
+    sources = split_groups(source_keys(state_dict))
     if "unknown" in groups:
         raise ConversionError(
             f"{len(groups['unknown'])} checkpoint key(s) belong to no Reducio-VAE part: "
-            + ", ".join(sorted(groups["unknown"]))
+            + ", ".join(sorted(sources["unknown"].values()))
         )
     if "discriminator_2d" in groups:
         raise ConversionError(
@@ -79,7 +85,13 @@ def convert_state_dict_to_modules(
         raise ConversionError("checkpoint has no VAE weights (no encoder_3d/decoder keys)")
     factories = _factories(cfg)
     built = {
-        name: load_converted(factories[name], groups[name], what=name, sharding_for=sharding_for)
+        name: load_converted(
+            factories[name],
+            groups[name],
+            what=name,
+            sharding_for=sharding_for,
+            source_keys=sources[name],
+        )
         for name in ("vae", "discriminator", "lpips")
         if name in groups
     }
@@ -108,7 +120,7 @@ def save_pretrained(
     """Writes the modules and the config as one Orbax checkpoint directory."""
     directory = pathlib.Path(directory).absolute()
     items: dict[str, Any] = {
-        name: ocp.args.StandardSave(nnx.state(module).to_pure_dict())
+        name: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(module)))
         for name, module in weights.modules().items()
     }
     meta = {"config": json.loads(cfg.to_json_best_effort()), "logvar": weights.logvar}
@@ -188,4 +200,4 @@ def _restore_target(state: nnx.State, sharding_for: Shardings | None) -> dict:
                 ),
             )
         )
-    return nnx.from_flat_state(flat).to_pure_dict()
+    return nnx.to_pure_dict(nnx.from_flat_state(flat))

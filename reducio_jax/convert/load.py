@@ -48,10 +48,11 @@ def load_converted(
     *,
     what: str,
     sharding_for: Shardings | None = None,
+    source_keys: Mapping[str, str] | None = None,
 ) -> nnx.Module:
     """A model built by `make`, filled from renamed torch arrays; fails on any key mismatch."""
     graphdef, abstract_state = abstract_model(make)
-    filled = fill_state(target_shapes(abstract_state), renamed, what=what)
+    filled = fill_state(target_shapes(abstract_state), renamed, source_keys=source_keys, what=what)
     return materialize(graphdef, abstract_state, filled, sharding_for)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +83,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return renamed
 
 
+def source_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """{flax path: original torch key}, for error messages in the checkpoint's own names."""
+    return {flax_name(key, np.ndim(value)): key for key, value in state_dict.items()}
+
+
 def fill_state(
     target: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     renamed: Mapping[str, np.ndarray],
@@ -128,9 +134,9 @@ def fill_state(
     return filled
 
 
-def split_groups(renamed: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Splits renamed arrays into 'vae', 'discriminator', 'discriminator_2d', 'lpips', 'logvar'."""
-    groups: dict[str, dict[str, np.ndarray]] = {}
+def split_groups(renamed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Splits renamed entries into 'vae', 'discriminator', 'discriminator_2d', 'lpips', 'logvar'."""
+    groups: dict[str, dict[str, Any]] = {}
     for path, value in renamed.items():
         head = path.split(".", 1)[0]
         if head in VAE_GROUPS:

@@ -1,6 +1,6 @@
 """Model parameters of the released Reducio-VAE configs (the official YAMLs' `model.params`).
 
-The config files in this folder (`reducio_ft4.py`, ...) pick one of these and add the run blocks.
+The files in configs/ (`reducio_ft4.py`, ...) pick one of these and add the run blocks.
 """
 
 from __future__ import annotations
