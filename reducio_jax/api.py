@@ -8,7 +8,8 @@ z = vae.latent(post, rng=None)           # posterior mean (or a sample with rng)
 recon = vae.decode(z, video[:, (T - 1) // 2])
 ```
 
-Each method runs a compiled (`nnx.jit`) function, cached per input shape; frames taller than one
+Each method runs a compiled pure function of (graphdef, state, inputs), cached per input shape
+(so the methods also nest inside a user's `jax.jit`); frames taller than one
 tile window are tiled when the config enables tiling.
 """
 
@@ -84,56 +85,57 @@ def _check_video(video: jax.Array, factor: int) -> None:
         )
 
 
-@functools.partial(nnx.jit, static_argnames=("tiles",))
 def _content(model: VideoVAE, frame: jax.Array, tiles: TileConfig | None):
     if tiles is None:
         return model.content_features(frame)
     return tiled_content_features(model.content_features, frame, tiles)
 
 
-@functools.partial(nnx.jit, static_argnames=("tiles",))
 def _encode(model: VideoVAE, video: jax.Array, tiles: TileConfig | None) -> DiagonalGaussian:
     if tiles is None:
         return model.encode(video)
-    moments = tiled_moments(
-        lambda v: model.quant_conv(model.encoder_3d(v)).astype(jnp.float32), video, tiles
-    )
-    return DiagonalGaussian.from_moments(moments)
+    encode_tile = lambda v: model.quant_conv(model.encoder_3d(v)).astype(jnp.float32)  # noqa: E731
+    return DiagonalGaussian.from_moments(tiled_moments(encode_tile, video, tiles))
 
 
-@jax.jit
 def _latent(posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
     z = posterior.mode() if rng is None else posterior.sample(rng)
     return latent_layer_norm(z)
 
 
-def _decode_with(
-    model: VideoVAE, latent: jax.Array, content, tiles: TileConfig | None
-) -> jax.Array:
-    if tiles is None:
-        return model.decode(latent, content)
-    video = tiled_decode(
-        model.decoder, model.post_quant_conv(latent.astype(model.dtype)), content, tiles
-    )
-    pad = (-model.num_frames) % model.temporal_factor
-    return video[:, pad:]
-
-
-@functools.partial(nnx.jit, static_argnames=("tiles",))
 def _decode(
     model: VideoVAE, latent: jax.Array, frame: jax.Array, tiles: TileConfig | None
 ) -> jax.Array:
-    return _decode_with(model, latent, _content.__wrapped__(model, frame, tiles), tiles)
+    content = _content(model, frame, tiles)
+    if tiles is None:
+        return model.decode(latent, content)
+    z = model.post_quant_conv(latent.astype(model.dtype))
+    video = tiled_decode(model.decoder, z, content, tiles)
+    return video[:, (-model.num_frames) % model.temporal_factor :]
 
 
-@functools.partial(nnx.jit, static_argnames=("tiles",))
 def _reconstruct(
     model: VideoVAE, video: jax.Array, rng: jax.Array | None, tiles: TileConfig | None
 ) -> jax.Array:
-    frame = video[:, content_frame_index(video.shape[1])]
-    content = _content.__wrapped__(model, frame, tiles)
-    latent = _latent.__wrapped__(_encode.__wrapped__(model, video, tiles), rng)
-    return _decode_with(model, latent, content, tiles)
+    latent = _latent(_encode(model, video, tiles), rng)
+    return _decode(model, latent, video[:, content_frame_index(video.shape[1])], tiles)
+
+
+def _compiled(fn):
+    """jit over (graphdef, state, *args): a pure function, so it also nests in a user's jax.jit."""
+
+    @functools.partial(jax.jit, static_argnames=("graphdef", "tiles"))
+    def run(graphdef: nnx.GraphDef, state: nnx.State, *args, tiles: TileConfig | None):
+        return fn(nnx.merge(graphdef, state), *args, tiles)
+
+    return run
+
+
+_content_jit = _compiled(_content)
+_encode_jit = _compiled(_encode)
+_decode_jit = _compiled(_decode)
+_reconstruct_jit = _compiled(_reconstruct)
+_latent_jit = jax.jit(_latent)
 
 
 class ReducioVAE:
@@ -185,16 +187,20 @@ class ReducioVAE:
     # -- the four operations ------------------------------------------------------------------
     def content_features(self, frame: jax.Array) -> Any:
         """(B, H, W, 3) -> content features (a grid of per-tile feature lists when tiled)."""
-        return _content(self.model, frame, _tiles_for(self.tiles, frame.shape[1]))
+        return _content_jit(
+            *nnx.split(self.model), frame, tiles=_tiles_for(self.tiles, frame.shape[1])
+        )
 
     def encode(self, video: jax.Array) -> DiagonalGaussian:
         """(B, T, H, W, 3) -> posterior with mean/logvar (B, T/2**f_t, H/32, W/32, embed_dim)."""
         _check_video(video, self.spatial_factor)
-        return _encode(self.model, video, _tiles_for(self.tiles, video.shape[2]))
+        return _encode_jit(
+            *nnx.split(self.model), video, tiles=_tiles_for(self.tiles, video.shape[2])
+        )
 
     def latent(self, posterior: DiagonalGaussian, rng: jax.Array | None = None) -> jax.Array:
         """The decoder's input: posterior mean (rng None) or a sample, LayerNorm-ed per clip."""
-        return _latent(posterior, rng)
+        return _latent_jit(posterior, rng)
 
     def decode(self, latent: jax.Array, content_frame: jax.Array) -> jax.Array:
         """Latent (B, t, h, w, z) + content frame (B, H, W, 3) -> video (B, T, H, W, 3)."""
@@ -202,14 +208,15 @@ class ReducioVAE:
             raise ValueError(
                 f"content frame must be (B, H, W, 3), got shape {tuple(content_frame.shape)}"
             )
-        return _decode(
-            self.model, latent, content_frame, _tiles_for(self.tiles, content_frame.shape[1])
-        )
+        tiles = _tiles_for(self.tiles, content_frame.shape[1])
+        return _decode_jit(*nnx.split(self.model), latent, content_frame, tiles=tiles)
 
     def reconstruct(self, video: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """encode -> latent -> decode with the middle frame as content, in one compiled call."""
         _check_video(video, self.spatial_factor)
-        return _reconstruct(self.model, video, rng, _tiles_for(self.tiles, video.shape[2]))
+        return _reconstruct_jit(
+            *nnx.split(self.model), video, rng, tiles=_tiles_for(self.tiles, video.shape[2])
+        )
 
 
 def _sharding_for(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):

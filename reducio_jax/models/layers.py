@@ -44,7 +44,7 @@ def conv(
         out_features,
         kernel_size=tuple(kernel_size),
         strides=strides,
-        padding=padding if isinstance(padding, str) else [tuple(p) for p in padding],
+        padding=padding if isinstance(padding, str) else tuple(tuple(p) for p in padding),
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
