@@ -101,6 +101,14 @@ def dense(
     )
 
 
+def standardize(x: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(biased var + eps) over `axes`, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+
+
 class GroupNorm(nnx.Module):
     """GroupNorm over channels-last inputs, statistics in float32, optional fused SiLU.
 
@@ -131,12 +139,8 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
         shape = x.shape  # (B, *spatial, C)
-        grouped = x.astype(jnp.float32).reshape(
-            shape[0], -1, self.num_groups, shape[-1] // self.num_groups
-        )
-        mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=(1, 3), keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        grouped = x.reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        normed = standardize(grouped, (1, 3), self.epsilon).reshape(shape)
         out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         if silu:
             out = jax.nn.silu(out)
@@ -162,11 +166,9 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        out = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        out = out * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        out = standardize(x, (-1,), self.epsilon) * self.scale[...].astype(jnp.float32) + self.bias[
+            ...
+        ].astype(jnp.float32)
         return out.astype(self.dtype)
 
 

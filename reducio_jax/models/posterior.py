@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from reducio_jax.models.layers import standardize
+
 
 @struct.dataclass
 class DiagonalGaussian:
@@ -43,8 +45,4 @@ class DiagonalGaussian:
 
 def latent_layer_norm(z: jax.Array, epsilon: float = 1e-5) -> jax.Array:
     """Normalises each sample over all of (t, h, w, z), with no affine parameters."""
-    z32 = z.astype(jnp.float32)
-    axes = tuple(range(1, z.ndim))
-    mean = jnp.mean(z32, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(z32 - mean), axis=axes, keepdims=True)
-    return ((z32 - mean) * jax.lax.rsqrt(var + epsilon)).astype(z.dtype)
+    return standardize(z, tuple(range(1, z.ndim)), epsilon).astype(z.dtype)
