@@ -1,0 +1,94 @@
+"""`python -m reducio_jax` / `reducio-jax`: encode videos into a latent store, decode it back.
+
+    python -m reducio_jax encode --checkpoint reducio-ft4.ckpt --config configs/reducio_ft4.py \
+        --data /data/videos --out latents/videos [--num_shards 8] [--save_moments]
+    python -m reducio_jax decode --store latents/videos --checkpoint reducio-ft4.ckpt \
+        --out decoded/ [--num_clips 16]
+
+Exit status 0 on success, 2 on bad input (one `error: ...` line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+CHECKPOINT_HELP = "torch .ckpt/.pt/.safetensors or Orbax pretrained dir"
+
+
+def _encode_parser(sub: argparse._SubParsersAction) -> None:
+    from reducio_jax.latents.runtime import add_data_flags
+
+    p = sub.add_parser("encode", help="videos -> latent store (Zarr via TensorStore)")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--config", help="configs/*.py or official YAML (optional for Orbax dirs)")
+    add_data_flags(p)
+    p.add_argument("--out", required=True, help="store directory (created, or resumed)")
+    p.add_argument("--num_shards", type=int, help="shard directories (default: 256 clips each)")
+    p.add_argument("--save_moments", action="store_true", help="also store posterior mean/logvar")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def _decode_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("decode", help="latent store -> mp4 videos")
+    p.add_argument("--store", required=True, help="store directory written by encode")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--config", help="model config (default: the one recorded in the store)")
+    p.add_argument("--out", required=True, help="folder for the mp4 files")
+    p.add_argument("--num_clips", type=int, help="first N stored clips (default: all)")
+    p.add_argument("--batch_size", type=int, help="global batch (default: one per device)")
+    p.add_argument("--devices", type=int, help="use the first N devices (default: all)")
+    p.add_argument("--fps", type=float, help="frame rate of the files (default: the store's)")
+    p.add_argument("--allow_partial", action="store_true", help="decode finished shards only")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="reducio-jax",
+        description="Reducio-VAE latents: encode videos into a store, decode them back.",
+        epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _encode_parser(sub)
+    _decode_parser(sub)
+    return parser.parse_args(argv)
+
+
+def _options(cls: type, args: argparse.Namespace) -> Any:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    return cls(**kwargs, progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from reducio_jax.latents import DecodeOptions, EncodeOptions, decode_to_mp4, encode_to_store
+
+    if args.command == "encode":
+        return encode_to_store(_options(EncodeOptions, args))
+    return decode_to_mp4(_options(DecodeOptions, args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m reducio_jax` and the `reducio-jax` script."""
+    args = parse_args(argv)
+    from reducio_jax.latents.runtime import USER_ERRORS, error_line
+
+    try:
+        summary = run(args)
+    except USER_ERRORS as err:
+        print(error_line(err), file=sys.stderr)
+        return 2
+    if args.command == "decode":
+        summary = {**summary, "videos": len(summary["videos"])}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Reconstruction metrics of a Reducio-VAE over a dataset: PSNR, SSIM, LPIPS and rFVD.
+
+```python
+from reducio_jax.evaluate import EvalOptions, evaluate, write_reports
+result = evaluate(EvalOptions(checkpoint="reducio-ft4.ckpt", config="configs/reducio_ft4.py",
+                              data="/data/ucf101_val", num_clips=1000, i3d="i3d.pt"))
+write_reports(result, "eval_out")        # metrics.json, metrics.md, per_clip.jsonl
+```
+
+Each batch is split over the devices ("data" mesh axis), reconstructed with
+`ReducioVAE.reconstruct` (tiled when frames exceed one tile window) and scored like the
+reference's `validation_step`: both videos clamped to [-1, 1], frames flattened to (B*T, ...),
+PSNR and SSIM on (x + 1) / 2; LPIPS per frame on [-1, 1] input (the convention of the training
+loss; `lpips_unit_range=True` feeds [0, 1] as the reference validation step does); rFVD from
+I3D features of the real and reconstructed clips (bilinear resize to `i3d_resolution`),
+accumulated as streaming mean/covariance. Padding rows of the last batch (mask False) and
+clips past `num_clips` are excluded. A metric whose weights are missing is None, with the reason
+in `result["unavailable"]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from reducio_jax.convert.torch_format import load_state_dict
+from reducio_jax.data import make_loader
+from reducio_jax.data.video import parse_resolution
+from reducio_jax.latents.runtime import (
+    USER_ERRORS,
+    InputError,
+    add_data_flags,
+    batch_size_for,
+    clip_count,
+    data_config,
+    describe_devices,
+    error_line,
+    eval_mesh,
+    load_vae,
+    replicate,
+    resolve_config,
+    safe_stem,
+    to_host,
+    to_uint8,
+    write_mp4,
+)
+from reducio_jax.metrics import FVDAccumulator, InceptionI3d, load_i3d, resize_video
+from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
+
+METRICS = ("psnr", "ssim", "lpips", "rfvd")
+PER_CLIP = ("psnr", "ssim", "lpips")
+LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "rfvd": "rFVD ↓"}
+NO_LPIPS = (
+    "the checkpoint has no LPIPS weights (no loss.perceptual_loss.* keys); use a training "
+    "checkpoint or a pretrained directory converted without --vae-only"
+)
+NO_I3D = "no --i3d weights given; pass a pytorch-i3d InceptionI3d state dict (.pt, .safetensors)"
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """What `eval.py` takes on its command line (see `parse_args` for the meaning of each)."""
+
+    checkpoint: str
+    config: str | None = None
+    data: str = "synthetic"
+    data_dir: str = ""
+    split: str = "train"
+    num_clips: int | None = None
+    batch_size: int | None = None
+    resolution: int | tuple[int, int] | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    num_workers: int = 0
+    devices: int | None = None
+    save_videos: int = 4
+    out: str | None = None
+    i3d: str | None = None
+    i3d_resolution: int = 224
+    sample_posterior: bool = False
+    seed: int = 0
+    lpips_unit_range: bool = False
+    progress: bool = True
+
+
+# -- jitted metric kernels ------------------------------------------------------------------------
+
+
+@jax.jit
+def image_metrics(video: jax.Array, recon: jax.Array) -> dict[str, jax.Array]:
+    """Per-clip mean over frames of PSNR and SSIM: (B, T, H, W, 3) x2 in [-1, 1] -> (B,) each."""
+    b, t = video.shape[:2]
+    x = (jnp.clip(video, -1.0, 1.0).reshape(b * t, *video.shape[2:]) + 1.0) / 2.0
+    y = (jnp.clip(recon, -1.0, 1.0).reshape(b * t, *recon.shape[2:]) + 1.0) / 2.0
+    return {
+        "psnr": psnr_per_image(y, x).reshape(b, t).mean(axis=1),
+        "ssim": ssim_per_image(y, x).reshape(b, t).mean(axis=1),
+    }
+
+
+@functools.partial(nnx.jit, static_argnames=("unit_range",))
+def lpips_per_clip(
+    lpips: nnx.Module, video: jax.Array, recon: jax.Array, unit_range: bool = False
+) -> jax.Array:
+    """Mean LPIPS over frames, (B,). One frame of every clip at a time (bounded memory)."""
+    x, y = jnp.clip(video, -1.0, 1.0), jnp.clip(recon, -1.0, 1.0)
+    if unit_range:
+        x, y = (x + 1.0) / 2.0, (y + 1.0) / 2.0
+    frames = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(y, 1, 0))  # (T, B, H, W, 3) each
+    per_frame = jax.lax.map(lambda xy: lpips(xy[0], xy[1]), frames)  # (T, B)
+    return per_frame.mean(axis=0)
+
+
+@functools.partial(nnx.jit, static_argnames=("size",))
+def i3d_features(i3d: InceptionI3d, video: jax.Array, size: int) -> jax.Array:
+    """FVD features (B, 400) of clips in [-1, 1], resized to size x size."""
+    return i3d.features(resize_video(jnp.clip(video, -1.0, 1.0), size))
+
+
+# -- I3D ------------------------------------------------------------------------------------------
+
+
+def _same_out(size: int, strides: Sequence[int]) -> int:
+    for s in strides:
+        size = math.ceil(size / s)
+    return size
+
+
+def i3d_pool_window(resolution: int, num_frames: int) -> tuple[int, int, int]:
+    """Average-pool window that leaves one spatial position: (2, 7, 7) at 224 px, 16 frames."""
+    t = _same_out(num_frames, (2, 2, 2))
+    s = _same_out(resolution, (2, 2, 2, 2, 2))
+    return (min(2, t), s, s)
+
+
+def load_i3d_file(path: str, resolution: int, num_frames: int, mesh: Mesh) -> InceptionI3d:
+    """A pytorch-i3d state dict file -> `InceptionI3d` replicated on `mesh`."""
+    state_dict = load_state_dict(path)
+    try:
+        model = load_i3d(state_dict, avg_pool_window=i3d_pool_window(resolution, num_frames))
+    except ValueError as err:
+        first = str(err).splitlines()
+        raise InputError(
+            f"--i3d {path} is not a pytorch-i3d InceptionI3d state dict: "
+            + "; ".join(line.strip() for line in first[1:4])
+        ) from err
+    return replicate(model, mesh)
+
+
+# -- accumulation ---------------------------------------------------------------------------------
+
+
+class MetricTotals:
+    """Streaming sums of per-clip metrics and FVD statistics over the kept clips."""
+
+    def __init__(self, with_fvd: bool) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.fvd = FVDAccumulator() if with_fvd else None
+        self.per_clip: list[dict[str, Any]] = []
+
+    def update(
+        self,
+        values: dict[str, np.ndarray],
+        keep: np.ndarray,
+        index: np.ndarray,
+        names: Callable[[int], str],
+    ) -> None:
+        """values: per-clip (B,) arrays and optionally "real"/"fake" features (B, D)."""
+        rows = np.flatnonzero(keep)
+        for key in (k for k in PER_CLIP if k in values):
+            total = float(np.sum(values[key][rows], dtype=np.float64))
+            self.sums[key] = self.sums.get(key, 0.0) + total
+        if self.fvd is not None and rows.size:
+            self.fvd.update(real=values["real"][rows], fake=values["fake"][rows])
+        self.count += rows.size
+        for r in rows:
+            clip = {"index": int(index[r]), "name": names(int(index[r]))}
+            clip.update({k: float(values[k][r]) for k in PER_CLIP if k in values})
+            self.per_clip.append(clip)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+
+    def rfvd(self) -> tuple[float | None, str | None]:
+        if self.fvd is None:
+            return None, NO_I3D
+        if self.count < 2:
+            return None, f"rFVD needs at least 2 clips, got {self.count}"
+        return self.fvd.compute(), None
+
+
+# -- sample videos --------------------------------------------------------------------------------
+
+
+class VideoSaver:
+    """Writes input | reconstruction mp4s of the clips with index < `count` (process 0)."""
+
+    def __init__(self, folder: pathlib.Path | None, count: int, fps: float, names) -> None:
+        self.folder, self.count, self.fps, self.names = folder, count, fps, names
+        self.written: list[str] = []
+
+    def wanted(self, keep: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(keep & (index < self.count)) if self.folder else np.array([], int)
+
+    def add(self, video: jax.Array, recon: jax.Array, keep: np.ndarray, index: np.ndarray) -> None:
+        rows = self.wanted(keep, index)
+        if not rows.size:
+            return
+        inputs, outputs = to_uint8(to_host(video)[rows]), to_uint8(to_host(recon)[rows])
+        if jax.process_index() != 0:
+            return
+        for r, a, b in zip(rows, inputs, outputs, strict=True):
+            i = int(index[r])
+            path = self.folder / f"{i:05d}_{safe_stem(self.names(i))}.mp4"
+            write_mp4(path, np.concatenate([a, b], axis=2), self.fps)
+            self.written.append(str(path))
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _posterior_rng(opts: EvalOptions, step: int, mesh: Mesh) -> jax.Array | None:
+    if not opts.sample_posterior:
+        return None
+    key = jax.random.fold_in(jax.random.key(opts.seed), step)
+    return jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
+
+
+def _batch_values(
+    video: jax.Array, recon: jax.Array, lpips, i3d, opts: EvalOptions
+) -> dict[str, np.ndarray]:
+    values = dict(image_metrics(video, recon))
+    if lpips is not None:
+        values["lpips"] = lpips_per_clip(lpips, video, recon, unit_range=opts.lpips_unit_range)
+    if i3d is not None:
+        values["real"] = i3d_features(i3d, video, opts.i3d_resolution)
+        values["fake"] = i3d_features(i3d, recon, opts.i3d_resolution)
+    return {k: to_host(v) for k, v in values.items()}
+
+
+def evaluate(opts: EvalOptions) -> dict[str, Any]:
+    """Runs the evaluation; returns the result dict that `write_reports` writes."""
+    start = time.perf_counter()
+    mesh = eval_mesh(opts.devices)
+    batch_size = batch_size_for(mesh, opts.batch_size)
+    cfg = resolve_config(opts.checkpoint, opts.config)
+    data_cfg = data_config(
+        opts.data,
+        cfg,
+        data_dir=opts.data_dir,
+        split=opts.split,
+        num_clips=opts.num_clips,
+        batch_size=batch_size,
+        resolution=opts.resolution,
+        num_frames=opts.num_frames,
+        fps=opts.fps,
+        num_workers=opts.num_workers,
+    )
+    with make_loader(data_cfg, mesh=mesh, train=False) as loader:  # checks the data first
+        num_clips = clip_count(len(loader.source), opts.num_clips)
+        i3d = None
+        if opts.i3d:
+            i3d = load_i3d_file(opts.i3d, opts.i3d_resolution, int(data_cfg.num_frames), mesh)
+        vae = load_vae(opts.checkpoint, cfg, mesh)
+        lpips = vae.weights.lpips
+        totals, saver = _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg)
+    seconds = time.perf_counter() - start
+    return _result(opts, totals, data_cfg, mesh, batch_size, seconds, saver.written, lpips)
+
+
+def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg):
+    totals = MetricTotals(with_fvd=i3d is not None)
+    folder = pathlib.Path(opts.out) / "videos" if opts.out and opts.save_videos > 0 else None
+    saver = VideoSaver(folder, opts.save_videos, float(data_cfg.fps), loader.source.name)
+    steps = math.ceil(num_clips / loader.global_batch)
+    bar = tqdm(
+        itertools.islice(loader, steps),
+        total=steps,
+        desc="eval",
+        unit="batch",
+        disable=not opts.progress or jax.process_index() != 0,
+    )
+    for step, batch in enumerate(bar):
+        recon = vae.reconstruct(batch["video"], rng=_posterior_rng(opts, step, mesh))
+        index = to_host(batch["index"])
+        keep = to_host(batch["mask"]) & (index < num_clips)
+        totals.update(
+            _batch_values(batch["video"], recon, lpips, i3d, opts), keep, index, loader.source.name
+        )
+        saver.add(batch["video"], recon, keep, index)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in totals.means().items()})
+    return totals, saver
+
+
+def _result(opts, totals, data_cfg, mesh, batch_size, seconds, videos, lpips) -> dict[str, Any]:
+    means = totals.means()
+    rfvd, rfvd_reason = totals.rfvd()
+    values = {**{k: means.get(k) for k in PER_CLIP}, "rfvd": rfvd}
+    unavailable = {}
+    if lpips is None:
+        unavailable["lpips"] = NO_LPIPS
+    if rfvd_reason:
+        unavailable["rfvd"] = rfvd_reason
+    if totals.count == 0:
+        unavailable.update({k: "no clips were evaluated" for k in PER_CLIP})
+    h, w = parse_resolution(data_cfg.resolution)
+    return {
+        **values,
+        "unavailable": unavailable,
+        "num_clips": totals.count,
+        "num_frames": int(data_cfg.num_frames),
+        "resolution": [h, w],
+        "fps": float(data_cfg.fps),
+        "checkpoint": str(opts.checkpoint),
+        "config": None if opts.config is None else str(opts.config),
+        "data": opts.data,
+        "split": opts.split if opts.data.startswith("tfds:") else None,
+        "settings": {
+            "posterior": f"sample (seed {opts.seed})" if opts.sample_posterior else "mean",
+            "lpips_input": "[0, 1]" if opts.lpips_unit_range else "[-1, 1]",
+            "i3d": None if not opts.i3d else {"path": opts.i3d, "resolution": opts.i3d_resolution},
+            "batch_size": batch_size,
+            "devices": describe_devices(mesh),
+        },
+        "seconds": round(seconds, 3),
+        "clips_per_second": round(totals.count / seconds, 4) if seconds > 0 else None,
+        "videos": videos,
+        "per_clip": totals.per_clip,
+    }
+
+
+# -- reports --------------------------------------------------------------------------------------
+
+
+def _cell(result: dict[str, Any], key: str) -> str:
+    value = result.get(key)
+    if value is None:
+        return f"unavailable: {result['unavailable'].get(key, 'not computed')}"
+    return f"{value:.2f}" if key in ("psnr", "rfvd") else f"{value:.4f}"
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The metrics table (`metrics.md`)."""
+    h, w = result["resolution"]
+    s = result["settings"]
+    lines = [
+        "# Reconstruction metrics",
+        "",
+        "| Metric | Value |",
+        "|---|---|",
+        *(f"| {LABELS[k]} | {_cell(result, k)} |" for k in METRICS),
+        "",
+        f"{result['num_clips']} clips x {result['num_frames']} frames at {h}x{w}, "
+        f"{result['fps']:g} fps; checkpoint `{result['checkpoint']}`, data `{result['data']}`.",
+        f"Posterior {s['posterior']}; LPIPS on {s['lpips_input']} input"
+        + (f"; I3D at {s['i3d']['resolution']} px" if s["i3d"] else "")
+        + f"; {s['devices']}, batch {s['batch_size']}, {result['seconds']:.1f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(result: dict[str, Any], out: str | pathlib.Path) -> pathlib.Path:
+    """metrics.json (without per-clip rows), metrics.md and per_clip.jsonl under `out`."""
+    out = pathlib.Path(out)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.items() if k != "per_clip"}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "metrics.md").write_text(format_markdown(result))
+    rows = (json.dumps(row) for row in result["per_clip"])
+    (out / "per_clip.jsonl").write_text("".join(f"{row}\n" for row in rows))
+    return out
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
+    parser = argparse.ArgumentParser(
+        prog="eval.py",
+        description="PSNR, SSIM, LPIPS and rFVD of Reducio-VAE reconstructions.",
+        epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="torch .ckpt/.pt/.safetensors or Orbax pretrained dir"
+    )
+    parser.add_argument("--config", help="configs/*.py or official YAML (optional for Orbax dirs)")
+    add_data_flags(parser)
+    parser.add_argument("--out", default="eval_out", help="output folder")
+    parser.add_argument("--save_videos", type=int, default=4, help="input|recon mp4s to write")
+    parser.add_argument("--i3d", help="pytorch-i3d state dict for rFVD (else rFVD unavailable)")
+    parser.add_argument("--i3d_resolution", type=int, default=224, help="I3D input size")
+    parser.add_argument("--sample_posterior", action="store_true", help="sample z, not the mean")
+    parser.add_argument("--seed", type=int, default=0, help="posterior sampling seed")
+    parser.add_argument(
+        "--lpips_unit_range",
+        action="store_true",
+        help="LPIPS on [0, 1] frames, as the reference validation_step (default [-1, 1])",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(EvalOptions)}
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    return EvalOptions(**kwargs, progress=not args.no_progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`eval.py` entry point; returns the exit status."""
+    opts = parse_args(argv)
+    try:
+        result = evaluate(opts)
+        out = write_reports(result, opts.out)
+    except USER_ERRORS as err:
+        print(error_line(err), file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(format_markdown(result))
+        print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    return 0
+
+
+__all__ = [
+    "EvalOptions",
+    "MetricTotals",
+    "evaluate",
+    "format_markdown",
+    "i3d_features",
+    "i3d_pool_window",
+    "image_metrics",
+    "load_i3d_file",
+    "lpips_per_clip",
+    "main",
+    "parse_args",
+    "write_reports",
+]

@@ -1,0 +1,279 @@
+"""Videos -> latent store (`python -m reducio_jax encode ...`), resumable shard by shard.
+
+For every clip (eval rules: first frames, centre crop) the store gets the decoder's input
+``latent = LayerNorm(posterior mean)`` (B, t, h, w, z), the uint8 content frame (the middle
+frame, `content_frame_index`) and, with ``save_moments``, the posterior mean and logvar.
+Batches are split over this process's devices; with several processes, process ``p`` takes
+shards ``p, p + P, ...``. Finished shards (with a ``done`` marker) are skipped, so rerunning
+the same command after an interruption only encodes what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from reducio_jax.api import ReducioVAE
+from reducio_jax.data import video_to_float
+from reducio_jax.data.errors import BadVideoError
+from reducio_jax.data.sources import ClipSource, make_source
+from reducio_jax.data.video import ClipSpec, parse_resolution
+from reducio_jax.latents.runtime import (
+    InputError,
+    batch_size_for,
+    clip_count,
+    data_config,
+    load_vae,
+    local_mesh,
+    resolve_config,
+    to_host,
+)
+from reducio_jax.latents.store import (
+    FORMAT,
+    META_FILE,
+    VERSION,
+    ArraySpec,
+    ShardWriter,
+    StoreError,
+    check_resumable,
+    default_num_shards,
+    read_meta,
+    shard_done,
+    shard_name,
+    shard_ranges,
+    write_json_atomic,
+)
+from reducio_jax.models import content_frame_index
+from reducio_jax.sharding import batch_sharding
+
+log = logging.getLogger(__name__)
+LATENT_DOC = "LayerNorm over (t, h, w, z) of the posterior mean: the decoder's input"
+
+
+@dataclasses.dataclass
+class EncodeOptions:
+    """The `encode` command line (see `reducio_jax.__main__`)."""
+
+    checkpoint: str
+    out: str
+    config: str | None = None
+    data: str = "synthetic"
+    data_dir: str = ""
+    split: str = "train"
+    num_clips: int | None = None
+    batch_size: int | None = None
+    resolution: int | tuple[int, int] | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    num_workers: int = 0
+    devices: int | None = None
+    num_shards: int | None = None
+    save_moments: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+# -- clips ----------------------------------------------------------------------------------------
+
+
+def _load_clip(source: ClipSource, spec: ClipSpec, index: int) -> dict[str, Any]:
+    """Record -> {"video" uint8 (T, H, W, 3), "index", "valid"}; unreadable clips are zeros."""
+    try:
+        video, valid = source.load(index, None), True
+    except BadVideoError as err:
+        log.warning("Skipping unreadable video %s (%s)", source.name(index), err)
+        video = np.zeros((spec.num_frames, spec.height, spec.width, 3), np.uint8)
+        valid = False
+    return {"video": video, "index": np.int64(index), "valid": np.bool_(valid)}
+
+
+def clip_batches(
+    source: ClipSource, spec: ClipSpec, start: int, stop: int, batch: int, threads: int
+) -> grain.IterDataset:
+    """Clips [start, stop) in order, batched (the last batch may be short), decoded ahead."""
+    ds = grain.MapDataset.range(start, stop).map(functools.partial(_load_clip, source, spec))
+    read = grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=2 * batch)
+    return ds.to_iter_dataset(read).batch(batch, drop_remainder=False)
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    pad = np.repeat(x[-1:], rows - x.shape[0], axis=0)
+    return np.concatenate([x, pad], axis=0)
+
+
+# -- the model step -------------------------------------------------------------------------------
+
+
+def encode_batch(
+    vae: ReducioVAE, video_u8: np.ndarray, mesh: Mesh, batch: int, moments: bool
+) -> dict[str, np.ndarray]:
+    """uint8 clips (b <= batch, T, H, W, 3) -> stored arrays for those clips (numpy)."""
+    n = video_u8.shape[0]
+    padded = jax.device_put(_pad_rows(video_u8, batch), batch_sharding(mesh))
+    posterior = vae.encode(video_to_float(padded))
+    out = {"latent": vae.latent(posterior)}
+    if moments:
+        out.update(mean=posterior.mean, logvar=posterior.logvar)
+    values = {k: to_host(v)[:n] for k, v in out.items()}
+    values["content"] = video_u8[:, content_frame_index(video_u8.shape[1])]
+    return values
+
+
+def array_specs(
+    vae: ReducioVAE, spec: ClipSpec, moments: bool, mesh: Mesh, batch: int
+) -> dict[str, ArraySpec]:
+    """Per-clip shapes/dtypes of the stored arrays (from an abstract encode)."""
+    shape = (batch, spec.num_frames, spec.height, spec.width, 3)
+    video = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding(mesh))
+    post = jax.eval_shape(vae.encode, video)
+    z = ArraySpec(tuple(post.mean.shape[1:]), "float32")
+    arrays = {"latent": z, "content": ArraySpec((spec.height, spec.width, 3), "uint8")}
+    if moments:
+        arrays.update(mean=z, logvar=z)
+    return arrays
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+def _store_meta(opts, vae, spec, source, arrays, ranges) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_clips": ranges[-1][1],
+        "num_shards": len(ranges),
+        "shard_ranges": [list(r) for r in ranges],
+        "arrays": {k: v.to_json() for k, v in arrays.items()},
+        "video": {
+            "num_frames": spec.num_frames,
+            "fps": spec.fps,
+            "height": spec.height,
+            "width": spec.width,
+            "content_frame_index": content_frame_index(spec.num_frames),
+        },
+        "data": {
+            "spec": opts.data,
+            "split": opts.split if opts.data.startswith("tfds:") else None,
+            "records": len(source),
+        },
+        "latent": LATENT_DOC,
+        "model": {
+            "checkpoint": str(opts.checkpoint),
+            "config": json.loads(vae.config.to_json_best_effort()),
+        },
+    }
+
+
+def _clear_store(root: pathlib.Path) -> None:
+    for child in root.glob("shard-*"):
+        shutil.rmtree(child)
+    (root / META_FILE).unlink(missing_ok=True)
+
+
+def prepare_store(root: pathlib.Path, meta: dict[str, Any], overwrite: bool) -> None:
+    """Creates `root` with store.json, or checks that an existing store can be resumed."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"--out {root} exists and is not a directory")
+    has_meta = (root / META_FILE).is_file()
+    if root.is_dir() and not has_meta and any(root.iterdir()):
+        raise StoreError(f"--out {root} is a non-empty folder that is not a latent store")
+    if has_meta and overwrite:
+        _clear_store(root)
+    elif has_meta:
+        check_resumable(read_meta(root), meta, root)
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / META_FILE, meta)
+
+
+def _encode_shard(vae, source, spec, root, shard, clips, arrays, mesh, batch, threads, bar):
+    start, stop = clips
+    writer = ShardWriter(root, shard, stop - start, arrays)
+    began, valid = time.perf_counter(), 0
+    row = 0
+    for b in clip_batches(source, spec, start, stop, batch, threads):
+        values = encode_batch(vae, b["video"], mesh, batch, "mean" in arrays)
+        rows = [
+            {"index": int(i), "name": source.name(int(i)), "valid": bool(v)}
+            for i, v in zip(b["index"], b["valid"], strict=True)
+        ]
+        writer.write(row, values, rows)
+        row += len(rows)
+        valid += int(np.sum(b["valid"]))
+        bar.update(len(rows))
+    writer.finish({"valid": valid, "seconds": round(time.perf_counter() - began, 3)})
+
+
+def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
+    """Encodes the clips into `opts.out`; returns which shards were encoded and skipped."""
+    began = time.perf_counter()
+    mesh = local_mesh(opts.devices)
+    batch = batch_size_for(mesh, opts.batch_size)
+    model_cfg = resolve_config(opts.checkpoint, opts.config)
+    cfg = data_config(
+        opts.data,
+        model_cfg,
+        data_dir=opts.data_dir,
+        split=opts.split,
+        num_clips=opts.num_clips,
+        batch_size=batch,
+        resolution=opts.resolution,
+        num_frames=opts.num_frames,
+        fps=opts.fps,
+    )
+    h, w = parse_resolution(cfg.resolution)
+    spec = ClipSpec(num_frames=int(cfg.num_frames), fps=float(cfg.fps), height=h, width=w)
+    source = make_source(cfg, spec)
+    n = clip_count(len(source), opts.num_clips)
+    if opts.num_shards is not None and opts.num_shards <= 0:
+        raise InputError(f"--num_shards {opts.num_shards} must be positive")
+    ranges = shard_ranges(n, opts.num_shards or default_num_shards(n))
+    vae = load_vae(opts.checkpoint, model_cfg, mesh)
+    arrays = array_specs(vae, spec, opts.save_moments, mesh, batch)
+    root = pathlib.Path(opts.out)
+    if jax.process_index() == 0:
+        prepare_store(root, _store_meta(opts, vae, spec, source, arrays, ranges), opts.overwrite)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("reducio_jax.latents.encode: store ready")
+    mine = range(jax.process_index(), len(ranges), jax.process_count())
+    todo = [s for s in mine if not shard_done(root, s)]
+    skipped = [s for s in mine if s not in todo]
+    total = sum(ranges[s][1] - ranges[s][0] for s in todo)
+    with tqdm(total=total, desc="encode", unit="clip", disable=not opts.progress) as bar:
+        for s in todo:
+            args = (root, s, ranges[s], arrays, mesh, batch, max(1, opts.num_workers))
+            _encode_shard(vae, source, spec, *args, bar)
+    return {
+        "store": str(root),
+        "num_clips": n,
+        "num_shards": len(ranges),
+        "encoded_shards": [shard_name(s) for s in todo],
+        "skipped_shards": [shard_name(s) for s in skipped],
+        "encoded_clips": total,
+        "seconds": round(time.perf_counter() - began, 3),
+    }
+
+
+__all__ = [
+    "EncodeOptions",
+    "array_specs",
+    "clip_batches",
+    "encode_batch",
+    "encode_to_store",
+    "prepare_store",
+]
