@@ -6,6 +6,12 @@ from reducio_jax.official import tiny_params
 
 def get_config():
     cfg = make_config(tiny_params())
-    cfg.data.resolution = 64
-    cfg.data.batch_size = 2
+    # The CPU demo `python train.py --config configs/tiny.py` (measured in docs/training.md):
+    # 32 px x batch 1 is ~70 GFLOP a training step (64 px x batch 2 is 4x8 = 8x more).
+    cfg.data.resolution = 32
+    cfg.data.batch_size = 1
+    cfg.train.num_steps = 100
+    cfg.train.log_every = 10
+    cfg.train.checkpoint_every = 50
+    cfg.train.preview_every = 50
     return cfg

@@ -128,6 +128,7 @@ def train_block() -> ml_collections.ConfigDict:
     block.keep_checkpoints = 3  # keep the last K
     block.async_checkpointing = True
     block.preview_every = 5000  # reconstruction preview (PNG + GIF + TensorBoard image)
+    block.fast_compile = False  # XLA without expensive LLVM passes: faster compile, slower steps
     block.lpips_weights = ""  # LPIPS source when --init_from has none (see docs/training.md)
     return block
 

@@ -4,11 +4,9 @@ A JAX port of the reference `LPIPSWithDiscriminator` (3D discriminator only). Vi
 channels-last (B, T, H, W, 3) in [-1, 1]. Everything here is a pure function; the networks
 come in as callables, so the same code serves the training step and the parity test:
 
-* `generator_terms(x, recon, kl, lpips_fn, disc_fn, w)` -> the four differentiable generator
-  terms (nll, g, kl, penalty) and the logged parts;
-* `generator_grads(terms_fn, params, last_layer, step, w)` -> gradients of the total generator
-  loss with the adaptive GAN weight, computed from `jax.vjp` of `terms_fn` exactly as the
-  reference's `torch.autograd.grad` calls on the decoder's last conv kernel;
+* `generator_grads(forward, params, x, lpips_fn, disc_fn, last_layer_grad, step, w)` ->
+  gradients of the total generator loss with the adaptive GAN weight (the reference's
+  `torch.autograd.grad` of nll and g on the decoder's last conv kernel) and every logged part;
 * `discriminator_loss(logits_real, logits_fake, step, w)` -> the hinge (or vanilla) D loss.
 """
 
@@ -22,8 +20,6 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-# Generator terms, in the order used for the vjp cotangents.
-TERMS = ("nll_loss", "g_loss", "kl_loss", "penalty_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,33 +129,6 @@ def discriminator_loss(
     return d_loss, logs
 
 
-def generator_terms(
-    x: Array,
-    recon: Array,
-    kl: Array,
-    lpips_fn: Callable[[Array, Array], Array] | None,
-    disc_fn: Callable[[Array], Array],
-    w: LossWeights,
-) -> tuple[dict[str, Array], dict[str, Array]]:
-    """The differentiable generator terms (see `TERMS`) and the extra logged parts.
-
-    x, recon: (B, T, H, W, 3); kl: (B,) KL per sample; `lpips_fn` None (or perceptual_weight
-    0) skips LPIPS; `disc_fn(recon)` -> logits.
-    """
-    p_frames = None
-    if lpips_fn is not None and w.perceptual_weight > 0:
-        p_frames = perceptual_per_frame(lpips_fn, x, recon)  # (B, T)
-    nll_loss, rec_loss, p_loss = reconstruction_terms(x, recon, p_frames, w)
-    logits_fake = disc_fn(recon)
-    terms = {
-        "nll_loss": nll_loss,
-        "g_loss": -jnp.mean(logits_fake.astype(jnp.float32)),
-        "kl_loss": jnp.mean(kl.astype(jnp.float32)),
-        "penalty_loss": penalty_loss(recon, w),
-    }
-    return terms, {"rec_loss": rec_loss, "p_loss": p_loss}
-
-
 def adaptive_weight(nll_grad: Array, g_grad: Array, w: LossWeights) -> Array:
     """|grad nll| / (|grad g| + 1e-4), clipped to [0, 1e4], times disc_weight (no gradient)."""
     ratio = jnp.linalg.norm(nll_grad.astype(jnp.float32)) / (
@@ -178,56 +147,67 @@ def _fixed_gan_weight(step: Array, w: LossWeights) -> Array:
 
 
 def generator_grads(
-    terms_fn: Callable[[Any], tuple[dict[str, Array], Any]],
+    forward: Callable[[Any], tuple[tuple[Array, Array], tuple[Array, Any]]],
     params: Any,
-    last_layer: Callable[[Any], Array],
+    x: Array,
+    lpips_fn: Callable[[Array, Array], Array] | None,
+    disc_fn: Callable[[Array], tuple[Array, Any]],
+    last_layer_grad: Callable[[Array, Array], Array],
     step: Array | int,
     w: LossWeights,
-) -> tuple[Any, dict[str, Array], Any]:
+) -> tuple[Any, dict[str, Array], tuple[Array, Any, Any]]:
     """Gradients of the generator loss with the adaptive GAN weight.
 
-    `terms_fn(params) -> (terms, aux)` with `terms` keyed by `TERMS`; `last_layer(tree)`
-    picks the decoder's last conv kernel out of a params-shaped tree. The total is
-    `rec_weight * nll + kl_weight * kl + d_weight * disc_factor * g + penalty`. One forward,
-    two cotangent pulls restricted (by XLA's dead-code elimination) to the last layer, and
-    one full backward. Returns (grads, logs, aux); logs hold every loss part.
+    forward(params) -> ((recon (B, T, H, W, 3), kl (B,)), (features, aux)): the VAE, where
+    `features` is the input of its last layer; `disc_fn(recon) -> (logits, disc_aux)`;
+    `last_layer_grad(features, d_recon)` -> gradient of the last layer's kernel for a
+    cotangent on `recon`. The loss is `rec_weight * nll + kl_weight * kl + penalty +
+    d_weight * disc_factor * g` with `d_weight` from the last-layer gradients of nll and g, as
+    the reference's `calculate_adaptive_weight`. Each network's backward runs once: the loss
+    heads (LPIPS, D, penalty) are differentiated with respect to the reconstruction, then one
+    VAE backward takes their weighted sum. Returns (grads, logs, (recon, aux, disc_aux)).
     """
     step = jnp.asarray(step)
-    terms, vjp_fn, aux = jax.vjp(terms_fn, params, has_aux=True)
+    (recon, kl), vae_pull, (features, aux) = jax.vjp(forward, params, has_aux=True)
 
-    def pull(weights: Mapping[str, Array | float]) -> Any:
-        cot = {k: jnp.asarray(weights.get(k, 0.0), terms[k].dtype) for k in TERMS}
-        return vjp_fn(cot)[0]
+    def nll_fn(r: Array) -> tuple[Array, dict[str, Array]]:
+        p_frames = None
+        if lpips_fn is not None and w.perceptual_weight > 0:
+            p_frames = perceptual_per_frame(lpips_fn, x, r)  # (B, T)
+        nll, rec, p = reconstruction_terms(x, r, p_frames, w)
+        return nll, {"rec_loss": rec, "p_loss": p}
 
-    nll_grad = last_layer(pull({"nll_loss": 1.0}))
-    g_grad = last_layer(pull({"g_loss": 1.0}))
-    if w.use_adaptive_gan:
-        d_weight = adaptive_weight(nll_grad, g_grad, w)
-    else:
-        d_weight = _fixed_gan_weight(step, w)
+    def g_fn(r: Array) -> tuple[Array, Any]:
+        logits, disc_aux = disc_fn(r)
+        return -jnp.mean(logits.astype(jnp.float32)), disc_aux
+
+    nll_loss, nll_pull, extra = jax.vjp(nll_fn, recon, has_aux=True)
+    g_loss, g_pull, disc_aux = jax.vjp(g_fn, recon, has_aux=True)
+    pen_loss, pen_pull = jax.vjp(lambda r: penalty_loss(r, w), recon)
+    one = jnp.ones((), jnp.float32)
+    d_nll, d_g, d_pen = nll_pull(one)[0], g_pull(one)[0], pen_pull(one)[0]
+    nll_grad = last_layer_grad(features, d_nll)
+    g_grad = last_layer_grad(features, d_g)
+    d_weight = adaptive_weight(nll_grad, g_grad, w) if w.use_adaptive_gan else _fixed_gan_weight(step, w)
     factor = disc_factor_at(step, w)
-    grads = pull(
-        {
-            "nll_loss": w.rec_weight,
-            "g_loss": d_weight * factor,
-            "kl_loss": w.kl_weight,
-            "penalty_loss": 1.0,
-        }
-    )
-    total = (
-        w.rec_weight * terms["nll_loss"]
-        + w.kl_weight * terms["kl_loss"]
-        + d_weight * factor * terms["g_loss"]
-        + terms["penalty_loss"]
-    )
-    logs = dict(terms)
-    logs.update(
-        total_loss_ae=total,
-        d_weight=d_weight,
-        disc_factor=factor,
-        nll_grads=jnp.linalg.norm(nll_grad.astype(jnp.float32)),
-        g_grads=jnp.linalg.norm(g_grad.astype(jnp.float32)),
-        weighted_g_loss=d_weight * factor * terms["g_loss"],
-        weighted_kl_loss=w.kl_weight * terms["kl_loss"],
-    )
-    return grads, logs, aux
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    d_recon = w.rec_weight * f32(d_nll) + (d_weight * factor) * f32(d_g) + f32(d_pen)
+    kl_loss = jnp.mean(kl.astype(jnp.float32))
+    kl_cot = jnp.full(kl.shape, w.kl_weight / kl.shape[0], kl.dtype)  # d(kl_weight * mean) / d kl
+    grads = vae_pull((d_recon.astype(recon.dtype), kl_cot))[0]
+    total = w.rec_weight * nll_loss + w.kl_weight * kl_loss + d_weight * factor * g_loss + pen_loss
+    logs = {
+        "nll_loss": nll_loss,
+        "g_loss": g_loss,
+        "kl_loss": kl_loss,
+        "penalty_loss": pen_loss,
+        **extra,
+        "total_loss_ae": total,
+        "d_weight": d_weight,
+        "disc_factor": factor,
+        "nll_grads": jnp.linalg.norm(nll_grad.astype(jnp.float32)),
+        "g_grads": jnp.linalg.norm(g_grad.astype(jnp.float32)),
+        "weighted_g_loss": d_weight * factor * g_loss,
+        "weighted_kl_loss": w.kl_weight * kl_loss,
+    }
+    return grads, logs, (recon, aux, disc_aux)

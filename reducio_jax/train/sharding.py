@@ -120,3 +120,16 @@ def describe(tree: Any) -> dict[str, str]:
 
 def num_batch_shards(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+
+def abstract_with_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Abstract pytree (ShapeDtypeStruct leaves, possibly inside nnx.Variables) with each leaf's
+    NamedSharding attached: the restore target of a checkpoint."""
+
+    def attach(v: Any) -> Any:
+        sharding = variable_sharding(v, mesh, rules)
+        if isinstance(v, nnx.Variable):
+            return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
+        return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+
+    return jax.tree.map(attach, tree, is_leaf=is_variable)

@@ -8,6 +8,7 @@ PRNG key. The graph definitions (static) and the frozen LPIPS weights live in `N
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -96,11 +97,28 @@ def _split_disc(disc: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(disc, nnx.Param, nnx.BatchStat)
 
 
+_TRACED: dict[str, Any] = {}  # graph definitions and abstract states, by model config
+
+
+def _model_key(cfg: ml_collections.ConfigDict, *extra: Any) -> str:
+    blocks = {k: json.loads(cfg[k].to_json_best_effort()) for k in ("model", "loss", "optim")}
+    return json.dumps([blocks, int(cfg.train.seed), *extra], sort_keys=True)
+
+
+def _cached(key: str, make: Callable[[], Any]) -> Any:
+    if key not in _TRACED:
+        _TRACED[key] = make()
+    return _TRACED[key]
+
+
 def graphdefs(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
-    with nnx.use_eager_sharding(False):
-        vae_graph = _split_vae(nnx.eval_shape(lambda: make_vae(cfg)))[0]
-        disc_graph = _split_disc(nnx.eval_shape(lambda: make_discriminator(cfg)))[0]
-    return vae_graph, disc_graph
+    def make() -> tuple[nnx.GraphDef, nnx.GraphDef]:
+        with nnx.use_eager_sharding(False):
+            vae_graph = _split_vae(nnx.eval_shape(lambda: make_vae(cfg)))[0]
+            disc_graph = _split_disc(nnx.eval_shape(lambda: make_discriminator(cfg)))[0]
+        return vae_graph, disc_graph
+
+    return _cached(_model_key(cfg, "graphdefs"), make)
 
 
 def _state_from(cfg: ml_collections.ConfigDict, vae: nnx.Module, disc: nnx.Module) -> TrainState:
@@ -123,26 +141,44 @@ def _state_from(cfg: ml_collections.ConfigDict, vae: nnx.Module, disc: nnx.Modul
 def abstract_state(cfg: ml_collections.ConfigDict) -> TrainState:
     """Shapes, dtypes and axis metadata of the train state, nothing allocated."""
     seed = int(cfg.train.seed)
-    with nnx.use_eager_sharding(False):
-        return jax.eval_shape(
-            lambda: _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
-        )
+
+    def make() -> TrainState:
+        with nnx.use_eager_sharding(False):
+            return jax.eval_shape(
+                lambda: _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
+            )
+
+    return _cached(_model_key(cfg, "abstract_state"), make)
 
 
 def state_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Any:
     return tree_shardings(abstract_state(cfg), mesh, cfg.mesh.rules)
 
 
+# XLA options for programs that run once (or in tests): skip the expensive LLVM passes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_INIT_FNS: dict[str, Callable[[], TrainState]] = {}  # jitted initialisers of this process
+
+
+def _init_key(cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
+    devices = [int(d.id) for d in mesh.devices.reshape(-1)]
+    return _model_key(cfg, "init", dict(mesh.shape), devices)
+
+
 def init_state(cfg: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
     """Randomly initialised state, created directly in its shards (jit with out_shardings)."""
     seed = int(cfg.train.seed)
-    shardings = state_shardings(cfg, mesh)
+    key = _init_key(cfg, mesh)
+    if key not in _INIT_FNS:
+        shardings = state_shardings(cfg, mesh)
 
-    def fresh() -> TrainState:
-        return _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
+        def fresh() -> TrainState:
+            return _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
 
+        # runs once: compile fast rather than well (the random init dominates start-up on CPUs)
+        _INIT_FNS[key] = jax.jit(fresh, out_shardings=shardings, compiler_options=FAST_COMPILE)
     with nnx.use_eager_sharding(False):
-        return jax.jit(fresh, out_shardings=shardings)()
+        return _INIT_FNS[key]()
 
 
 def state_from_modules(
@@ -159,7 +195,9 @@ def state_from_modules(
         with nnx.use_eager_sharding(False):
             d_shard = (shardings.disc_params, shardings.disc_stats)
             disc_params, disc_stats = jax.jit(
-                lambda: _split_disc(make_discriminator(cfg, seed))[1:], out_shardings=d_shard
+                lambda: _split_disc(make_discriminator(cfg, seed))[1:],
+                out_shardings=d_shard,
+                compiler_options=FAST_COMPILE,
             )()
     else:
         _, disc_params, disc_stats = _split_disc(disc)

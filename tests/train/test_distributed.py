@@ -1,0 +1,64 @@
+"""Two processes (jax.distributed on localhost, 4 CPU devices each) train together through
+`python train.py`: both print the same losses, which equal those of one process training on 8
+devices (the same clips per step; each clip's posterior noise is keyed by its id)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "tests" / "train" / "dist_config.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(i: int, port: int, workdir: pathlib.Path, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", str(workdir),
+           "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+           "--process_id", str(i), "--noprogress"]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _losses_line(proc: subprocess.Popen) -> str:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    done = [line for line in stdout.splitlines() if "done: " in line]
+    assert len(done) == 1, stdout
+    return re.search(r"done: (steps [^;]*; L1 [^;]*);", done[0]).group(1)
+
+
+def test_two_processes_train_together(tmp_path, subprocess_env, eight_device_run):
+    env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    port, workdir = _free_port(), tmp_path / "two"
+    procs = [_start(i, port, workdir, env) for i in range(2)]
+    try:
+        lines = [_losses_line(p) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert lines[0] == lines[1]  # both processes print the same losses
+    assert lines[0].startswith("steps 0 -> 2")
+    assert (workdir / "checkpoints" / "2" / "data" / "process_1-of-2.json").is_file()
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "previews" / "step_0000002.png").is_file()
+    assert (workdir / "previews" / "step_0000002.gif").is_file()
+    two = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+    import dist_config
+
+    one = eight_device_run[1].logs
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(two, one, strict=True):
+        for key in dist_config.COMPARED:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-7, err_msg=key)

@@ -1,0 +1,6 @@
+"""Train Reducio-VAE: `python train.py --config configs/tiny.py` (see docs/training.md)."""
+
+from reducio_jax.train.cli import main
+
+if __name__ == "__main__":
+    main()
