@@ -61,4 +61,7 @@ def test_two_processes_train_together(tmp_path, subprocess_env, eight_device_run
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
     for a, b in zip(two, one, strict=True):
         for key in dist_config.COMPARED:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-7, err_msg=key)
+            # d_weight is a ratio of gradient norms: the two runs reduce over the devices in a
+            # different order, which moves it by ~2e-4 relative in float32.
+            rtol = 1e-3 if key == "d_weight" else 1e-4
+            np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=1e-7, err_msg=key)
