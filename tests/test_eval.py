@@ -227,4 +227,5 @@ def test_data_specs():
         8,
     )
     synthetic = data_config("synthetic", cfg, num_clips=5)
-    assert synthetic.synthetic_size == 5 and synthetic.resolution == 64  # from the config
+    assert synthetic.synthetic_size == 5
+    assert synthetic.resolution == cfg.data.resolution  # from the config
