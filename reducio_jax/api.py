@@ -41,7 +41,7 @@ from reducio_jax.models.tiling import (
     tiled_decode,
     tiled_moments,
 )
-from reducio_jax.sharding import make_mesh, param_sharding_fn
+from reducio_jax.sharding import make_mesh, sharding_fn
 
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path
 
@@ -222,7 +222,7 @@ class ReducioVAE:
 def _sharding_for(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
     if mesh is None:
         return None
-    return param_sharding_fn(mesh, cfg.mesh.rules)
+    return sharding_fn(mesh, cfg.mesh.rules)
 
 
 __all__ = ["ReducioVAE", "load_config", "make_mesh"]

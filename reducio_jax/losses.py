@@ -188,7 +188,9 @@ def generator_grads(
     d_nll, d_g, d_pen = nll_pull(one)[0], g_pull(one)[0], pen_pull(one)[0]
     nll_grad = last_layer_grad(features, d_nll)
     g_grad = last_layer_grad(features, d_g)
-    d_weight = adaptive_weight(nll_grad, g_grad, w) if w.use_adaptive_gan else _fixed_gan_weight(step, w)
+    d_weight = (
+        adaptive_weight(nll_grad, g_grad, w) if w.use_adaptive_gan else _fixed_gan_weight(step, w)
+    )
     factor = disc_factor_at(step, w)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     d_recon = w.rec_weight * f32(d_nll) + (d_weight * factor) * f32(d_g) + f32(d_pen)

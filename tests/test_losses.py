@@ -16,7 +16,7 @@ from reducio_jax.convert.mapping import convert_state_dict, split_groups
 from reducio_jax.models import build_discriminator, build_lpips, build_vae, latent_layer_norm
 from reducio_jax.models.vae import content_frame_index
 from reducio_jax.train.state import FAST_COMPILE
-from reducio_jax.train.step import last_layer_grad_fn, tap_last_layer
+from reducio_jax.train.step import last_layer_grad_fn
 
 GEN = ("p_loss", "rec_loss", "nll_loss", "kl_loss", "penalty_loss", "g_loss", "total_loss_ae")
 DISC = ("logits_real", "logits_fake", "disc_loss")
@@ -61,15 +61,17 @@ def _losses_at(step: int, golden, nets):
     def run(p, d_state, step):
         def forward(p):
             model = nnx.merge(graphdef, p, rest, copy=True)
-            tap = tap_last_layer(model)
             content = model.content_features(x[:, content_frame_index(x.shape[1])])
             posterior = model.encode(x)
-            recon = model.decode(latent_layer_norm(posterior.sample_with_noise(eps)), content)
-            return (recon, posterior.kl()), (tap.seen, None)
+            latent = latent_layer_norm(posterior.sample_with_noise(eps))
+            recon, features = model.decode(latent, content, return_last_features=True)
+            return (recon, posterior.kl()), (features, None)
 
         last_grad = last_layer_grad_fn(nnx.merge(graphdef, p, rest, copy=True))
         d_call = lambda v: (disc_fn(d_state, v), None)  # noqa: E731
-        _, logs, (recon, _, _) = losses.generator_grads(forward, p, x, lpips, d_call, last_grad, step, w)
+        _, logs, (recon, _, _) = losses.generator_grads(
+            forward, p, x, lpips, d_call, last_grad, step, w
+        )
         real = disc_fn(d_state, x)
         fake = disc_fn(d_state, jax.lax.stop_gradient(recon))
         d_loss, d_logs = losses.discriminator_loss(real, fake, step, w)

@@ -137,6 +137,10 @@ class FusionDecoder(nnx.Module):
 
     def __call__(self, z: jax.Array, content_features: Sequence[jax.Array]) -> jax.Array:
         # z: (B, t, h, w, z_channels); content_features[i]: (B, H_i, W_i, C_i)
+        return self.conv_out(self.last_features(z, content_features))  # (B, T, H, W, out_ch)
+
+    def last_features(self, z: jax.Array, content_features: Sequence[jax.Array]) -> jax.Array:
+        """The input of `conv_out` (B, T, H, W, C): the layer of the adaptive GAN weight."""
         m = self.conv_in(z.astype(self.dtype))
         m = maybe_remat(self.mid.block_1, m, remat=self.remat)
         for fuse in self.mid.fuse:
@@ -153,4 +157,4 @@ class FusionDecoder(nnx.Module):
                 h = maybe_remat(block, h, remat=self.remat)
             if up.upsample is not None:
                 h = up.upsample(h)
-        return self.conv_out(self.norm_out(h, silu=True))  # (B, T, H, W, out_ch)
+        return self.norm_out(h, silu=True)

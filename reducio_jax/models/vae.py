@@ -121,11 +121,23 @@ class VideoVAE(nnx.Module):
         """(B, H, W, 3) content frame -> the 2D features the decoder attends to, fine to coarse."""
         return self.encoder_2d(frame)
 
-    def decode(self, latent: jax.Array, content_features: Sequence[jax.Array]) -> jax.Array:
-        """Normalised latent (B, t, h, w, embed_dim) + content features -> (B, T, H, W, 3)."""
-        video = self.decoder(self.post_quant_conv(latent.astype(self.dtype)), content_features)
+    def decode(
+        self,
+        latent: jax.Array,
+        content_features: Sequence[jax.Array],
+        *,
+        return_last_features: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Normalised latent (B, t, h, w, embed_dim) + content features -> (B, T, H, W, 3).
+
+        With `return_last_features`, also the input of the decoder's last conv (B, T', H, W, C)
+        (T' >= T: before the temporal padding is dropped), for the adaptive GAN weight.
+        """
+        z = self.post_quant_conv(latent.astype(self.dtype))
+        features = self.decoder.last_features(z, content_features)
         pad = (-self.num_frames) % self.temporal_factor
-        return video[:, pad:]
+        video = self.decoder.conv_out(features)[:, pad:]
+        return (video, features) if return_last_features else video
 
     def __call__(
         self, video: jax.Array, rng: jax.Array | None = None

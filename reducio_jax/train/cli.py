@@ -166,6 +166,9 @@ def summarize(result) -> None:
             f"L1 {first['l1']:.6f} -> {last['l1']:.6f}, total loss {first['total_loss_ae']:.6f} "
             f"-> {last['total_loss_ae']:.6f} (first -> last log)"
         )
+    if result.preview_l1:
+        (s0, a), (s1, b) = result.preview_l1[0], result.preview_l1[-1]
+        losses += f"; preview-clip L1 {a:.4f} (step {s0}) -> {b:.4f} (step {s1})"
     prefix = ""
     if jax.process_count() > 1:
         prefix = f"[process {jax.process_index()}/{jax.process_count()}] "

@@ -24,14 +24,14 @@ import numpy as np
 from tqdm import tqdm
 
 from reducio_jax import losses
+from reducio_jax import sharding as shard_lib
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
-from reducio_jax.train import sharding as shard_lib
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import Checkpointer
 from reducio_jax.train.errors import NonFiniteLossError, TrainingError
 from reducio_jax.train.monitor import Monitor, step_flops
-from reducio_jax.train.step import batch_spec, jit_reconstruct, jit_train_step
+from reducio_jax.train.step import batch_spec, jit_first_clip, jit_reconstruct, jit_train_step
 from reducio_jax.train.weights import (
     load_init_weights,
     load_lpips_weights,
@@ -57,6 +57,7 @@ class RunResult:
     logs: list[dict[str, float]]  # window means, one per log point
     checkpoint: pathlib.Path | None
     preview: pathlib.Path | None
+    preview_l1: list[tuple[int, float]]  # (step, L1 of the fixed preview clip's reconstruction)
 
 
 def _program_key(
@@ -256,7 +257,8 @@ class Trainer:
         cfg = self.cfg.train
         num_steps, start = int(cfg.num_steps), int(jax.device_get(self.state.step))
         self.step, self.window, self.logs = start, [], []
-        self._pending, self._preview_path = None, None
+        self._pending, self._preview_path, self._clip = None, None, None
+        self.preview_l1: list[tuple[int, float]] = []
         self._describe(start, num_steps)
         bar = tqdm(
             total=num_steps,
@@ -272,6 +274,10 @@ class Trainer:
                 batch = next(self.loader)
                 video = batch["video"]
                 batch = {"video": video, "index": batch["index"]}
+                if self._clip is None and int(cfg.preview_every) > 0:
+                    self._clip = self._cached("first_clip", jit_first_clip)(video)
+                    if self.step == 0:
+                        self._preview()  # the untrained reconstruction
                 self.state, metrics = self.step_fn(self.state, batch, self.nets.lpips_state)
                 self._drain()
                 self._pending = (self.step, metrics)
@@ -291,6 +297,7 @@ class Trainer:
             workdir=self.workdir, start_step=start, end_step=self.step,
             seconds=time.perf_counter() - t_start, logs=self.logs,
             checkpoint=self._checkpoint_path(), preview=self._preview_path,
+            preview_l1=self.preview_l1,
         )  # fmt: skip
 
     def _periodic(self, video: Any, bar: tqdm, num_steps: int) -> None:
@@ -304,15 +311,15 @@ class Trainer:
         if save:
             self._save()
         if at(cfg.preview_every) and self.step < num_steps:
-            self._preview(video)
+            self._preview()
 
     def _finish(self, video: Any, bar: tqdm) -> None:
         self._drain()
         self._write_window(bar)
         if self.last_saved != self.step:
             self._save()
-        if video is not None and int(self.cfg.train.preview_every) > 0:
-            self._preview(video)
+        if self._clip is not None:
+            self._preview()
         bar.close()
         self.ckpt.close()
         self.monitor.close()
@@ -355,12 +362,23 @@ class Trainer:
     def _checkpoint_path(self) -> pathlib.Path | None:
         return None if self.last_saved is None else self.ckpt.directory / str(self.last_saved)
 
-    def _preview(self, video: Any) -> None:
-        key = ("reconstruct", self._program)
+    def _cached(self, name: str, make: Callable[..., Any]) -> Any:
+        key = (name, self._program)
         if key not in _COMPILED:
-            _COMPILED[key] = jit_reconstruct(self.nets, self.mesh)
-        clip, recon = _COMPILED[key](self.state.vae_params, self.state.vae_buffers, video)
-        path = self.monitor.preview(self.step, np.asarray(clip[0]), np.asarray(recon[0]))
+            _COMPILED[key] = (
+                make(self.nets, self.mesh) if name == "reconstruct" else make(self.mesh)
+            )
+        return _COMPILED[key]
+
+    def _preview(self) -> None:
+        """Reconstructs the fixed preview clip (the run's first clip) from the posterior mean."""
+        recon = self._cached("reconstruct", jit_reconstruct)(
+            self.state.vae_params, self.state.vae_buffers, self._clip
+        )
+        clip, recon = np.asarray(self._clip[0]), np.asarray(recon[0])  # (T, H, W, 3)
+        l1 = float(np.mean(np.abs(clip - recon)))
+        self.preview_l1.append((self.step, l1))
+        path = self.monitor.preview(self.step, clip, recon, l1)
         self._preview_path = path or self._preview_path
 
     def _describe(self, start: int, num_steps: int) -> None:

@@ -117,8 +117,11 @@ class Monitor:
             self.jsonl.flush()
         return means
 
-    def preview(self, step: int, clip: np.ndarray, recon: np.ndarray) -> pathlib.Path | None:
-        """Writes previews/step_<step>.png (grid) and .gif (input | recon), and a TB image."""
+    def preview(
+        self, step: int, clip: np.ndarray, recon: np.ndarray, l1: float
+    ) -> pathlib.Path | None:
+        """Writes previews/step_<step>.png (grid) and .gif (input | recon), a TB image and the
+        clip's reconstruction L1 (`preview/l1`)."""
         if not self.enabled:
             return None
         from PIL import Image  # noqa: PLC0415
@@ -137,6 +140,7 @@ class Monitor:
             loop=0,
         )
         self.writer.add_image("preview/input_recon", grid, step, dataformats="HWC")
+        self.writer.add_scalar("preview/l1", l1, step)
         return png
 
     def text(self, tag: str, value: str) -> None:

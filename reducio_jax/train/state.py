@@ -21,8 +21,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from reducio_jax.models import LPIPS, PatchDiscriminator, VideoVAE, build_lpips, build_vae
+from reducio_jax.sharding import tree_shardings
 from reducio_jax.train import schedules
-from reducio_jax.train.sharding import tree_shardings
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from jax.sharding import Mesh
 
 from reducio_jax import losses
 from reducio_jax.models import content_frame_index, latent_layer_norm
+from reducio_jax.sharding import batch_sharding, replicated, tree_shardings
 from reducio_jax.train import schedules
-from reducio_jax.train.sharding import batch_sharding, replicated, tree_shardings
 from reducio_jax.train.state import (
     FAST_COMPILE,
     Networks,
@@ -58,25 +58,6 @@ def batch_spec(data_cfg: Any, mesh: Mesh) -> Batch:
     }
 
 
-class _Tap:
-    """Calls a layer and keeps its input."""
-
-    def __init__(self, layer: Any):
-        self.layer, self.seen = layer, None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        self.seen = x
-        return self.layer(x)
-
-
-def tap_last_layer(vae: Any) -> _Tap:
-    """Makes a (freshly merged) VAE keep the input of its decoder's last conv, the layer of the
-    adaptive GAN weight. (A model-side hook would be cleaner; the VAE's code is not ours.)"""
-    tap = _Tap(vae.decoder.conv_out)
-    object.__setattr__(vae.decoder, "conv_out", tap)
-    return tap
-
-
 def last_layer_grad_fn(vae: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """(features (b, T', H, W, C), d_recon (b, T, H, W, 3)) -> gradient of the decoder's last
     conv kernel; the VAE drops the first T' - T frames (temporal padding) after that conv."""
@@ -98,15 +79,17 @@ def last_layer_grad_fn(vae: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 def reconstruct_sampled(
     vae: Any, x: jax.Array, key: jax.Array, sample_ids: jax.Array
-) -> tuple[jax.Array, Any]:
+) -> tuple[jax.Array, Any, jax.Array]:
     """VAE forward with a posterior sample whose noise depends only on (step key, clip id):
-    micro-batching, batch order, sharding and the process count do not change the sample."""
+    micro-batching, batch order, sharding and the process count do not change the sample.
+    Returns (recon, posterior, input of the decoder's last conv)."""
     content = vae.content_features(x[:, content_frame_index(x.shape[1])])
     posterior = vae.encode(x)  # mean, logvar: (b, t, h, w, z)
     shape = posterior.mean.shape[1:]
     eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(sample_ids)
     latent = latent_layer_norm(posterior.sample_with_noise(eps.astype(posterior.mean.dtype)))
-    return vae.decode(latent, content), posterior
+    recon, features = vae.decode(latent, content, return_last_features=True)
+    return recon, posterior, features
 
 
 def _disc_call(graph: nnx.GraphDef, params: nnx.State, stats: nnx.State, video: jax.Array):
@@ -133,9 +116,8 @@ def _micro_step(
 
     def forward(vae_params: nnx.State):
         vae = module_apply(nets.vae, vae_params, state.vae_buffers)
-        tap = tap_last_layer(vae)
-        recon, posterior = reconstruct_sampled(vae, x, key, sample_ids)  # (b, T, H, W, 3)
-        return (recon, posterior.kl()), (tap.seen, None)
+        recon, posterior, features = reconstruct_sampled(vae, x, key, sample_ids)
+        return (recon, posterior.kl()), (features, None)  # recon: (b, T, H, W, 3)
 
     def disc_fn(video: jax.Array):
         return _disc_call(nets.disc, state.disc_params, disc_stats, video)
@@ -260,17 +242,20 @@ def jit_train_step(
     )
 
 
-def jit_reconstruct(nets: Networks, mesh: Mesh):
-    """(vae_params, vae_buffers, video) -> (first clip, its reconstruction from the posterior
-    mean), both replicated: (1, T, H, W, 3) each, for previews."""
+def jit_first_clip(mesh: Mesh):
+    """(B, T, H, W, 3) sharded batch -> its first clip (1, T, H, W, 3), replicated."""
+    return jax.jit(lambda video: video[:1], out_shardings=replicated(mesh))
 
-    def reconstruct(params: nnx.State, buffers: nnx.State, video: jax.Array):
-        clip = video[:1]
-        recon = module_apply(nets.vae, params, buffers)(clip)[0]
-        return clip, recon.astype(jnp.float32)
+
+def jit_reconstruct(nets: Networks, mesh: Mesh):
+    """(vae_params, vae_buffers, clip (1, T, H, W, 3)) -> its reconstruction from the posterior
+    mean, float32, replicated (for previews)."""
+
+    def reconstruct(params: nnx.State, buffers: nnx.State, clip: jax.Array) -> jax.Array:
+        return module_apply(nets.vae, params, buffers)(clip)[0].astype(jnp.float32)
 
     return jax.jit(
         reconstruct,
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        out_shardings=replicated(mesh),
         compiler_options=FAST_COMPILE,  # runs rarely
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from reducio_jax.train.sharding import batch_sharding
+from reducio_jax.sharding import batch_sharding
 
 
 class FixedData:

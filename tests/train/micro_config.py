@@ -15,6 +15,7 @@ def get_config():
     params["ddconfig_2d"]["ch_mult"] = [1, 1, 1]
     cfg = make_config(params)
     cfg.model.remat = False
+    cfg.model.dtype = "bfloat16"  # float32 parameters and optimizer states
     cfg.data.resolution = 32
     cfg.data.num_frames = 4
     cfg.data.batch_size = 2

@@ -10,9 +10,9 @@ from flax import nnx
 from helpers import recipe_checkpoint
 
 import configs.tiny as tiny
+from reducio_jax import sharding as sh
 from reducio_jax.convert.checkpoint import ReducioWeights, save_pretrained
 from reducio_jax.train import run
-from reducio_jax.train import sharding as sh
 from reducio_jax.train import state as st
 from reducio_jax.train.checkpoint import Checkpointer
 from reducio_jax.train.weights import load_init_weights, load_lpips_weights

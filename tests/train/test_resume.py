@@ -63,6 +63,11 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert len(leaves_a) == len(leaves_b) > 100
     for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # micro_config computes in bfloat16; parameters and Adam moments stay float32
+    state = a["state"]
+    floats = jax.tree.leaves([state["vae_params"], state["disc_params"], state["opt_vae"]])
+    kinds = {np.asarray(x).dtype for x in floats if np.asarray(x).dtype.kind == "f"}
+    assert kinds == {np.dtype(np.float32)}
 
 
 class _Poisoned:
