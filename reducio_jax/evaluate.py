@@ -48,7 +48,7 @@ from reducio_jax.latents.runtime import (
     add_data_flags,
     batch_size_for,
     clip_count,
-    data_config,
+    data_config_for,
     describe_devices,
     error_line,
     eval_mesh,
@@ -261,18 +261,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     mesh = eval_mesh(opts.devices)
     batch_size = batch_size_for(mesh, opts.batch_size)
     cfg = resolve_config(opts.checkpoint, opts.config)
-    data_cfg = data_config(
-        opts.data,
-        cfg,
-        data_dir=opts.data_dir,
-        split=opts.split,
-        num_clips=opts.num_clips,
-        batch_size=batch_size,
-        resolution=opts.resolution,
-        num_frames=opts.num_frames,
-        fps=opts.fps,
-        num_workers=opts.num_workers,
-    )
+    data_cfg = data_config_for(opts, cfg, batch_size)
     with make_loader(data_cfg, mesh=mesh, train=False) as loader:  # checks the data first
         num_clips = clip_count(len(loader.source), opts.num_clips)
         i3d = None

@@ -35,7 +35,7 @@ from reducio_jax.latents.runtime import (
     InputError,
     batch_size_for,
     clip_count,
-    data_config,
+    data_config_for,
     load_vae,
     local_mesh,
     resolve_config,
@@ -225,17 +225,7 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
     mesh = local_mesh(opts.devices)
     batch = batch_size_for(mesh, opts.batch_size)
     model_cfg = resolve_config(opts.checkpoint, opts.config)
-    cfg = data_config(
-        opts.data,
-        model_cfg,
-        data_dir=opts.data_dir,
-        split=opts.split,
-        num_clips=opts.num_clips,
-        batch_size=batch,
-        resolution=opts.resolution,
-        num_frames=opts.num_frames,
-        fps=opts.fps,
-    )
+    cfg = data_config_for(opts, model_cfg, batch)
     h, w = parse_resolution(cfg.resolution)
     spec = ClipSpec(num_frames=int(cfg.num_frames), fps=float(cfg.fps), height=h, width=w)
     source = make_source(cfg, spec)

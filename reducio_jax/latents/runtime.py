@@ -17,6 +17,7 @@ import os
 import pathlib
 from collections.abc import Sequence
 from fractions import Fraction
+from typing import Any
 
 import av
 import jax
@@ -175,6 +176,25 @@ def data_config(
     cfg = as_config(given)
     _set_source(cfg, spec, data_dir, split, num_clips)
     return cfg
+
+
+def data_config_for(
+    opts: Any, model_cfg: ml_collections.ConfigDict, batch_size: int
+) -> ml_collections.ConfigDict:
+    """`data_config` from a CLI options object with the usual data fields (`data`, `data_dir`,
+    `split`, `num_clips`, `resolution`, `num_frames`, `fps`, `num_workers`)."""
+    return data_config(
+        opts.data,
+        model_cfg,
+        data_dir=opts.data_dir,
+        split=opts.split,
+        num_clips=opts.num_clips,
+        batch_size=batch_size,
+        resolution=opts.resolution,
+        num_frames=opts.num_frames,
+        fps=opts.fps,
+        num_workers=opts.num_workers,
+    )
 
 
 def _set_source(
