@@ -4,6 +4,7 @@ sharded per the rules, the state keeps its shardings, the losses are finite."""
 from __future__ import annotations
 
 import math
+import struct
 
 import jax
 import numpy as np
@@ -51,3 +52,40 @@ def test_steps_finite_and_update(eight_device_run):
     # three training-mode discriminator calls per step (generator pass, real, fake)
     tracked = state.disc_stats["norms"][0]["num_batches_tracked"][...]
     assert int(tracked) == int(before.disc_stats["norms"][0]["num_batches_tracked"][...]) + 6
+
+
+def _tensorboard(directory) -> dict[str, list[tuple[int, object]]]:
+    """tag -> [(step, scalar value or 'image')] from the run's TensorBoard event files (the
+    TFRecord framing: length u64, its crc u32, the Event proto, its crc u32)."""
+    from tensorboardX.proto import event_pb2
+
+    tags: dict[str, list[tuple[int, object]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (size,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + size])
+            pos += 12 + size + 4
+            for value in event.summary.value:
+                kind = value.WhichOneof("value")
+                item = value.simple_value if kind == "simple_value" else kind
+                tags.setdefault(value.tag, []).append((event.step, item))
+    return tags
+
+
+def test_tensorboard_scalars_and_preview(eight_device_run):
+    trainer, result, _ = eight_device_run
+    tags = _tensorboard(trainer.workdir / "tensorboard")
+    wanted = [
+        "train/total_loss_ae", "train/l1", "train/nll_loss", "train/kl_loss", "train/g_loss",
+        "train/penalty_loss", "train/d_weight", "disc/disc_loss", "disc/logits_real",
+        "optim/lr_vae", "optim/lr_disc", "optim/grad_norm_vae", "optim/grad_norm_disc",
+        "perf/clips_per_second", "preview/l1",
+    ]  # fmt: skip
+    missing = [t for t in wanted if t not in tags]
+    assert not missing, f"missing {missing}; written: {sorted(tags)}"
+    assert [s for s, _ in tags["train/l1"]] == [row["step"] for row in result.logs]
+    for (_, value), row in zip(tags["train/l1"], result.logs, strict=True):
+        assert value == np.float32(row["l1"])
+    assert [s for s, _ in tags["preview/l1"]] == [s for s, _ in result.preview_l1]
+    assert {item for _, item in tags["preview/input_recon"]} == {"image"}
