@@ -268,14 +268,13 @@ class Trainer:
             dynamic_ncols=True,
         )
         t_start = self._t_window = time.perf_counter()
-        video = None
         try:
             while self.step < num_steps:
                 batch = next(self.loader)
-                video = batch["video"]
-                batch = {"video": video, "index": batch["index"]}
+                batch = {"video": batch["video"], "index": batch["index"]}
                 if self._clip is None and int(cfg.preview_every) > 0:
-                    self._clip = self._cached("first_clip", jit_first_clip)(video)
+                    first_clip = self._cached("first_clip", lambda: jit_first_clip(self.mesh))
+                    self._clip = first_clip(batch["video"])  # (1, T, H, W, 3), replicated
                     if self.step == 0:
                         self._preview()  # the untrained reconstruction
                 self.state, metrics = self.step_fn(self.state, batch, self.nets.lpips_state)
@@ -283,16 +282,16 @@ class Trainer:
                 self._pending = (self.step, metrics)
                 self.step += 1
                 bar.update(1)
-                self._periodic(video, bar, num_steps)
+                self._periodic(bar, num_steps)
         except KeyboardInterrupt:
             log.warning("Interrupted at step %d: saving a checkpoint.", self.step)
-            self._finish(video, bar)
+            self._finish(bar)
             raise
         except NonFiniteLossError:
             bar.close()
             self.ckpt.wait()
             raise
-        self._finish(video, bar)
+        self._finish(bar)
         return RunResult(
             workdir=self.workdir, start_step=start, end_step=self.step,
             seconds=time.perf_counter() - t_start, logs=self.logs,
@@ -300,7 +299,7 @@ class Trainer:
             preview_l1=self.preview_l1,
         )  # fmt: skip
 
-    def _periodic(self, video: Any, bar: tqdm, num_steps: int) -> None:
+    def _periodic(self, bar: tqdm, num_steps: int) -> None:
         cfg = self.cfg.train
         at = lambda every: every > 0 and self.step % int(every) == 0  # noqa: E731
         save = at(cfg.checkpoint_every)
@@ -313,7 +312,7 @@ class Trainer:
         if at(cfg.preview_every) and self.step < num_steps:
             self._preview()
 
-    def _finish(self, video: Any, bar: tqdm) -> None:
+    def _finish(self, bar: tqdm) -> None:
         self._drain()
         self._write_window(bar)
         if self.last_saved != self.step:
@@ -362,19 +361,18 @@ class Trainer:
     def _checkpoint_path(self) -> pathlib.Path | None:
         return None if self.last_saved is None else self.ckpt.directory / str(self.last_saved)
 
-    def _cached(self, name: str, make: Callable[..., Any]) -> Any:
+    def _cached(self, name: str, make: Callable[[], Any]) -> Any:
+        """The jitted function `name` of this run's program, made once per process."""
         key = (name, self._program)
         if key not in _COMPILED:
-            _COMPILED[key] = (
-                make(self.nets, self.mesh) if name == "reconstruct" else make(self.mesh)
-            )
+            _COMPILED[key] = make()
         return _COMPILED[key]
 
     def _preview(self) -> None:
-        """Reconstructs the fixed preview clip (the run's first clip) from the posterior mean."""
-        recon = self._cached("reconstruct", jit_reconstruct)(
-            self.state.vae_params, self.state.vae_buffers, self._clip
-        )
+        """Reconstructs the fixed preview clip (this invocation's first) from the posterior
+        mean; writes the preview and records its L1."""
+        reconstruct = self._cached("reconstruct", lambda: jit_reconstruct(self.nets, self.mesh))
+        recon = reconstruct(self.state.vae_params, self.state.vae_buffers, self._clip)
         clip, recon = np.asarray(self._clip[0]), np.asarray(recon[0])  # (T, H, W, 3)
         l1 = float(np.mean(np.abs(clip - recon)))
         self.preview_l1.append((self.step, l1))
