@@ -1,9 +1,11 @@
-"""`python -m reducio_jax` / `reducio-jax`: encode videos into a latent store, decode it back.
+"""`python -m reducio_jax` / `reducio-jax`: encode videos into a latent store, decode it back,
+export a training run's weights.
 
     python -m reducio_jax encode --checkpoint reducio-ft4.ckpt --config configs/reducio_ft4.py \
         --data /data/videos --out latents/videos [--num_shards 8] [--save_moments]
     python -m reducio_jax decode --store latents/videos --checkpoint reducio-ft4.ckpt \
         --out decoded/ [--num_clips 16]
+    python -m reducio_jax export --run runs/tiny --out weights/tiny [--step 100]
 
 Exit status 0 on success, 2 on bad input (one `error: ...` line on stderr).
 """
@@ -48,15 +50,30 @@ def _decode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="training run checkpoint -> pretrained dir (eval.py, encode, from_pretrained)",
+    )
+    p.add_argument("--run", required=True, help="run directory of train.py, or its checkpoints/N")
+    p.add_argument("--out", required=True, help="pretrained directory to write")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="reducio-jax",
-        description="Reducio-VAE latents: encode videos into a store, decode them back.",
+        description=(
+            "Reducio-VAE latents: encode videos into a store, decode them back; export the "
+            "weights of a training run."
+        ),
         epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _encode_parser(sub)
     _decode_parser(sub)
+    _export_parser(sub)
     return parser.parse_args(argv)
 
 
@@ -69,6 +86,10 @@ def _options(cls: type, args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from reducio_jax.latents import DecodeOptions, EncodeOptions, decode_to_mp4, encode_to_store
 
+    if args.command == "export":
+        from reducio_jax.train.export import export_run
+
+        return export_run(args.run, args.out, step=args.step, overwrite=args.overwrite)
     if args.command == "encode":
         return encode_to_store(_options(EncodeOptions, args))
     return decode_to_mp4(_options(DecodeOptions, args))
@@ -78,10 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m reducio_jax` and the `reducio-jax` script."""
     args = parse_args(argv)
     from reducio_jax.latents.runtime import USER_ERRORS, error_line
+    from reducio_jax.train.errors import TrainingError
 
     try:
         summary = run(args)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, TrainingError) as err:
         print(error_line(err), file=sys.stderr)
         return 2
     if args.command == "decode":

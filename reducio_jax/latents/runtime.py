@@ -121,6 +121,11 @@ def resolve_config(
     path = pathlib.Path(checkpoint)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
+    if path.is_dir() and ((path / "checkpoints").is_dir() or path.parent.name == "checkpoints"):
+        raise InputError(
+            f"{path} is a training run (or one of its checkpoints); export its weights first: "
+            f"python -m reducio_jax export --run {path} --out DIR, then pass --checkpoint DIR"
+        )
     if config is not None:
         return load_config(config)
     if path.is_dir():

@@ -217,7 +217,7 @@ class Trainer:
         if self.resume_step is not None and saved.is_dir():
             with_graph = state_lib.make_lpips
             abstract = shard_lib.abstract_with_shardings(
-                _abstract_module_state(lambda: with_graph(self.cfg)), self.mesh, self.rules
+                state_lib.abstract_module_state(lambda: with_graph(self.cfg)), self.mesh, self.rules
             )
             return graph, restore_state(saved, abstract)
         module = weights.lpips if weights is not None else None
@@ -395,13 +395,6 @@ class Trainer:
             "on" if self.nets.lpips is not None else "off", (flops or 0) / 1e9, self.workdir,
         )  # fmt: skip
         self.monitor.text("config", "```\n" + str(self.cfg) + "\n```")
-
-
-def _abstract_module_state(make: Callable[[], Any]) -> Any:
-    from flax import nnx  # noqa: PLC0415
-
-    with nnx.use_eager_sharding(False):
-        return nnx.split(nnx.eval_shape(make))[1]
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any) -> RunResult:

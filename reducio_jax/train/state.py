@@ -241,3 +241,9 @@ def param_count(tree: Any) -> int:
 def module_apply(graph: nnx.GraphDef, *states: Any) -> Callable[..., Any]:
     """A fresh module from states (copied Variables, safe inside any trace level)."""
     return nnx.merge(graph, *states, copy=True)
+
+
+def abstract_module_state(make: Callable[[], nnx.Module]) -> nnx.State:
+    """The state of the module `make()` builds, as ShapeDtypeStructs (nothing allocated)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.split(nnx.eval_shape(make))[1]
