@@ -44,7 +44,10 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Number of processes (multi-process runs)."
 )
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (off: --noprogress).")
+_NO_PROGRESS = flags.DEFINE_bool(
+    "no_progress", False, "No progress bar (the spelling of eval.py and python -m reducio_jax)."
+)
 _CACHE = flags.DEFINE_string(
     "compilation_cache",
     "~/.cache/reducio_jax/xla",
@@ -145,7 +148,7 @@ def _main(argv: list[str]) -> None:
     try:
         result = run(
             cfg, workdir, resume=_RESUME.value, init_from=_INIT_FROM.value,
-            lpips_weights=_LPIPS.value, progress=_PROGRESS.value,
+            lpips_weights=_LPIPS.value, progress=_PROGRESS.value and not _NO_PROGRESS.value,
         )  # fmt: skip
     except TrainingError as err:
         fail(str(err), 1)
