@@ -140,13 +140,3 @@ def num_batch_shards(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def describe(tree: Any) -> dict[str, str]:
-    """path -> PartitionSpec string of each array (for logs and tests)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        jax.tree_util.keystr(path): str(getattr(leaf, "sharding", None).spec)
-        for path, leaf in flat
-        if isinstance(getattr(leaf, "sharding", None), NamedSharding)
-    }

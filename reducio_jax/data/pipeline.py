@@ -33,9 +33,10 @@ from reducio_jax.data.config import get_config
 from reducio_jax.data.errors import BadVideoError, DataError
 from reducio_jax.data.sources import ClipSource, make_source
 from reducio_jax.data.video import ClipSpec, parse_resolution
+from reducio_jax.sharding import BATCH_AXES
+from reducio_jax.sharding import batch_axes as batch_axes_of
 
 log = logging.getLogger(__name__)
-DEFAULT_BATCH_AXES = ("data", "fsdp")
 _MAX_REPLACEMENTS = 64  # consecutive unreadable records tolerated before giving up
 
 
@@ -258,13 +259,10 @@ class Loader:
 
 
 def _batch_axes(mesh: Mesh, batch_axes: Sequence[str] | None) -> tuple[str, ...]:
-    if batch_axes is None:
-        axes = tuple(a for a in DEFAULT_BATCH_AXES if a in mesh.axis_names)
-    else:
-        axes = tuple(batch_axes)
+    axes = batch_axes_of(mesh) if batch_axes is None else tuple(batch_axes)
     missing = [a for a in axes if a not in mesh.axis_names]
     if not axes or missing:
-        raise ValueError(f"Batch axes {axes or DEFAULT_BATCH_AXES} not in mesh {mesh.axis_names}.")
+        raise ValueError(f"Batch axes {axes or BATCH_AXES} not in mesh {mesh.axis_names}.")
     return axes
 
 

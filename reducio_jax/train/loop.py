@@ -35,7 +35,7 @@ from reducio_jax.train.step import batch_spec, jit_first_clip, jit_reconstruct, 
 from reducio_jax.train.weights import (
     load_init_weights,
     load_lpips_weights,
-    restore_state,
+    restore_lpips,
     save_state,
 )
 
@@ -215,11 +215,7 @@ class Trainer:
         saved = self.workdir / "lpips"
         graph = state_lib.lpips_graph(self.cfg)
         if self.resume_step is not None and saved.is_dir():
-            with_graph = state_lib.make_lpips
-            abstract = shard_lib.abstract_with_shardings(
-                state_lib.abstract_module_state(lambda: with_graph(self.cfg)), self.mesh, self.rules
-            )
-            return graph, restore_state(saved, abstract)
+            return graph, restore_lpips(saved, self.cfg, self.mesh)
         module = weights.lpips if weights is not None else None
         if module is None and path:
             module = load_lpips_weights(path, self.cfg, self.sharding_for)

@@ -11,13 +11,15 @@ from typing import Any
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import ConversionError, convert_state_dict, split_groups
 from reducio_jax.convert.torch_format import CheckpointFormatError, load_state_dict
+from reducio_jax.sharding import abstract_with_shardings
 from reducio_jax.train.checkpoint import from_nested, to_nested
 from reducio_jax.train.errors import TrainingError
-from reducio_jax.train.state import make_lpips
+from reducio_jax.train.state import abstract_module_state, make_lpips
 
 log = logging.getLogger(__name__)
 LPIPS_PREFIX = "loss.perceptual_loss."
@@ -85,6 +87,12 @@ def restore_state(directory: pathlib.Path, abstract: nnx.State) -> nnx.State:
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(directory.absolute(), to_nested(abstract))
     return from_nested(abstract, restored)
+
+
+def restore_lpips(directory: pathlib.Path, cfg: ml_collections.ConfigDict, mesh: Mesh) -> nnx.State:
+    """The LPIPS state a run saved at start (`save_state`), placed per `cfg.mesh.rules`."""
+    abstract = abstract_module_state(lambda: make_lpips(cfg))
+    return restore_state(directory, abstract_with_shardings(abstract, mesh, cfg.mesh.rules))
 
 
 def _one_line(err: BaseException) -> str:
