@@ -36,6 +36,13 @@ class ClipSpec:
     random_crop: bool = False  # else centre crop
 
 
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 [0, 255] (clamped, rounded): the inverse of the loader's
+    `uint8 / 127.5 - 1`."""
+    x = (np.clip(np.asarray(video, np.float32), -1.0, 1.0) + 1.0) * 127.5
+    return np.round(x).astype(np.uint8)
+
+
 def parse_resolution(resolution: int | Sequence[int]) -> tuple[int, int]:
     """``256`` -> ``(256, 256)``; ``(H, W)`` -> ``(H, W)``."""
     if isinstance(resolution, int | np.integer):

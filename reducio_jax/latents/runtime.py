@@ -34,6 +34,7 @@ from reducio_jax.convert.mapping import ConversionError
 from reducio_jax.convert.torch_format import CheckpointFormatError
 from reducio_jax.data import DataError
 from reducio_jax.data.pipeline import as_config
+from reducio_jax.data.video import to_uint8
 from reducio_jax.latents.store import StoreError
 from reducio_jax.sharding import make_mesh
 
@@ -261,12 +262,6 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # -- videos -------------------------------------------------------------------------------------
-
-
-def to_uint8(video: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255] (clamped, rounded)."""
-    x = (np.clip(np.asarray(video, np.float32), -1.0, 1.0) + 1.0) * 127.5
-    return np.round(x).astype(np.uint8)
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> None:

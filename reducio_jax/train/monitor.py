@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from reducio_jax.data.video import to_uint8
+
 log = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per JAX device, matched (in order) against `device.device_kind`.
@@ -62,11 +64,6 @@ def mfu(flops_per_step: float | None, steps_per_second: float, device_kind: str)
     if not flops_per_step or peak is None:
         return None
     return flops_per_step * steps_per_second / peak
-
-
-def to_uint8(video: np.ndarray) -> np.ndarray:
-    """[-1, 1] float -> uint8."""
-    return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def preview_grid(clip: np.ndarray, recon: np.ndarray, num_frames: int = 4) -> np.ndarray:
