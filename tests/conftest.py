@@ -1,4 +1,4 @@
-"""Test set-up: eight simulated CPU devices, fixtures directory, float32 matmuls."""
+"""Test set-up: eight simulated CPU devices and the parity fixtures directory."""
 
 import os
 import pathlib
@@ -8,10 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+# The repository's own compact copy (tests/fixtures/README.md); REDUCIO_FIXTURES may point at the
+# full fixtures instead (the same files with every array whole).
 FIXTURES = pathlib.Path(
-    os.environ.get(
-        "REDUCIO_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    )
+    os.environ.get("REDUCIO_FIXTURES", pathlib.Path(__file__).resolve().parent / "fixtures")
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import golden as fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +25,7 @@ DISC = ("logits_real", "logits_fake", "disc_loss")
 
 @pytest.fixture(scope="module")
 def golden(fixtures_dir):
-    return dict(np.load(fixtures_dir / "golden_tiny.npz"))
+    return fixtures.load(fixtures_dir, "golden_tiny.npz")
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,8 @@ def _losses_at(step: int, golden, nets):
 @pytest.mark.parametrize("step", [0, 20000])
 def test_golden_losses(step, golden, results):
     logs, d_logs, d_loss, recon = results[step]
-    want_recon = np.transpose(golden["recon_sampled"], (0, 2, 3, 4, 1))
     # the fixtures README's float32 reconstruction tolerance
-    np.testing.assert_allclose(np.asarray(recon), want_recon, atol=1e-3)
+    golden.assert_close("recon_sampled", recipe.to_ncthw(recon), 1e-3)
     for name in GEN:
         want = golden[f"gen_step{step}/{name}"]
         np.testing.assert_allclose(float(logs[name]), want, rtol=1e-4, atol=1e-7, err_msg=name)

@@ -6,6 +6,7 @@ converted through the public API; tolerances are the fixtures README's.
 
 from __future__ import annotations
 
+import golden as fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,7 @@ def tiny_vae(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def golden_tiny(fixtures_dir):
-    return np.load(fixtures_dir / "golden_tiny.npz")
+    return fixtures.load(fixtures_dir, "golden_tiny.npz")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,7 @@ def tiny_outputs(tiny_vae, golden_tiny):
 @pytest.mark.parametrize("level", range(5))
 def test_tiny_content_features(tiny_outputs, golden_tiny, level):
     ours = np.transpose(tiny_outputs["content"][level], (0, 3, 1, 2))  # NHWC -> NCHW
-    assert ours.shape == golden_tiny[f"content_{level}"].shape
-    assert max_err(ours, golden_tiny[f"content_{level}"]) < LATENT_TOL
+    golden_tiny.assert_close(f"content_{level}", ours, LATENT_TOL)
 
 
 @pytest.mark.parametrize(
@@ -84,9 +84,7 @@ def test_tiny_content_features(tiny_outputs, golden_tiny, level):
     ],
 )
 def test_tiny_forward(tiny_outputs, golden_tiny, name, tol):
-    ours = recipe.to_ncthw(tiny_outputs[name])
-    assert ours.shape == golden_tiny[name].shape
-    assert max_err(ours, golden_tiny[name]) < tol
+    golden_tiny.assert_close(name, recipe.to_ncthw(tiny_outputs[name]), tol)
 
 
 def test_public_api_matches_golden(tiny_vae, golden_tiny):
@@ -94,8 +92,8 @@ def test_public_api_matches_golden(tiny_vae, golden_tiny):
     posterior = tiny_vae.encode(video)
     latent = tiny_vae.latent(posterior)
     recon = tiny_vae.decode(latent, video[:, 7])
-    assert max_err(recipe.to_ncthw(latent), golden_tiny["latent"]) < LATENT_TOL
-    assert max_err(recipe.to_ncthw(recon), golden_tiny["recon"]) < RECON_TOL
+    golden_tiny.assert_close("latent", recipe.to_ncthw(latent), LATENT_TOL)
+    golden_tiny.assert_close("recon", recipe.to_ncthw(recon), RECON_TOL)
     assert max_err(tiny_vae.reconstruct(video), recon) < 1e-5
 
 
@@ -104,8 +102,7 @@ def test_tiny_discriminator_logits(tiny_vae, golden_tiny):
     disc.eval()
     video = jnp.asarray(recipe.video_input(golden_tiny["input_u8"]))
     logits = recipe.to_ncthw(disc(video))
-    assert logits.shape == golden_tiny["disc_logits"].shape
-    assert max_err(logits, golden_tiny["disc_logits"]) < LATENT_TOL
+    golden_tiny.assert_close("disc_logits", logits, LATENT_TOL)
 
 
 def _check_video_fixture(vae, golden, f16: bool):
@@ -114,17 +111,17 @@ def _check_video_fixture(vae, golden, f16: bool):
     latent = vae.latent(posterior)
     recon = vae.decode(latent, video[:, (video.shape[1] - 1) // 2])
     for name, ours in (("mean", posterior.mean), ("logvar", posterior.logvar), ("latent", latent)):
-        assert max_err(recipe.to_ncthw(ours), golden[name]) < LATENT_TOL, name
+        golden.assert_close(name, recipe.to_ncthw(ours), LATENT_TOL)
     key, tol = ("recon_f16", F16_TOL) if f16 else ("recon", RECON_TOL)
-    assert max_err(recipe.to_ncthw(recon), golden[key]) < tol
+    golden.assert_close(key, recipe.to_ncthw(recon), tol)
 
 
 def test_tiny_256px(tiny_vae, fixtures_dir):
-    _check_video_fixture(tiny_vae, np.load(fixtures_dir / "golden_tiny_256px.npz"), f16=True)
+    _check_video_fixture(tiny_vae, fixtures.load(fixtures_dir, "golden_tiny_256px.npz"), f16=True)
 
 
 def test_tiny_tiled_256px(tiny_ckpt, fixtures_dir):
-    golden = np.load(fixtures_dir / "golden_tiny_tiled.npz")
+    golden = fixtures.load(fixtures_dir, "golden_tiny_tiled.npz")
     cfg = tiny.get_config()
     cfg.model.use_tiling = True
     cfg.model.tile_sample_min_size = int(golden["tile_sample_min_size"])
@@ -147,11 +144,11 @@ def test_full_size_models_64px(fixtures_dir, tmp_path, name, config):
     # Every key of the released manifest was consumed (conversion is strict) and the loss parts
     # came along.
     assert vae.weights.discriminator is not None and vae.weights.lpips is not None
-    _check_video_fixture(vae, np.load(fixtures_dir / f"golden_{name}_64px.npz"), f16=False)
+    _check_video_fixture(vae, fixtures.load(fixtures_dir, f"golden_{name}_64px.npz"), f16=False)
 
 
 def test_lpips(tiny_vae, fixtures_dir):
-    golden = np.load(fixtures_dir / "golden_lpips.npz")
+    golden = fixtures.load(fixtures_dir, "golden_lpips.npz")
     to_input = lambda u8: jnp.asarray(np.transpose(u8, (0, 2, 3, 1)).astype(np.float32) / 127.5 - 1)  # noqa: E731
     ours = tiny_vae.weights.lpips(to_input(golden["a_u8"]), to_input(golden["b_u8"]))
     assert max_err(ours, golden["lpips"].reshape(-1)) < LATENT_TOL
