@@ -16,6 +16,7 @@ saying how many frames were lost.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -258,6 +259,7 @@ class _Pipeline:
         self.last_start = 0
         self.totals = Totals()
         self.windows = 0
+        self.peak_frames = 0  # most source frames held at once
 
     @property
     def count(self) -> int:
@@ -266,6 +268,7 @@ class _Pipeline:
 
     def push(self, frame: np.ndarray) -> None:
         self.frames.append(frame)
+        self.peak_frames = max(self.peak_frames, len(self.frames))
         if self.count == self.next_start + self.window:
             self._queue(self.next_start)
             self.next_start += self.window - self.opts.overlap
@@ -337,59 +340,79 @@ def reconstruct_file(
     vae: ReducioVAE, info: Probe, output: pathlib.Path, opts: ReconstructOptions
 ) -> dict[str, Any]:
     """One video -> `output` (complete, or not there at all); returns its summary."""
-    fps = info.fps if opts.keep_fps or info.fps <= 0 else float(vae.config.data.fps)
-    if fps <= 0:
-        fps = float(vae.config.data.fps)  # no rate in the container: assume the config's
-    expected = _expected_output_frames(info, fps)
-    total = (
-        None if expected is None else len(plan_windows(expected, vae.window, opts.overlap).starts)
-    )
+    began = time.perf_counter()
+    fps = info.fps if opts.keep_fps and info.fps > 0 else float(vae.config.data.fps)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = temporary_path(output)
     writer = VideoWriter(partial, fps, opts.crf)
     report = DecodeReport()
-    began = time.perf_counter()
-    done = False
     try:
-        with tqdm(
-            total=total, desc=info.path.name, unit="window", disable=not opts.progress
-        ) as bar:
-            pipeline = _Pipeline(vae, opts, writer, bar)
-            timed = source_frames(info.path, report)
-            frames = (f for _, f in timed) if opts.keep_fps else resample(timed, fps, info.fps)
-            for frame in frames:
-                pipeline.push(frame)
-            if pipeline.count == 0:
-                raise InputError(f"{info.path}: no frame could be decoded ({report.error})")
-            num_frames = pipeline.finish()
+        pipeline = _stream(vae, info, opts, fps, writer, report)
         writer.close(flush=True)
         os.replace(partial, output)
-        done = True
-    finally:
-        if not done:
+    except BaseException:  # also Ctrl-C: never leave a partial file behind
+        with contextlib.suppress(Exception):
             writer.close(flush=False)
-            partial.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        raise
+    return _summary(info, output, fps, report, pipeline, time.perf_counter() - began)
+
+
+def _stream(
+    vae: ReducioVAE,
+    info: Probe,
+    opts: ReconstructOptions,
+    fps: float,
+    writer: VideoWriter,
+    report: DecodeReport,
+) -> _Pipeline:
+    """Decodes, (resamples,) reconstructs and writes every frame; returns the finished pipeline."""
+    expected = _expected_output_frames(info, fps)
+    windows = None if expected is None else plan_windows(expected, vae.window, opts.overlap)
+    total = None if windows is None else len(windows.starts)
+    with tqdm(total=total, desc=info.path.name, unit="window", disable=not opts.progress) as bar:
+        pipeline = _Pipeline(vae, opts, writer, bar)
+        timed = source_frames(info.path, report)
+        frames = (f for _, f in timed) if opts.keep_fps else resample(timed, fps, info.fps)
+        for frame in frames:
+            pipeline.push(frame)
+        if pipeline.count == 0:
+            raise InputError(f"{info.path}: no frame could be decoded ({report.error})")
+        pipeline.finish()
+    return pipeline
+
+
+def _summary(
+    info: Probe,
+    output: pathlib.Path,
+    fps: float,
+    report: DecodeReport,
+    pipeline: _Pipeline,
+    seconds: float,
+) -> dict[str, Any]:
+    """Warns about lost frames, prints the video's PSNR/SSIM line, returns the summary."""
     lost = _lost_frames(info, report)
     if lost:
         warn(
             f"{info.path}: decoded {report.decoded} of {info.expected_frames} frames; {lost} lost "
             f"({report.error or 'the file ends early'}); the output has the decoded part only"
         )
-    frames = pipeline.totals.frames
+    totals = pipeline.totals
     summary = {
         "input": str(info.path),
         "output": str(output),
-        "frames": num_frames,
+        "frames": totals.frames,
         "fps": round(fps, 3),
         "size": [info.height, info.width],
         "windows": pipeline.windows,
-        "psnr": round(pipeline.totals.psnr / frames, 3),
-        "ssim": round(pipeline.totals.ssim / frames, 4),
+        "psnr": round(totals.psnr / totals.frames, 3),
+        "ssim": round(totals.ssim / totals.frames, 4),
         "lost_frames": lost,
-        "seconds": round(time.perf_counter() - began, 3),
+        "peak_buffered_frames": pipeline.peak_frames,
+        "seconds": round(seconds, 3),
     }
     print(
-        f"{info.path} -> {output}: {num_frames} frames at {summary['fps']:g} fps, "
+        f"{info.path} -> {output}: {totals.frames} frames at {summary['fps']:g} fps, "
         f"{pipeline.windows} windows, PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
     )
     return summary

@@ -79,20 +79,23 @@ def leftovers(folder: pathlib.Path) -> list[str]:
 
 
 def test_file_to_file_is_the_api_reconstruction(ckpt, tmp_path, capsys):
-    source = write_video(tmp_path / "in.mp4", pattern(20))
+    source = write_video(tmp_path / "in.mp4", pattern(52))
     out = tmp_path / "out" / "recon.mp4"
     opts = ReconstructOptions(
         str(source), str(out), ckpt, TINY, keep_fps=True, window_batch=2, crf=0, progress=False
     )
     summary = reconstruct_videos(opts)["videos"][0]
     recon, fps = read_video(out)
-    assert recon.shape == (20, 32, 32, 3) and fps == 16 and summary["windows"] == 2
+    assert recon.shape == (52, 32, 32, 3) and fps == 16 and summary["windows"] == 4
     assert leftovers(tmp_path) == []
     assert "PSNR" in capsys.readouterr().out
+    # Streamed: at most two windows' strides plus one window of source frames held at once.
+    assert summary["peak_buffered_frames"] <= 2 * 12 + 16 < 52
     # The streamed, stitched video has the PSNR/SSIM of ReducioVAE.reconstruct_video.
     frames, _ = read_video(source)
     vae = ReducioVAE.from_torch_checkpoint(ckpt, tiny.get_config())
-    whole = vae.reconstruct_video(jnp.asarray(frames[None], jnp.float32) / 127.5 - 1.0)[0]
+    video = jnp.asarray(frames[None], jnp.float32) / 127.5 - 1.0
+    whole = vae.reconstruct_video(video, window_batch=2)[0]
     x, y = frames / 255.0, (np.clip(np.asarray(whole), -1, 1) + 1) / 2
     assert summary["psnr"] == pytest.approx(float(np.mean(psnr_per_image(y, x))), abs=0.01)
     assert summary["ssim"] == pytest.approx(float(np.mean(ssim_per_image(y, x))), abs=1e-3)
