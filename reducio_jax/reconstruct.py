@@ -413,7 +413,7 @@ def _summary(
     }
     print(
         f"{info.path} -> {output}: {totals.frames} frames at {summary['fps']:g} fps, "
-        f"{pipeline.windows} windows, PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
+        f"{pipeline.windows} window{'s' if pipeline.windows != 1 else ''}, PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
     )
     return summary
 
