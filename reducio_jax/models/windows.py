@@ -115,39 +115,36 @@ def cross_fade(tail, head):
 class Stitcher:
     """Joins window outputs as they arrive; `add` returns frames that are final, in order.
 
-    Feed windows in start order (any starts a `WindowPlan` would give), then call `finish` with
-    the video's length: it returns the held-back frames cropped to that length. Holds at most
-    `overlap` frames between calls.
+    Feed windows in start order (the starts of a `WindowPlan`), then call `finish` with the
+    video's length: it returns the held-back frames cropped to that length. Holds at most
+    `overlap` frames between calls. (For a video shorter than one window, `add` also returns
+    frames of the padding: crop to the video's length.)
     """
 
     def __init__(self, overlap: int):
         self.overlap = overlap
-        self.done = 0  # frames returned so far
         self.held = None  # (B, e, ...): the last window's frames still to fade into the next
-        self.held_start = 0  # the time of held[:, 0]
+        self.held_start = 0  # the time of held[:, 0]: frames before it were returned
 
     def add(self, start: int, frames):
         """Window output (B, window, ...) starting at frame `start` -> the next final frames."""
         xp = _namespace(frames)
-        window = frames.shape[TIME_AXIS]
         if self.held is None:
-            if start != self.done:
-                raise ValueError(f"the first window must start at frame {self.done}, not {start}")
+            if start != self.held_start:
+                raise ValueError(f"the first window must start at frame 0, not {start}")
             fresh = frames
         else:
-            offset = self.held_start - start  # window frame at the fade's first time
-            if not 0 <= offset <= window - self.held.shape[TIME_AXIS]:
-                raise ValueError(f"window at {start} does not cover the fade at {self.held_start}")
             fade = self.held.shape[TIME_AXIS]
+            offset = self.held_start - start  # the window's frame at the fade's first time
+            if not 0 <= offset <= frames.shape[TIME_AXIS] - fade:
+                raise ValueError(f"window at {start} does not cover the fade at {self.held_start}")
             faded = cross_fade(self.held, frames[:, offset : offset + fade])
             fresh = xp.concatenate([faded, frames[:, offset + fade :]], axis=TIME_AXIS)
-        first = self.held_start if self.held is not None else start
-        keep = min(self.overlap, fresh.shape[TIME_AXIS])
-        final = fresh[:, : fresh.shape[TIME_AXIS] - keep]
-        self.held = fresh[:, fresh.shape[TIME_AXIS] - keep :]
-        self.held_start = first + final.shape[TIME_AXIS]
-        self.done = self.held_start
-        return final
+        length = fresh.shape[TIME_AXIS]
+        keep = min(self.overlap, length)
+        self.held = fresh[:, length - keep :]
+        self.held_start += length - keep
+        return fresh[:, : length - keep]
 
     def finish(self, num_frames: int):
         """The held-back frames up to `num_frames` (the padding of a short video dropped)."""
@@ -155,7 +152,6 @@ class Stitcher:
             raise ValueError("no window was added")
         rest = self.held[:, : max(0, num_frames - self.held_start)]
         self.held = None
-        self.done = self.held_start + rest.shape[TIME_AXIS]
         return rest
 
 

@@ -116,3 +116,15 @@ def test_pad_spatial_reflects_and_rejects_small_frames():
     np.testing.assert_array_equal(pad_spatial(square, 32), square)  # nothing to pad
     with pytest.raises(ValueError, match="below 32 px"):
         pad_spatial(video[:, :, :31], 32)
+
+
+def test_stitcher_rejects_windows_out_of_plan():
+    frames = np.zeros((1, 16, 2), np.float32)
+    with pytest.raises(ValueError, match="first window must start at frame 0"):
+        Stitcher(4).add(3, frames)
+    stitcher = Stitcher(4)
+    stitcher.add(0, frames)  # holds frames 12..15
+    with pytest.raises(ValueError, match="does not cover the fade"):
+        stitcher.add(13, frames)  # a gap: the fade at 12 is not in this window
+    with pytest.raises(ValueError, match="no window"):
+        Stitcher(4).finish(16)
