@@ -1,11 +1,13 @@
 """`python -m reducio_jax` / `reducio-jax`: encode videos into a latent store, decode it back,
-export a training run's weights.
+export a training run's weights, reconstruct whole video files.
 
     python -m reducio_jax encode --checkpoint reducio-ft4.ckpt --config configs/reducio_ft4.py \
         --data /data/videos --out latents/videos [--num_shards 8] [--save_moments]
     python -m reducio_jax decode --store latents/videos --checkpoint reducio-ft4.ckpt \
         --out decoded/ [--num_clips 16]
     python -m reducio_jax export --run runs/tiny --out weights/tiny [--step 100]
+    python -m reducio_jax reconstruct IN.mp4 OUT.mp4 --checkpoint reducio-ft4.ckpt \
+        --config configs/reducio_ft4.py [--keep_fps] [--side_by_side]   (or IN_DIR OUT_DIR)
 
 Exit status 0 on success, 2 on bad input (one `error: ...` line on stderr).
 """
@@ -61,12 +63,41 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def _reconstruct_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reconstruct",
+        help="a video file of any length and size (or a folder of them) -> its reconstruction",
+        description=(
+            "Streams each video through overlapping 16-frame windows (docs/video.md) and writes "
+            "an H.264 file of the same length and size; prints PSNR/SSIM of the whole video. "
+            "A folder is converted file by file into the same tree under OUT; unusable files "
+            "are skipped with a warning (exit 2 at the end)."
+        ),
+    )
+    p.add_argument("input", help="video file, or a folder of videos")
+    p.add_argument("output", help="output .mp4/.mkv/.mov file, or a folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--config", help="configs/*.py or official YAML (optional for Orbax dirs)")
+    p.add_argument(
+        "--keep_fps",
+        action="store_true",
+        help="keep the source frame rate (default: resample to the config's data.fps)",
+    )
+    p.add_argument(
+        "--side_by_side", action="store_true", help="write input | reconstruction side by side"
+    )
+    p.add_argument("--overlap", type=int, default=4, help="frames cross-faded between windows")
+    p.add_argument("--window_batch", type=int, default=4, help="windows per compiled call")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality (lower: better, larger)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="reducio-jax",
         description=(
             "Reducio-VAE latents: encode videos into a store, decode them back; export the "
-            "weights of a training run."
+            "weights of a training run; reconstruct whole video files."
         ),
         epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
     )
@@ -74,6 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     _encode_parser(sub)
     _decode_parser(sub)
     _export_parser(sub)
+    _reconstruct_parser(sub)
     return parser.parse_args(argv)
 
 
@@ -90,6 +122,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from reducio_jax.train.export import export_run
 
         return export_run(args.run, args.out, step=args.step, overwrite=args.overwrite)
+    if args.command == "reconstruct":
+        from reducio_jax.reconstruct import ReconstructOptions, reconstruct_videos
+
+        return reconstruct_videos(_options(ReconstructOptions, args))
     if args.command == "encode":
         return encode_to_store(_options(EncodeOptions, args))
     return decode_to_mp4(_options(DecodeOptions, args))
@@ -106,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (*USER_ERRORS, TrainingError) as err:
         print(error_line(err), file=sys.stderr)
         return 2
-    if args.command == "decode":
+    except KeyboardInterrupt:
+        if args.command != "reconstruct":
+            raise
+        print("error: interrupted; the unfinished output file was removed", file=sys.stderr)
+        return 130
+    if args.command in ("decode", "reconstruct"):
         summary = {**summary, "videos": len(summary["videos"])}
     print(json.dumps(summary))
     return 0

@@ -6,7 +6,15 @@ vae = ReducioVAE.from_torch_checkpoint("reducio-ft4-fs32-attn23.ckpt", "configs/
 post = vae.encode(video)                 # video: (B, T, H, W, 3) in [-1, 1]
 z = vae.latent(post, rng=None)           # posterior mean (or a sample with rng), then LayerNorm
 recon = vae.decode(z, video[:, (T - 1) // 2])
+
+long = vae.encode_video(movie)           # movie: (B, N, H, W, 3), any N >= 1, H, W >= 32
+movie_recon = vae.decode_video(long)     # (B, N, H, W, 3); or vae.reconstruct_video(movie)
 ```
+
+Videos of any length go through overlapping 16-frame windows (`models/windows.py`, design in
+docs/video.md): each window has its own content frame (its middle frame), the overlaps are
+cross-faded in time, and frame sizes that are not multiples of 32 are reflect-padded and
+cropped back.
 
 Each method runs a compiled pure function of (graphdef, state, inputs), cached per input shape
 (so the methods also nest inside a user's `jax.jit`); frames taller than one
@@ -15,6 +23,7 @@ tile window are tiled when the config enables tiling.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import pathlib
@@ -41,9 +50,42 @@ from reducio_jax.models.tiling import (
     tiled_decode,
     tiled_moments,
 )
+from reducio_jax.models.windows import WindowPlan, cut_windows, pad_spatial, plan_windows, stitch
 from reducio_jax.sharding import make_mesh, sharding_fn
 
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path
+DEFAULT_OVERLAP = 4  # frames shared by neighbouring 16-frame windows (docs/video.md)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("latents", "content_frames"),
+    meta_fields=("starts", "num_frames", "height", "width", "window", "overlap"),
+)
+@dataclasses.dataclass(frozen=True)
+class VideoLatent:
+    """The latent of a video of any length (a pytree: two arrays, the rest static).
+
+    latents: (B, K, t, h, w, z) the normalised latent of each of the K windows.
+    content_frames: (B, K, H', W', 3) each window's content frame (its middle frame), in
+        [-1, 1], at the padded size H' x W' (multiples of 32).
+    starts: the window table, the first frame of each window (`models/windows.py`).
+    num_frames, height, width: the video's size before any padding.
+    window, overlap: frames per window and frames cross-faded between neighbours.
+    """
+
+    latents: jax.Array
+    content_frames: jax.Array
+    starts: tuple[int, ...]
+    num_frames: int
+    height: int
+    width: int
+    window: int
+    overlap: int
+
+    @property
+    def plan(self) -> WindowPlan:
+        return WindowPlan(self.num_frames, self.window, self.overlap, self.starts)
 
 
 def load_config(cfg: ConfigLike) -> ml_collections.ConfigDict:
@@ -218,6 +260,111 @@ class ReducioVAE:
             *nnx.split(self.model), video, rng, tiles=_tiles_for(self.tiles, video.shape[2])
         )
 
+    # -- videos of any length (overlapping windows, docs/video.md) ------------------------------
+    @property
+    def window(self) -> int:
+        """Frames per window: the model's clip length (16)."""
+        return int(self.model.num_frames)
+
+    def encode_video(
+        self,
+        video: jax.Array,
+        *,
+        overlap: int = DEFAULT_OVERLAP,
+        rng: jax.Array | None = None,
+        window_batch: int | None = None,
+    ) -> VideoLatent:
+        """(B, N, H, W, 3), any N >= 1 and H, W >= 32 -> the latents of its windows.
+
+        `window_batch` windows go through one compiled call (default: all B*K at once).
+        """
+        _check_long_video(video)
+        plan = plan_windows(video.shape[1], self.window, overlap)
+        windows = cut_windows(pad_spatial(video, self.spatial_factor), plan)  # (B, K, T, H', W', 3)
+        flat = windows.reshape(-1, *windows.shape[2:])  # (B*K, T, H', W', 3)
+        latents = _in_batches(
+            lambda w, key: self.latent(self.encode(w), key), flat, window_batch, rng
+        )
+        b, k = windows.shape[:2]
+        return VideoLatent(
+            latents=latents.reshape(b, k, *latents.shape[1:]),
+            content_frames=windows[:, :, content_frame_index(self.window)],
+            starts=plan.starts,
+            num_frames=int(video.shape[1]),
+            height=int(video.shape[2]),
+            width=int(video.shape[3]),
+            window=self.window,
+            overlap=overlap,
+        )
+
+    def decode_video(self, latent: VideoLatent, *, window_batch: int | None = None) -> jax.Array:
+        """A `VideoLatent` -> the video (B, N, H, W, 3), windows cross-faded and cropped."""
+        b, k = latent.latents.shape[:2]
+        flat_z = latent.latents.reshape(b * k, *latent.latents.shape[2:])
+        flat_frames = latent.content_frames.reshape(b * k, *latent.content_frames.shape[2:])
+        decoded = _in_batches(
+            lambda pair, _: self.decode(*pair), (flat_z, flat_frames), window_batch, None
+        )  # (B*K, T, H', W', 3)
+        windows = decoded.reshape(b, k, *decoded.shape[1:])
+        return stitch(windows, latent.plan)[:, :, : latent.height, : latent.width]
+
+    def reconstruct_video(
+        self,
+        video: jax.Array,
+        *,
+        overlap: int = DEFAULT_OVERLAP,
+        rng: jax.Array | None = None,
+        window_batch: int | None = None,
+    ) -> jax.Array:
+        """(B, N, H, W, 3) -> its reconstruction, each window through the compiled `reconstruct`.
+
+        For N == 16 this is exactly `reconstruct` (one window, nothing to fade or pad).
+        """
+        _check_long_video(video)
+        plan = plan_windows(video.shape[1], self.window, overlap)
+        windows = cut_windows(video, plan)  # (B, K, T, H, W, 3)
+        flat = windows.reshape(-1, *windows.shape[2:])
+        recon = _in_batches(self.reconstruct_windows, flat, window_batch, rng)
+        return stitch(recon.reshape(windows.shape), plan)
+
+    def reconstruct_windows(self, windows: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """(K, 16, H, W, 3) windows of any H, W >= 32 -> reconstructions of the same shape
+        (reflect-padded to multiples of 32 and cropped back). The streaming CLI's step."""
+        h, w = windows.shape[2], windows.shape[3]
+        recon = self.reconstruct(pad_spatial(windows, self.spatial_factor), rng)
+        return recon[:, :, :h, :w]
+
+
+def _in_batches(fn, xs: Any, size: int | None, rng: jax.Array | None) -> jax.Array:
+    """fn(chunk, rng) over chunks of `size` rows of the arrays `xs` (a pytree); the last chunk
+    is padded by repeating its last row, so every call has one compiled shape. All rows at
+    once when `size` is None."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if size is None or size >= n:
+        return fn(xs, rng)
+    if size < 1:
+        raise ValueError(f"window_batch must be positive, got {size}")
+    outs = []
+    for i, begin in enumerate(range(0, n, size)):
+        rows = min(size, n - begin)
+        chunk = jax.tree.map(lambda x, b=begin, r=rows: _pad_rows(x[b : b + r], size), xs)
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        outs.append(fn(chunk, key)[:rows])
+    return jnp.concatenate(outs)
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    if x.shape[0] == rows:
+        return x
+    return jnp.concatenate([x, jnp.repeat(x[-1:], rows - x.shape[0], axis=0)])
+
+
+def _check_long_video(video: jax.Array) -> None:
+    if video.ndim != 5 or video.shape[-1] != 3:
+        raise ValueError(f"expected a video batch (B, N, H, W, 3), got shape {tuple(video.shape)}")
+    if video.shape[1] < 1:
+        raise ValueError("the video has no frames")
+
 
 def _sharding_for(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
     if mesh is None:
@@ -225,4 +372,4 @@ def _sharding_for(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None
     return sharding_fn(mesh, cfg.mesh.rules)
 
 
-__all__ = ["ReducioVAE", "load_config", "make_mesh"]
+__all__ = ["ReducioVAE", "VideoLatent", "load_config", "make_mesh"]

@@ -1,0 +1,523 @@
+"""`python -m reducio_jax reconstruct IN OUT`: a whole video file (or a folder of them) through
+the VAE and back, streamed, with PSNR/SSIM of the whole video.
+
+The input is decoded with PyAV frame by frame, resampled to the config's fps by sample and
+hold (the rule of `data/video.py`; `keep_fps` keeps the source rate), cut into the overlapping
+16-frame windows of `models/windows.py`, reconstructed `window_batch` windows per compiled
+call (`ReducioVAE.reconstruct_windows`: any frame size >= 32 px, tiled above one tile window
+when the config enables tiling), cross-faded, and encoded to H.264 frame by frame. Host memory
+holds the frames of one window batch, not the video. The output is written to a hidden
+temporary file next to OUT and renamed when complete; on any failure it is removed.
+
+Bad input (not a video, no frames, frames under 32 px) raises `InputError` before the model is
+loaded; a truncated or corrupt file is reconstructed as far as it decodes, with one warning
+saying how many frames were lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any
+
+import av
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
+from reducio_jax.data.video import list_videos, to_uint8
+from reducio_jax.latents.runtime import InputError, load_vae, resolve_config
+from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
+from reducio_jax.models.windows import (
+    Stitcher,
+    check_overlap,
+    end_start,
+    pad_frames,
+    plan_windows,
+)
+
+MIN_SIZE = 32  # pixels: the model's spatial compression
+OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")
+_TOL = 0.1  # as data/video.py: timestamps within 10% of a frame period count as equal
+
+
+@dataclasses.dataclass
+class ReconstructOptions:
+    """The `reconstruct` command line (see `reducio_jax.__main__`)."""
+
+    input: str
+    output: str
+    checkpoint: str
+    config: str | None = None
+    keep_fps: bool = False
+    side_by_side: bool = False
+    overlap: int = DEFAULT_OVERLAP
+    window_batch: int = 4
+    crf: int = 18
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Probe:
+    """What the container says about one input video."""
+
+    path: pathlib.Path
+    height: int
+    width: int
+    fps: float  # source frame rate
+    expected_frames: int | None  # frames the container announces (None: unknown)
+
+
+# -- input --------------------------------------------------------------------------------------
+
+
+def probe(path: pathlib.Path) -> Probe:
+    """Opens `path` and decodes its first frame; InputError when it cannot be used."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video frames (no video stream)")
+            stream = container.streams.video[0]
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise InputError(f"{path} has no video frames")
+            rate = stream.average_rate or stream.guessed_rate or 0
+            return Probe(
+                path, first.height, first.width, float(rate), _announced(container, stream)
+            )
+    except InputError:
+        raise
+    except Exception as err:  # any demuxer/decoder failure: not a usable video
+        raise InputError(
+            f"{path} is not a readable video ({_reason(err)}); give an mp4/webm/mov/mkv/avi file "
+            "(an mp4 cut off before its index cannot be read at all)"
+        ) from err
+
+
+def _announced(container, stream) -> int | None:
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate
+    if stream.duration is not None and stream.time_base and rate:
+        return round(float(stream.duration * stream.time_base * rate))
+    if container.duration is not None and rate:
+        return round(container.duration / av.time_base * float(rate))
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def check_size(info: Probe) -> None:
+    if min(info.height, info.width) < MIN_SIZE:
+        raise InputError(
+            f"{info.path}: frames are {info.width}x{info.height} px; the model needs at least "
+            f"{MIN_SIZE} px on each side (upscale the video first)"
+        )
+
+
+@dataclasses.dataclass
+class DecodeReport:
+    decoded: int = 0  # source frames decoded
+    error: str | None = None  # why decoding stopped early
+
+
+def source_frames(path: pathlib.Path, report: DecodeReport) -> Iterator[tuple[float, np.ndarray]]:
+    """(time in seconds, uint8 (H, W, 3)) for each decodable frame; stops at the first error."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        dt = 1.0 / float(rate) if rate else 0.0
+        frames, t = container.decode(stream), None
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except Exception as err:  # corrupt or truncated data: keep what decoded
+                report.error = _reason(err)
+                return
+            t = float(frame.time) if frame.time is not None else (0.0 if t is None else t + dt)
+            report.decoded += 1
+            yield t, frame.to_ndarray(format="rgb24")
+
+
+def resample(
+    frames: Iterator[tuple[float, np.ndarray]], fps: float, source_fps: float
+) -> Iterator[np.ndarray]:
+    """Sample and hold at `fps`: output frame k is the last frame shown at time t0 + k / fps."""
+    src_dt = 1.0 / source_fps if source_fps > 0 else 1.0 / fps
+    eps = _TOL * min(src_dt, 1.0 / fps)
+    k, t0, prev, prev_t = 0, None, None, None
+    for t, image in frames:
+        if t0 is None:
+            t0 = t
+        while prev is not None and t0 + k / fps < t - eps:
+            yield prev
+            k += 1
+        prev, prev_t = image, t
+    while prev is not None and t0 + k / fps < prev_t + src_dt - eps:
+        yield prev  # the last frame stays on screen for one source frame period
+        k += 1
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+class VideoWriter:
+    """H.264 frames to a container, opened on the first frame (yuv420p; yuv444p for odd sizes)."""
+
+    def __init__(self, path: pathlib.Path, fps: float, crf: int):
+        self.path, self.fps, self.crf = path, fps, crf
+        self.container = self.stream = None
+
+    def write(self, frames: np.ndarray) -> None:
+        """uint8 (T, H, W, 3)."""
+        if self.container is None:
+            self._open(frames.shape[1], frames.shape[2])
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            self.container.mux(self.stream.encode(frame))
+
+    def _open(self, height: int, width: int) -> None:
+        self.container = av.open(str(self.path), mode="w")
+        rate = Fraction(self.fps).limit_denominator(1001)
+        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+        self.stream.options = {"crf": str(self.crf)}
+
+    def close(self, flush: bool) -> None:
+        if self.container is None:
+            return
+        try:
+            if flush:
+                self.container.mux(self.stream.encode(None))
+        finally:
+            self.container.close()
+            self.container = None
+
+
+def temporary_path(output: pathlib.Path) -> pathlib.Path:
+    return output.with_name(f".{output.stem}.partial{output.suffix}")
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _frame_metrics(source: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 source and [-1, 1] reconstruction (T, H, W, 3) -> per-frame PSNR, SSIM (T,)."""
+    x = source.astype(jnp.float32) / 255.0
+    y = (jnp.clip(recon, -1.0, 1.0) + 1.0) / 2.0
+    return psnr_per_image(y, x), ssim_per_image(y, x)
+
+
+@dataclasses.dataclass
+class Totals:
+    frames: int = 0
+    psnr: float = 0.0
+    ssim: float = 0.0
+
+    def add(self, source: np.ndarray, recon: np.ndarray) -> None:
+        psnr, ssim = _frame_metrics(source, recon)
+        self.frames += source.shape[0]
+        self.psnr += float(jnp.sum(psnr))
+        self.ssim += float(jnp.sum(ssim))
+
+
+# -- one video ----------------------------------------------------------------------------------
+
+
+class _Pipeline:
+    """Frames in, windows through the model, stitched frames out.
+
+    Holds the source frames from the first one not yet written (needed for the metrics and
+    the side-by-side view) or the last `window` ones (the end-aligned window), whichever is
+    earlier: about `window_batch * stride + window` frames, whatever the video's length.
+    """
+
+    def __init__(self, vae: ReducioVAE, opts: ReconstructOptions, writer: VideoWriter, bar):
+        self.vae, self.opts, self.writer, self.bar = vae, opts, writer, bar
+        self.window = vae.window
+        self.stitcher = Stitcher(opts.overlap)
+        self.frames: list[np.ndarray] = []  # source frames from `base` on
+        self.base = 0  # index of frames[0]
+        self.written = 0  # frames written so far
+        self.queue: list[int] = []  # starts of windows waiting for the model
+        self.next_start = 0  # the next regular window's start
+        self.last_start = 0
+        self.totals = Totals()
+        self.windows = 0
+        self.peak_frames = 0  # most source frames held at once
+
+    @property
+    def count(self) -> int:
+        """Frames pushed so far."""
+        return self.base + len(self.frames)
+
+    def push(self, frame: np.ndarray) -> None:
+        self.frames.append(frame)
+        self.peak_frames = max(self.peak_frames, len(self.frames))
+        if self.count == self.next_start + self.window:
+            self._queue(self.next_start)
+            self.next_start += self.window - self.opts.overlap
+        if len(self.queue) >= self.opts.window_batch:
+            self._run(num_frames=None)
+        self._trim()
+
+    def finish(self) -> int:
+        """Runs what is left; returns the number of frames of the video."""
+        num_frames = self.count
+        if num_frames < self.window:  # short video: one window, its last frame repeated
+            self.frames = list(pad_frames(np.stack(self.frames)[None], self.window)[0])
+            self._queue(0)
+        else:
+            last = end_start(num_frames, self.window, self.last_start)
+            if last is not None:
+                self._queue(last)
+        self._run(num_frames=num_frames)
+        self._emit(self.stitcher.finish(num_frames)[0], num_frames)
+        return num_frames
+
+    def _queue(self, start: int) -> None:
+        self.queue.append(start)
+        self.last_start = start
+
+    def _trim(self) -> None:
+        keep_from = min(self.written, max(0, self.count - self.window))
+        if keep_from > self.base:
+            del self.frames[: keep_from - self.base]
+            self.base = keep_from
+
+    def _run(self, num_frames: int | None) -> None:
+        while self.queue:
+            starts = self.queue[: self.opts.window_batch]
+            del self.queue[: len(starts)]
+            windows = np.stack([self._source(s, self.window) for s in starts])  # (k, T, H, W, 3)
+            recon = self._reconstruct(windows)  # (k, T, H, W, 3) float32
+            for start, frames in zip(starts, recon, strict=True):
+                self._emit(self.stitcher.add(start, frames[None])[0], num_frames)
+            self.windows += len(starts)
+            self.bar.update(len(starts))
+
+    def _source(self, start: int, length: int) -> np.ndarray:
+        return np.stack(self.frames[start - self.base : start - self.base + length])
+
+    def _reconstruct(self, windows: np.ndarray) -> np.ndarray:
+        batch, rows = self.opts.window_batch, windows.shape[0]
+        if rows < batch:  # one compiled shape: pad with copies of the last window
+            windows = np.concatenate([windows, np.repeat(windows[-1:], batch - rows, axis=0)])
+        video = jnp.asarray(windows, jnp.float32) / 127.5 - 1.0
+        return np.asarray(self.vae.reconstruct_windows(video))[:rows]
+
+    def _emit(self, recon: np.ndarray, num_frames: int | None) -> None:
+        """Writes final frames (t, H, W, 3), the next ones after those already written."""
+        if num_frames is not None:  # a short video's padding
+            recon = recon[: max(0, num_frames - self.written)]
+        if recon.shape[0] == 0:
+            return
+        source = self._source(self.written, recon.shape[0])
+        self.totals.add(source, recon)
+        out = to_uint8(recon)
+        if self.opts.side_by_side:
+            out = np.concatenate([source, out], axis=2)  # (t, H, 2W, 3): input | reconstruction
+        self.writer.write(out)
+        self.written += recon.shape[0]
+
+
+def reconstruct_file(
+    vae: ReducioVAE, info: Probe, output: pathlib.Path, opts: ReconstructOptions
+) -> dict[str, Any]:
+    """One video -> `output` (complete, or not there at all); returns its summary."""
+    began = time.perf_counter()
+    fps = info.fps if opts.keep_fps and info.fps > 0 else float(vae.config.data.fps)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = temporary_path(output)
+    writer = VideoWriter(partial, fps, opts.crf)
+    report = DecodeReport()
+    try:
+        pipeline = _stream(vae, info, opts, fps, writer, report)
+        writer.close(flush=True)
+        os.replace(partial, output)
+    except BaseException:  # also Ctrl-C: never leave a partial file behind
+        with contextlib.suppress(Exception):
+            writer.close(flush=False)
+        partial.unlink(missing_ok=True)
+        raise
+    return _summary(info, output, fps, report, pipeline, time.perf_counter() - began)
+
+
+def _stream(
+    vae: ReducioVAE,
+    info: Probe,
+    opts: ReconstructOptions,
+    fps: float,
+    writer: VideoWriter,
+    report: DecodeReport,
+) -> _Pipeline:
+    """Decodes, (resamples,) reconstructs and writes every frame; returns the finished pipeline."""
+    expected = _expected_output_frames(info, fps)
+    windows = None if expected is None else plan_windows(expected, vae.window, opts.overlap)
+    total = None if windows is None else len(windows.starts)
+    with tqdm(total=total, desc=info.path.name, unit="window", disable=not opts.progress) as bar:
+        pipeline = _Pipeline(vae, opts, writer, bar)
+        timed = source_frames(info.path, report)
+        frames = (f for _, f in timed) if opts.keep_fps else resample(timed, fps, info.fps)
+        for frame in frames:
+            pipeline.push(frame)
+        if pipeline.count == 0:
+            raise InputError(f"{info.path}: no frame could be decoded ({report.error})")
+        pipeline.finish()
+    return pipeline
+
+
+def _summary(
+    info: Probe,
+    output: pathlib.Path,
+    fps: float,
+    report: DecodeReport,
+    pipeline: _Pipeline,
+    seconds: float,
+) -> dict[str, Any]:
+    """Warns about lost frames, prints the video's PSNR/SSIM line, returns the summary."""
+    lost = _lost_frames(info, report)
+    if lost:
+        warn(
+            f"{info.path}: decoded {report.decoded} of {info.expected_frames} frames; {lost} lost "
+            f"({report.error or 'the file ends early'}); the output has the decoded part only"
+        )
+    totals = pipeline.totals
+    summary = {
+        "input": str(info.path),
+        "output": str(output),
+        "frames": totals.frames,
+        "fps": round(fps, 3),
+        "size": [info.height, info.width],
+        "windows": pipeline.windows,
+        "psnr": round(totals.psnr / totals.frames, 3),
+        "ssim": round(totals.ssim / totals.frames, 4),
+        "lost_frames": lost,
+        "peak_buffered_frames": pipeline.peak_frames,
+        "seconds": round(seconds, 3),
+    }
+    print(
+        f"{info.path} -> {output}: {totals.frames} frames at {summary['fps']:g} fps, "
+        f"{pipeline.windows} window{'s' if pipeline.windows != 1 else ''}, PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
+    )
+    return summary
+
+
+def _expected_output_frames(info: Probe, fps: float) -> int | None:
+    if info.expected_frames is None:
+        return None
+    if info.fps <= 0:
+        return info.expected_frames
+    return max(1, round(info.expected_frames * fps / info.fps))
+
+
+def _lost_frames(info: Probe, report: DecodeReport) -> int:
+    if info.expected_frames is None:
+        return 0
+    return max(0, info.expected_frames - report.decoded)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def plan_outputs(source: str, output: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """(input file, output file) pairs: one file -> OUT, or a folder -> the same tree under OUT."""
+    src, out = pathlib.Path(source), pathlib.Path(output)
+    if not src.exists():
+        raise InputError(f"{src} does not exist: give a video file or a folder of videos")
+    if src.is_dir():
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{src} is a folder, so OUT must be a folder too; {out} is a file")
+        files = [pathlib.Path(f) for f in list_videos(src)]
+        return [(f, out / f.relative_to(src).with_suffix(".mp4")) for f in files]
+    if out.is_dir():
+        return [(src, out / src.with_suffix(".mp4").name)]
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError(f"output {out} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
+    if out.resolve() == src.resolve():
+        raise InputError(f"output {out} is the input; give another file name")
+    return [(src, out)]
+
+
+def _check_options(opts: ReconstructOptions, window: int) -> None:
+    if opts.window_batch < 1:
+        raise InputError(f"--window_batch {opts.window_batch} must be at least 1")
+    try:
+        check_overlap(window, opts.overlap)
+    except ValueError as err:
+        raise InputError(f"--overlap: {err}") from None
+
+
+def _usable(pairs, single: bool) -> tuple[list[tuple[Probe, pathlib.Path]], list[str]]:
+    """Probes every input; a bad one raises (one file) or is skipped with a warning (folder)."""
+    usable, skipped = [], []
+    for src, dst in pairs:
+        try:
+            info = probe(src)
+            check_size(info)
+        except InputError as err:
+            if single:
+                raise
+            warn(f"skipped: {err}")
+            skipped.append(str(src))
+            continue
+        usable.append((info, dst))
+    return usable, skipped
+
+
+def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
+    """`reconstruct IN OUT`: every input video -> its reconstruction; returns a summary.
+
+    Raises InputError for unusable input (nothing is written), and after the other videos of a
+    folder are done when some of them could not be used.
+    """
+    cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
+    _check_options(opts, int(cfg.model.ddconfig.get("temp_res", 16)))
+    pairs = plan_outputs(opts.input, opts.output)
+    single = not pathlib.Path(opts.input).is_dir()
+    usable, skipped = _usable(pairs, single)
+    if not usable:
+        raise InputError(f"none of the {len(pairs)} videos in {opts.input} can be used")
+    vae = load_vae(opts.checkpoint, cfg, None)
+    videos = []
+    for info, dst in usable:
+        try:
+            videos.append(reconstruct_file(vae, info, dst, opts))
+        except InputError as err:
+            if single:
+                raise
+            warn(f"skipped: {err}")
+            skipped.append(str(info.path))
+    summary = {"videos": videos, "skipped": skipped}
+    if skipped and not single:
+        raise InputError(
+            f"{len(skipped)} of {len(pairs)} videos could not be used (warnings above); "
+            f"the other {len(videos)} are in {opts.output}"
+        )
+    return summary
+
+
+__all__ = [
+    "ReconstructOptions",
+    "plan_outputs",
+    "probe",
+    "reconstruct_file",
+    "reconstruct_videos",
+    "resample",
+]
