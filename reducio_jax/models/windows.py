@@ -155,6 +155,50 @@ class Stitcher:
         return rest
 
 
+class WindowCutter:
+    """Cuts a stream of frames into the windows of `plan_windows`, holding at most one window.
+
+    `push(frame)` returns the windows that are complete with that frame, `finish()` the rest
+    (the end-aligned window, or the padded single window of a short video); each as
+    (start, frames (window, ...)). Afterwards `num_frames` is the video's length and the
+    starts are exactly `plan_windows(num_frames, window, overlap).starts`.
+    """
+
+    def __init__(self, window: int, overlap: int):
+        check_overlap(window, overlap)
+        self.window, self.overlap = window, overlap
+        self.recent: list = []  # the last `window` frames
+        self.num_frames = 0
+        self.next_start = 0  # the next regular window's start
+        self.last_start: int | None = None  # the start of the last window returned
+
+    def push(self, frame) -> list[tuple[int, np.ndarray]]:
+        """One frame (...) -> the windows it completes (none or one)."""
+        self.recent.append(frame)
+        del self.recent[: -self.window]
+        self.num_frames += 1
+        if self.num_frames != self.next_start + self.window:
+            return []
+        start = self.next_start
+        self.next_start += self.window - self.overlap
+        return [self._take(start)]
+
+    def finish(self) -> list[tuple[int, np.ndarray]]:
+        """The windows left once every frame was pushed."""
+        if self.num_frames == 0:
+            raise ValueError("a video needs at least one frame, got 0")
+        if self.num_frames < self.window:  # one window, the last frame repeated
+            padded = pad_frames(np.stack(self.recent)[None], self.window)[0]
+            self.last_start = 0
+            return [(0, padded)]
+        last = end_start(self.num_frames, self.window, self.last_start)
+        return [] if last is None else [self._take(last)]
+
+    def _take(self, start: int) -> tuple[int, np.ndarray]:
+        self.last_start = start
+        return start, np.stack(self.recent)
+
+
 def stitch(windows, plan: WindowPlan):
     """(B, K, window, ...) window outputs of `plan` -> (B, N, ...) video."""
     xp = _namespace(windows)
@@ -194,6 +238,7 @@ def _namespace(*arrays):
 
 __all__ = [
     "Stitcher",
+    "WindowCutter",
     "WindowPlan",
     "check_overlap",
     "cross_fade",

@@ -9,6 +9,7 @@ import pytest
 from reducio_jax.models.tiling import blend
 from reducio_jax.models.windows import (
     Stitcher,
+    WindowCutter,
     cut_windows,
     pad_frames,
     pad_spatial,
@@ -93,6 +94,32 @@ def test_streaming_equals_whole_and_holds_only_the_overlap():
         assert stitcher.held.shape[1] <= 4
     parts.append(stitcher.finish(41))
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), stitch(windows, plan))
+
+
+@pytest.mark.parametrize("num_frames", [1, 5, 16, 17, 28, 30, 40, 64])
+@pytest.mark.parametrize("overlap", [0, 4, 8])
+def test_cutting_a_stream_gives_the_plans_windows(num_frames, overlap):
+    """Frames pushed one by one come out as the windows of `plan_windows`, in order, each as
+    soon as its last frame is there, with at most one window of frames held."""
+    video = np.arange(num_frames, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    cutter = WindowCutter(16, overlap)
+    cut = []
+    for t, frame in enumerate(video):
+        for start, frames in cutter.push(frame):
+            assert start + 16 == t + 1  # emitted with its last frame
+            cut.append((start, frames))
+        assert len(cutter.recent) <= 16
+    cut += cutter.finish()
+    plan = plan_windows(num_frames, 16, overlap)
+    assert cutter.num_frames == num_frames
+    assert tuple(s for s, _ in cut) == plan.starts
+    expected = cut_windows(video[None], plan)[0]  # (K, 16, 2)
+    np.testing.assert_array_equal(np.stack([f for _, f in cut]), expected)
+
+
+def test_cutting_nothing_is_an_error():
+    with pytest.raises(ValueError, match="at least one frame"):
+        WindowCutter(16, 4).finish()
 
 
 def test_jax_arrays_stay_jax():
