@@ -3,6 +3,7 @@ export a training run's weights, reconstruct whole video files.
 
     python -m reducio_jax encode --checkpoint reducio-ft4.ckpt --config configs/reducio_ft4.py \
         --data /data/videos --out latents/videos [--num_shards 8] [--save_moments]
+    python -m reducio_jax encode ... --whole_videos [--overlap 4] [--window_batch 4]
     python -m reducio_jax decode --store latents/videos --checkpoint reducio-ft4.ckpt \
         --out decoded/ [--num_clips 16]
     python -m reducio_jax export --run runs/tiny --out weights/tiny [--step 100]
@@ -36,6 +37,22 @@ def _encode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save_moments", action="store_true", help="also store posterior mean/logvar")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    whole = p.add_argument_group(
+        "whole videos",
+        "--whole_videos stores each video of any length and size as its VideoLatent (its "
+        "16-frame windows, docs/video.md) instead of one 16-frame clip per video; frames keep "
+        "their size unless --resolution is given",
+    )
+    whole.add_argument(
+        "--whole_videos", action="store_true", help="encode every video whole, window by window"
+    )
+    whole.add_argument(
+        "--keep_fps", action="store_true", help="keep each video's frame rate (default: --fps)"
+    )
+    whole.add_argument("--overlap", type=int, default=4, help="frames shared by neighbour windows")
+    whole.add_argument(
+        "--window_batch", type=int, help="windows per compiled call (default 4, x devices)"
+    )
 
 
 def _decode_parser(sub: argparse._SubParsersAction) -> None:
@@ -115,6 +132,17 @@ def _options(cls: type, args: argparse.Namespace) -> Any:
     return cls(**kwargs, progress=not args.no_progress)
 
 
+def _refuse_video_flags(args: argparse.Namespace) -> None:
+    """The window flags of `encode` only mean something with --whole_videos."""
+    from reducio_jax.latents.runtime import InputError
+
+    given = [f for f in ("keep_fps", "window_batch") if getattr(args, f)]
+    given += ["overlap"] if args.overlap != 4 else []
+    if given:
+        flags = ", ".join(f"--{f}" for f in given)
+        raise InputError(f"{flags} only apply with --whole_videos (16-frame clips have no windows)")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from reducio_jax.latents import DecodeOptions, EncodeOptions, decode_to_mp4, encode_to_store
 
@@ -126,7 +154,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from reducio_jax.reconstruct import ReconstructOptions, reconstruct_videos
 
         return reconstruct_videos(_options(ReconstructOptions, args))
+    if args.command == "encode" and args.whole_videos:
+        from reducio_jax.latents.videos import VideoEncodeOptions, encode_videos_to_store
+
+        return encode_videos_to_store(_options(VideoEncodeOptions, args))
     if args.command == "encode":
+        _refuse_video_flags(args)
         return encode_to_store(_options(EncodeOptions, args))
     return decode_to_mp4(_options(DecodeOptions, args))
 

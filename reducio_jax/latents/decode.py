@@ -1,7 +1,8 @@
 """Latent store -> videos (`python -m reducio_jax decode ...`).
 
 `decode_store` yields decoded clips (float32 [-1, 1]) batch by batch; `decode_to_mp4` writes
-one H.264 file per clip, ``OUT/<index>_<name>.mp4``. The content frame is read as stored
+one H.264 file per clip, ``OUT/<index>_<name>.mp4`` (for a store of whole videos, one file per
+video of its original length and size, `latents.videos.decode_videos`). The content frame is read as stored
 (uint8) and converted exactly as the data loader converts frames, so decoding the stored
 latent reproduces `ReducioVAE.reconstruct` of the same clip.
 """
@@ -32,7 +33,7 @@ from reducio_jax.latents.runtime import (
     to_uint8,
     write_mp4,
 )
-from reducio_jax.latents.store import LatentStore, StoreError
+from reducio_jax.latents.store import VIDEOS, LatentStore, StoreError
 from reducio_jax.sharding import batch_sharding
 
 Entry = tuple[int, int, dict[str, Any]]  # (shard, row, clip info)
@@ -108,8 +109,26 @@ def decode_to_mp4(opts: DecodeOptions) -> dict[str, Any]:
     batch = batch_size_for(mesh, opts.batch_size)
     vae = load_vae(opts.checkpoint, _store_config(store, opts.config), mesh)
     _check_model(vae, store)
-    fps = opts.fps or float(store.meta["video"]["fps"])
     out = pathlib.Path(opts.out)
+    if store.kind == VIDEOS:  # whole videos: streamed, each at its own length, size and fps
+        from reducio_jax.latents.videos import decode_videos  # imports reconstruct (no cycle)
+
+        written = decode_videos(
+            vae,
+            store,
+            mesh,
+            batch,
+            out,
+            num_videos=opts.num_clips,
+            fps=opts.fps,
+            progress=opts.progress,
+        )
+        return {
+            "out": str(out),
+            "videos": written,
+            "seconds": round(time.perf_counter() - began, 3),
+        }
+    fps = opts.fps or float(store.meta["video"]["fps"])
     written = []
     total = len(store.entries()[: opts.num_clips])
     with tqdm(total=total, desc="decode", unit="clip", disable=not opts.progress) as bar:

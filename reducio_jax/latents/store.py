@@ -13,6 +13,18 @@ Layout of a store directory::
 Clips ``0..N-1`` are split into contiguous shards; every array is chunked one clip per chunk,
 so a reader fetches exactly one clip per item. A shard without ``done`` is incomplete and is
 rewritten from scratch by the next `encode` run; shards with ``done`` are skipped.
+
+A store of whole videos (``encode --whole_videos``, store.json ``"kind": "videos"``) holds each
+video's `VideoLatent` (docs/video.md): its K overlapping 16-frame windows, one window per chunk::
+
+    STORE/shard-00000/video-000000/latent/   # zarr (K, t, h, w, z) float32, one per window
+    STORE/shard-00000/video-000000/content/  # zarr (K, H', W', 3) uint8: each window's content
+                                             #   frame at the padded size (multiples of 32)
+    STORE/shard-00000/videos.json            # per video: index, name, valid, num_frames,
+                                             #   height, width, fps, starts (the window table)
+    STORE/shard-00000/done
+
+Videos ``0..N-1`` are split into shards as clips are, and resumed the same way.
 """
 
 from __future__ import annotations
@@ -29,14 +41,29 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from reducio_jax.api import VideoLatent
+from reducio_jax.data import video_to_float
+
 FORMAT = "reducio-latents"
 VERSION = 1
 META_FILE = "store.json"
 DONE_FILE = "done"
 CLIPS_FILE = "clips.json"
+VIDEOS_FILE = "videos.json"
 ARRAYS = ("latent", "content", "mean", "logvar")
+CLIPS, VIDEOS = "clips", "videos"  # store kinds: 16-frame clips, or whole videos
 # store.json keys that must agree for a run to resume into an existing store.
-RESUME_KEYS = ("format", "version", "num_clips", "num_shards", "arrays", "video", "data")
+RESUME_KEYS = (
+    "format",
+    "version",
+    "kind",
+    "num_clips",
+    "num_videos",
+    "num_shards",
+    "arrays",
+    "video",
+    "data",
+)
 
 
 class StoreError(ValueError):
@@ -45,9 +72,9 @@ class StoreError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ArraySpec:
-    """Per-clip shape and dtype of one stored array."""
+    """Per-clip (per-window) shape and dtype of one stored array; None: differs per video."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
     dtype: str
 
     def to_json(self) -> dict[str, Any]:
@@ -55,11 +82,16 @@ class ArraySpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ArraySpec:
-        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+        return cls(tuple(None if s is None else int(s) for s in d["shape"]), str(d["dtype"]))
 
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
+
+
+def video_dir_name(index: int) -> str:
+    """The folder of one whole video's arrays inside its shard."""
+    return f"video-{index:06d}"
 
 
 def shard_ranges(num_clips: int, num_shards: int) -> list[tuple[int, int]]:
@@ -171,7 +203,20 @@ class LatentStore:
                 f"{self.root}: {missing} of {len(self.ranges)} shards are unfinished; run encode "
                 "again to complete them (or read with allow_partial=True)"
             )
-        self._handles: dict[tuple[int, str], ts.TensorStore] = {}
+        self._handles: dict[tuple, ts.TensorStore] = {}
+
+    @property
+    def kind(self) -> str:
+        """ "clips" (16-frame clips, one row each) or "videos" (whole videos, `VideoLatent`s)."""
+        return self.meta.get("kind", CLIPS)
+
+    def _require(self, kind: str, use: str) -> None:
+        if self.kind != kind:
+            raise StoreError(
+                f"{self.root} holds {self.kind}, not {kind}: use {use} "
+                f"(the store was written {'with' if self.kind == VIDEOS else 'without'} "
+                "encode --whole_videos)"
+            )
 
     def clips(self, shard: int) -> list[dict[str, Any]]:
         """Rows of a finished shard: {"index", "name", "valid"}."""
@@ -179,6 +224,7 @@ class LatentStore:
 
     def entries(self, valid_only: bool = True) -> list[tuple[int, int, dict[str, Any]]]:
         """(shard, row, clip) of every row of the finished shards, in clip order."""
+        self._require(CLIPS, "videos() / video_latent() for a store of whole videos")
         out = []
         for shard in self.done:
             for row, clip in enumerate(self.clips(shard)):
@@ -203,6 +249,51 @@ class LatentStore:
         futures = [handle[r].read() for r in rows]
         return np.stack([f.result() for f in futures])
 
+    # -- whole videos ---------------------------------------------------------------------------
+    def videos(self, valid_only: bool = True) -> list[tuple[int, dict[str, Any]]]:
+        """(shard, video) of every video of the finished shards, in order. A video is
+        {"index", "name", "valid", "num_frames", "height", "width", "fps", "starts", ...}."""
+        self._require(VIDEOS, "entries() / decode_store() for a store of clips")
+        out = []
+        for shard in self.done:
+            records = json.loads((self.root / shard_name(shard) / VIDEOS_FILE).read_text())
+            out += [(shard, v) for v in records if v["valid"] or not valid_only]
+        return out
+
+    def video_handle(self, shard: int, index: int, name: str) -> ts.TensorStore:
+        """The zarr array `name` (K, ...) of video `index` (its record index) in `shard`."""
+        if name not in self.arrays:
+            raise StoreError(f"{self.root} has no '{name}' array (has {sorted(self.arrays)})")
+        key = (shard, index, name)
+        if key not in self._handles:
+            path = self.root / shard_name(shard) / video_dir_name(index) / name
+            self._handles[key] = open_array(path)
+        return self._handles[key]
+
+    def read_windows(
+        self, shard: int, video: dict[str, Any], name: str, start: int = 0, stop: int | None = None
+    ) -> np.ndarray:
+        """Windows [start, stop) of one video's array `name` (stop clamped to K): (k, ...)."""
+        handle = self.video_handle(shard, int(video["index"]), name)
+        stop = handle.shape[0] if stop is None else min(stop, handle.shape[0])
+        return handle[start:stop].read().result()
+
+    def video_latent(self, shard: int, video: dict[str, Any]) -> VideoLatent:
+        """One stored video as the `VideoLatent` (batch of 1) that `ReducioVAE.decode_video`
+        takes; the content frames converted to [-1, 1] as the data loader converts frames."""
+        latents = self.read_windows(shard, video, "latent")  # (K, t, h, w, z)
+        content = np.asarray(video_to_float(self.read_windows(shard, video, "content")))
+        return VideoLatent(
+            latents=latents[None],
+            content_frames=content[None],  # (1, K, H', W', 3)
+            starts=tuple(int(s) for s in video["starts"]),
+            num_frames=int(video["num_frames"]),
+            height=int(video["height"]),
+            width=int(video["width"]),
+            window=int(self.meta["video"]["window"]),
+            overlap=int(self.meta["video"]["overlap"]),
+        )
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_handles"] = {}  # TensorStore handles are reopened in each process
@@ -211,6 +302,9 @@ class LatentStore:
 
 __all__ = [
     "ARRAYS",
+    "CLIPS",
+    "VIDEOS",
+    "VIDEOS_FILE",
     "ArraySpec",
     "LatentStore",
     "ShardWriter",
@@ -221,5 +315,6 @@ __all__ = [
     "shard_done",
     "shard_name",
     "shard_ranges",
+    "video_dir_name",
     "write_json_atomic",
 ]
