@@ -51,7 +51,9 @@ def _encode_parser(sub: argparse._SubParsersAction) -> None:
     )
     whole.add_argument("--overlap", type=int, default=4, help="frames shared by neighbour windows")
     whole.add_argument(
-        "--window_batch", type=int, help="windows per compiled call (default 4, x devices)"
+        "--window_batch",
+        type=int,
+        help="windows per compiled call (default: 4, rounded up to a multiple of the devices)",
     )
 
 

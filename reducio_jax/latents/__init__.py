@@ -10,6 +10,10 @@ Public API::
     decode_to_mp4(DecodeOptions(store=..., checkpoint=..., out="videos/"))
     StoreError                                 # missing / unfinished / inconsistent store
 
+Whole videos of any length (``encode --whole_videos``, `VideoLatent`s): see
+`reducio_jax.latents.videos` (imported on its own: it builds on `reducio_jax.reconstruct`);
+`LatentStore.videos` / `video_latent` and `LatentSource` read them.
+
 Command line: ``python -m reducio_jax encode ...`` / ``decode ...`` (or ``reducio-jax``).
 Store layout: see `reducio_jax.latents.store`; docs/eval.md.
 """
