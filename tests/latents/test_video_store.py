@@ -41,8 +41,8 @@ def _frames(num_frames: int, seed: int) -> np.ndarray:
     return np.round((0.7 * wave + 1) * 127.5).astype(np.uint8)
 
 
-def _write(path: pathlib.Path, frames: np.ndarray) -> None:
-    with av.open(str(path), "w") as container:
+def _write(path: pathlib.Path, frames: np.ndarray, **options) -> None:
+    with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream("libx264", rate=16)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv444p"
@@ -53,8 +53,13 @@ def _write(path: pathlib.Path, frames: np.ndarray) -> None:
 
 
 def _read(path: pathlib.Path) -> np.ndarray:
+    """Every frame that decodes (a truncated file: up to the first error)."""
+    frames = []
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        with contextlib.suppress(av.FFmpegError):
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+    return np.stack(frames)
 
 
 def _encode(ckpt, data, out, *extra) -> int:
@@ -73,22 +78,27 @@ def ckpt(fixtures_dir, tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> pathlib.Path:
-    """A file that is not a video, then two videos of different lengths."""
+    """A file that is not a video, two videos of different lengths, a truncated video."""
     root = tmp_path_factory.mktemp("videos")
     (root / "0_bad.mp4").write_bytes(b"not a video")
     for seed, (name, length) in enumerate(LENGTHS.items()):
         _write(root / name, _frames(length, seed))
+    _write(root / "full.mp4", _frames(40, 2), movflags="+faststart")
+    data = (root / "full.mp4").read_bytes()
+    (root / "3_cut.mp4").write_bytes(data[: len(data) * 6 // 10])  # index kept, frames cut
+    (root / "full.mp4").unlink()
     return root
 
 
 @pytest.fixture(scope="module")
 def encoded(ckpt, folder, tmp_path_factory) -> tuple[pathlib.Path, dict]:
-    """The store (2 shards: bad + long, short) and the encode summary."""
+    """The store (2 shards: bad + long, short + cut), the encode summary and its warnings."""
     out = tmp_path_factory.mktemp("latents") / "store"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         assert _encode(ckpt, folder, out, "--num_shards", "2") == 0
-    return out, json.loads(stdout.getvalue().strip().splitlines()[-1])
+    summary = json.loads(stdout.getvalue().strip().splitlines()[-1])
+    return out, summary, stderr.getvalue().strip().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -101,20 +111,29 @@ def vae(ckpt, mesh):
     return load_vae(ckpt, TINY, mesh)
 
 
-def test_summary_and_records(encoded, folder):
-    store, summary = encoded
-    assert summary["encoded_videos"] == 2 and summary["encoded_windows"] == 3 + 2
+def test_summary_records_and_warnings(encoded, folder):
+    store, summary, warnings = encoded
+    records = [v for _, v in LatentStore(store).videos(valid_only=False)]
+    assert [r["valid"] for r in records] == [False, True, True, True]
+    assert "not a readable video" in records[0]["error"]
+    for record in records[1:3]:
+        assert record["num_frames"] == LENGTHS[pathlib.Path(record["name"]).name]
+        assert record["lost_frames"] == 0
+    cut = records[3]
+    kept = cut["num_frames"]
+    assert 16 < kept < 40 and cut["lost_frames"] == 40 - kept  # stored as far as it decodes
+    for record in records[1:]:
+        assert (record["height"], record["width"], record["fps"]) == (HEIGHT, WIDTH, 16)
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("warning: skipped: ") and "0_bad.mp4" in warnings[0]
+    assert f"decoded {kept} of 40 frames; {40 - kept} lost" in warnings[1]
+    windows = sum(len(r["starts"]) for r in records[1:])
+    assert summary["encoded_videos"] == 3 and summary["encoded_windows"] == windows
     assert summary["skipped_videos"] == [str(folder / "0_bad.mp4")]
     assert summary["encoded_shards"] == ["shard-00000", "shard-00001"]
     meta = json.loads((store / "store.json").read_text())
-    assert meta["kind"] == "videos" and meta["num_videos"] == 3
+    assert meta["kind"] == "videos" and meta["num_videos"] == 4
     assert meta["video"]["overlap"] == 4 and meta["video"]["window"] == 16
-    records = [v for _, v in LatentStore(store).videos(valid_only=False)]
-    assert [r["valid"] for r in records] == [False, True, True]
-    assert "not a readable video" in records[0]["error"]
-    for record in records[1:]:
-        assert record["num_frames"] == LENGTHS[pathlib.Path(record["name"]).name]
-        assert (record["height"], record["width"], record["fps"]) == (HEIGHT, WIDTH, 16)
 
 
 def test_stored_video_latents_equal_encode_video(encoded, folder, vae):
@@ -136,19 +155,21 @@ def test_stored_video_latents_equal_encode_video(encoded, folder, vae):
 
 
 def test_streamed_decode_equals_decode_video(encoded, vae, mesh):
+    """The long video: 3 windows in 2 calls (the second padded), 2 fades, cropped to 32x40."""
     store = LatentStore(encoded[0])
-    for shard, record in store.videos():
-        parts = list(decode_video_frames(vae, store, shard, record, mesh, batch=2))
-        streamed = np.concatenate(parts)
-        whole = np.asarray(vae.decode_video(store.video_latent(shard, record), window_batch=2))[0]
-        assert streamed.shape == (record["num_frames"], HEIGHT, WIDTH, 3)
-        np.testing.assert_allclose(streamed, whole, atol=1e-5, rtol=0)
+    shard, record = store.videos()[0]
+    parts = list(decode_video_frames(vae, store, shard, record, mesh, batch=2))
+    streamed = np.concatenate(parts)
+    whole = np.asarray(vae.decode_video(store.video_latent(shard, record), window_batch=2))[0]
+    assert streamed.shape == (40, HEIGHT, WIDTH, 3)
+    np.testing.assert_allclose(streamed, whole, atol=1e-5, rtol=0)
 
 
 def test_decode_cli_writes_original_length_and_size(encoded, ckpt, tmp_path, capsys):
     out = tmp_path / "decoded"
     args = ["decode", "--store", str(encoded[0]), "--checkpoint", str(ckpt), "--out", str(out)]
-    assert main([*args, "--devices", "2", "--batch_size", "2", "--no_progress"]) == 0
+    flags = ["--devices", "2", "--batch_size", "2", "--num_clips", "2", "--no_progress"]
+    assert main([*args, *flags]) == 0  # the first two stored videos
     assert _summary(capsys)["videos"] == 2
     files = sorted(out.iterdir())
     assert [f.name for f in files] == ["000001_1_long.mp4", "000002_2_short.mp4"]
@@ -159,26 +180,26 @@ def test_decode_cli_writes_original_length_and_size(encoded, ckpt, tmp_path, cap
 def test_latent_source_gives_windows(encoded):
     store = LatentStore(encoded[0])
     source = pickle.loads(pickle.dumps(LatentSource(encoded[0])))  # as Grain workers get it
-    assert len(source) == 3 + 2
     items = [source[i] for i in range(len(source))]
-    assert [(int(x["index"]), int(x["window"]), int(x["start"])) for x in items] == [
-        (1, 0, 0), (1, 1, 12), (1, 2, 24), (2, 0, 0), (2, 1, 4),
-    ]  # fmt: skip
-    (shard, record), _ = store.videos()
+    keys = [(int(x["index"]), int(x["window"]), int(x["start"])) for x in items]
+    assert keys[:5] == [(1, 0, 0), (1, 1, 12), (1, 2, 24), (2, 0, 0), (2, 1, 4)]  # 40, 20 frames
+    (_, cut) = store.videos()[2]
+    assert keys[5:] == [(3, k, s) for k, s in enumerate(cut["starts"])]
+    (shard, record) = store.videos()[0]
     latent = store.video_latent(shard, record)
     np.testing.assert_array_equal(items[2]["latent"], latent.latents[0, 2])
     assert items[2]["content"].dtype == np.uint8 and items[2]["content"].shape == (32, 64, 3)
-    batch = grain.MapDataset.source(source).shuffle(seed=0).batch(5)[0]
-    assert batch["latent"].shape == (5, *latent.latents.shape[2:])
-    assert sorted(batch["start"].tolist()) == [0, 0, 4, 12, 24]
+    batch = grain.MapDataset.source(source).shuffle(seed=0).batch(len(source))[0]
+    assert batch["latent"].shape == (len(source), *latent.latents.shape[2:])
+    assert sorted(batch["start"].tolist()) == sorted(s for _, _, s in keys)
     with pytest.raises(IndexError):
-        source[5]
+        source[len(source)]
 
 
 def test_resume_encodes_only_the_unfinished_shard(encoded, ckpt, folder, tmp_path, capsys):
     copy = tmp_path / "store"
     shutil.copytree(encoded[0], copy, copy_function=shutil.copy2)
-    (copy / "shard-00001" / "done").unlink()  # as if interrupted in the short video
+    (copy / "shard-00001" / "done").unlink()  # as if interrupted in the short or cut video
     with pytest.raises(StoreError, match="unfinished"):
         LatentSource(copy)
     chunk = copy / "shard-00000" / "video-000001" / "latent" / "0.0.0.0.0"
@@ -187,11 +208,13 @@ def test_resume_encodes_only_the_unfinished_shard(encoded, ckpt, folder, tmp_pat
     assert _encode(ckpt, folder, copy, "--num_shards", "2") == 0
     summary = _summary(capsys)
     assert summary["encoded_shards"] == ["shard-00001"]
-    assert summary["skipped_shards"] == ["shard-00000"] and summary["encoded_windows"] == 2
+    again = [len(v["starts"]) for shard, v in LatentStore(copy).videos() if shard == 1]
+    assert summary["skipped_shards"] == ["shard-00000"] and summary["encoded_windows"] == sum(again)
     assert chunk.stat().st_mtime_ns == mtime
-    np.testing.assert_array_equal(
-        LatentSource(copy)[4]["latent"], LatentSource(encoded[0])[4]["latent"]
-    )
+    resumed, first = LatentSource(copy), LatentSource(encoded[0])
+    assert len(resumed) == len(first)
+    for i in range(len(first)):
+        np.testing.assert_array_equal(resumed[i]["latent"], first[i]["latent"])
     assert _encode(ckpt, folder, copy, "--num_shards", "2", "--overlap", "2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different 'video'" in err[0] and "--overwrite" in err[0]
