@@ -241,37 +241,40 @@ def encode_video_file(
         check_size(info)
     fps = info.fps if ctx.opts.keep_fps and info.fps > 0 else ctx.fps
     report = DecodeReport()
-    cutter = WindowCutter(ctx.vae.window, ctx.opts.overlap)
-    arrays, pending, starts = None, [], []
-    for frame in _frames(ctx, info, fps, report):
-        if arrays is None:
-            arrays = VideoArrays(folder, _latent_specs(ctx.vae, *frame.shape[:2]))
-            height, width = frame.shape[:2]
-        pending += cutter.push(frame)
-        if len(pending) >= ctx.batch:
-            starts += _flush(ctx, arrays, pending)
-    if arrays is None:
+    stored = _encode_frames(ctx, _frames(ctx, info, fps, report), folder)
+    if stored is None:
         raise InputError(f"{path}: no frame could be decoded ({report.error})")
-    pending += cutter.finish()
-    while pending:
-        starts += _flush(ctx, arrays, pending)
     lost = 0 if info.expected_frames is None else max(0, info.expected_frames - report.decoded)
     if lost:
         warn(
             f"{path}: decoded {report.decoded} of {info.expected_frames} frames; {lost} lost "
             f"({report.error or 'the file ends early'}); the store has the decoded part only"
         )
-    return {
-        "index": index,
-        "name": str(path),
-        "valid": True,
-        "num_frames": cutter.num_frames,
-        "height": int(height),
-        "width": int(width),
-        "fps": round(fps, 6),
-        "starts": starts,
-        "lost_frames": lost,
-    }
+    record = {"index": index, "name": str(path), "valid": True}
+    return {**record, **stored, "fps": round(fps, 6), "lost_frames": lost}
+
+
+def _encode_frames(
+    ctx: _Context, frames: Iterator[np.ndarray], folder: pathlib.Path
+) -> dict[str, Any] | None:
+    """Frames -> windows -> stored batch by batch; {num_frames, height, width, starts}, or
+    None when there was no frame."""
+    cutter = WindowCutter(ctx.vae.window, ctx.opts.overlap)
+    arrays, pending, starts = None, [], []
+    for frame in frames:
+        if arrays is None:  # the first frame gives the size
+            arrays = VideoArrays(folder, _latent_specs(ctx.vae, *frame.shape[:2]))
+            height, width = frame.shape[:2]
+        pending += cutter.push(frame)
+        if len(pending) >= ctx.batch:
+            starts += _flush(ctx, arrays, pending)
+    if arrays is None:
+        return None
+    pending += cutter.finish()
+    while pending:
+        starts += _flush(ctx, arrays, pending)
+    size = {"height": int(height), "width": int(width)}
+    return {"num_frames": cutter.num_frames, **size, "starts": starts}
 
 
 def _flush(ctx: _Context, arrays: VideoArrays, pending: list) -> list[int]:
@@ -291,10 +294,10 @@ def _flush(ctx: _Context, arrays: VideoArrays, pending: list) -> list[int]:
 def _store_meta(opts, vae: ReducioVAE, target_fps: float, files, ranges) -> dict[str, Any]:
     size = None if opts.resolution is None else parse_resolution(opts.resolution)
     specs = _latent_specs(vae, *(size or (32, 32)))
-    if size is None:  # frame sizes differ from video to video
+    if size is None:  # frame sizes differ from video to video: h, w, H', W' unknown (None)
         t, _, _, z = specs["latent"].shape
-        specs = {"latent": ArraySpec((t, None, None, z), "float32"),
-                 "content": ArraySpec((None, None, 3), "uint8")}  # fmt: skip
+        specs["latent"] = ArraySpec((t, None, None, z), "float32")
+        specs["content"] = ArraySpec((None, None, 3), "uint8")
     return {
         "format": FORMAT,
         "version": VERSION,
