@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reducio_jax.models.convolution import conv_general_dilated
+
 Dtype = jnp.dtype | type
 Padding = Sequence[tuple[int, int]]
 
@@ -36,7 +38,7 @@ def conv(
     param_dtype: Dtype = jnp.float32,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """An N-d convolution over channels-last inputs `(B, *spatial, C)`."""
+    """An N-d convolution over channels-last inputs `(B, *spatial, C)` (CPU forms: convolution.py)."""
     spatial = len(kernel_size)
     strides = (stride,) * spatial if isinstance(stride, int) else tuple(stride)
     return nnx.Conv(
@@ -52,6 +54,7 @@ def conv(
             default_kernel_init, (None,) * spatial + ("conv_in", "conv_out")
         ),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 

@@ -1,0 +1,77 @@
+"""The CPU forms of 3D convolutions equal `lax.conv_general_dilated`, values and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from reducio_jax.models import convolution
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+SAME = [(1, 1)] * 3
+DOWN = [(0, 1)] * 3  # the Downsample convolution's asymmetric padding
+
+CASES = [  # (input shape, kernel shape, strides, padding, the form the dispatcher picks)
+    ((2, 5, 8, 6, 16), (3, 3, 3, 16, 12), (1, 1, 1), SAME, "temporal_taps"),
+    ((1, 6, 9, 8, 12), (3, 3, 3, 12, 12), (2, 2, 2), DOWN, "temporal_taps"),
+    ((1, 4, 8, 8, 12), (1, 3, 3, 12, 12), (1, 2, 2), [(0, 0), (0, 1), (0, 1)], "temporal_taps"),
+    ((1, 4, 6, 6, 16), (1, 1, 1, 16, 24), (1, 1, 1), [(0, 0)] * 3, "matmul"),
+    ((2, 5, 8, 6, 3), (3, 3, 3, 3, 16), (1, 1, 1), SAME, "taps_as_channels"),
+    ((2, 5, 8, 6, 16), (3, 3, 3, 16, 3), (1, 1, 1), SAME, "output_taps"),
+]
+
+
+def _inputs(x_shape, w_shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[:-1])), jnp.float32)
+    return x, w
+
+
+def _spy(fn, name, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding, form", CASES)
+def test_cpu_forms_match_xla(x_shape, w_shape, strides, padding, form, monkeypatch):
+    x, w = _inputs(x_shape, w_shape)
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+
+    def ours(x, w):
+        return convolution.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+
+    chosen = []
+    for name in ("temporal_taps", "taps_as_channels", "output_taps"):
+        monkeypatch.setattr(convolution, name, _spy(getattr(convolution, name), name, chosen))
+    np.testing.assert_allclose(ours(x, w), ref(x, w), atol=2e-5, rtol=1e-5)
+    assert chosen == ([] if form == "matmul" else [form])
+    # No 3D convolution is left in the CPU graph.
+    convs = [
+        e for e in jax.make_jaxpr(ours)(x, w).eqns if e.primitive.name == "conv_general_dilated"
+    ]
+    assert all(len(e.params["dimension_numbers"].lhs_spec) == 4 for e in convs)
+    # Gradients with respect to both operands agree too.
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for got, want in zip(
+        jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_switch_off_keeps_the_plain_convolution(monkeypatch):
+    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0")
+    x, w = _inputs((1, 4, 6, 6, 8), (3, 3, 3, 8, 8))
+    jaxpr = jax.make_jaxpr(
+        lambda x, w: convolution.conv_general_dilated(x, w, (1, 1, 1), SAME, dimension_numbers=DN)
+    )(x, w)
+    (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert len(eqn.params["dimension_numbers"].lhs_spec) == 5
