@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, not another installed 
 
 from reducio_jax.api import ReducioVAE, load_config  # noqa: E402
 from reducio_jax.train.monitor import peak_flops, step_flops  # noqa: E402
+
 OPS = ("encode", "decode", "reconstruct", "train_step", "eval_metrics")
 CONFIGS = ("tiny", "reducio_ft4", "reducio_ft2", "reducio_ft4_1024px")
 DTYPES = ("float32", "bfloat16")
@@ -116,12 +117,17 @@ def _git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -144,6 +150,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": _git_commit(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -188,6 +195,18 @@ def _api(graph: nnx.GraphDef, cfg: ml_collections.ConfigDict):
     return lambda state: ReducioVAE(nnx.merge(graph, state), cfg)
 
 
+_MODELS: dict[str, ReducioVAE] = {}  # randomly initialised models of this process, by config
+
+
+def random_vae(cfg: ml_collections.ConfigDict) -> ReducioVAE:
+    """The model of `cfg.model` with its own init (seed 0), built once per process."""
+    key = cfg.model.to_json_best_effort(sort_keys=True)
+    if key not in _MODELS:
+        with nnx.use_eager_sharding(False):
+            _MODELS[key] = ReducioVAE.from_config(cfg, seed=0)
+    return _MODELS[key]
+
+
 def vae_program(
     op: str, cfg: ml_collections.ConfigDict, video: np.ndarray, vae: ReducioVAE | None = None
 ) -> Program:
@@ -195,9 +214,7 @@ def vae_program(
     on `vae` or a randomly initialised one."""
     from reducio_jax.models import content_frame_index
 
-    if vae is None:
-        with nnx.use_eager_sharding(False):
-            vae = ReducioVAE.from_config(cfg, seed=0)
+    vae = vae or random_vae(cfg)
     graph, state = nnx.split(vae.model)
     api = _api(graph, cfg)
     video = jnp.asarray(video)
@@ -239,9 +256,12 @@ def train_program(cfg: ml_collections.ConfigDict, video: np.ndarray) -> Program:
         step,
         (state, batch, lpips_state),
         advance=lambda args, out: (out[0], *args[1:]),
-        extra={"disc_start": int(weights.disc_start), "perceptual_weight": weights.perceptual_weight,
-               "remat": bool(cfg.model.remat)},
-    )  # fmt: skip
+        extra={
+            "disc_start": int(weights.disc_start),
+            "perceptual_weight": weights.perceptual_weight,
+            "remat": bool(cfg.model.remat),
+        },
+    )
 
 
 def eval_program(video: np.ndarray) -> Program:
@@ -284,8 +304,13 @@ def memory_of(compiled: Any) -> dict[str, int] | None:
         return None
     if m is None:
         return None
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "alias_size_in_bytes", "generated_code_size_in_bytes")  # fmt: skip
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     out = {f.removesuffix("_size_in_bytes"): int(getattr(m, f, 0) or 0) for f in fields}
     out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
     return out
@@ -350,9 +375,11 @@ def run_case(
     case: Case, repeats: int, compiler_options: dict | None = None, *, warmup: bool = True
 ) -> dict:
     cfg = case_config(case)
+    t = time.perf_counter()
     program = build_program(case, cfg)
+    build_s = time.perf_counter() - t
     timing = measure(program, repeats, compiler_options, warmup=warmup)
-    extra = dict(program.extra)
+    extra = {"build_s": round(build_s, 3), **program.extra}
     if compiler_options:
         extra["compiler_options"] = compiler_options
     return record(case, cfg, timing, extra)

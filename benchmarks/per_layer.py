@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from harness import Program, case_config, input_video, measure
+
 from reducio_jax.api import ReducioVAE
 
 HOOKED = re.compile(r"Attention|Norm")
@@ -82,8 +82,7 @@ def _conv_name(eqn: Any) -> str:
     dims = len(spec) - 2
     groups = f" g{p['feature_group_count']}" if p["feature_group_count"] > 1 else ""
     return (
-        f"conv{dims}d {kernel} s{strides}{groups} {cin}->{cout} "
-        f"in {tuple(lhs.shape)} {lhs.dtype}"
+        f"conv{dims}d {kernel} s{strides}{groups} {cin}->{cout} in {tuple(lhs.shape)} {lhs.dtype}"
     )
 
 
@@ -130,10 +129,15 @@ def module_hooks(model: nnx.Module, calls: dict) -> Iterator[None]:
             key = (cls.__name__, repr(graph), repr(arg_specs), repr(sorted(kwargs.items())))
             if key not in calls:
                 calls[key] = {
-                    "cls": cls.__name__, "graph": graph, "params": jax.tree.map(_spec, params),
-                    "rest": jax.tree.map(_spec, rest), "args": arg_specs, "kwargs": kwargs,
-                    "count": 0, "within": stack[-1] if stack else "",
-                }  # fmt: skip
+                    "cls": cls.__name__,
+                    "graph": graph,
+                    "params": jax.tree.map(_spec, params),
+                    "rest": jax.tree.map(_spec, rest),
+                    "args": arg_specs,
+                    "kwargs": kwargs,
+                    "count": 0,
+                    "within": stack[-1] if stack else "",
+                }
             calls[key]["count"] += 1
             stack.append(cls.__name__)
             try:
@@ -177,7 +181,9 @@ def _module_maker(call: dict) -> Callable[[], tuple[Callable, tuple]]:
 
         params = _random_tree(call["params"], 10)
         rest = _random_tree(call["rest"], 20)
-        inputs = tuple(_random(call["args"][i].shape, call["args"][i].dtype, 30 + i) for i in arrays)
+        inputs = tuple(
+            _random(call["args"][i].shape, call["args"][i].dtype, 30 + i) for i in arrays
+        )
         return apply, (params, rest, *inputs)
 
     return make

@@ -34,8 +34,10 @@ def op_table(records: list[dict]) -> str:
     lines = [head, "|" + "---|" * 14]
     for r in records:
         if r.get("record") == "skipped":
-            lines.append(f"| {r['op']} | {r['config']} | {r['dtype']} | {_clip(r)} | "
-                         f"skipped: {r['reason']} |" + " |" * 9)  # fmt: skip
+            lines.append(
+                f"| {r['op']} | {r['config']} | {r['dtype']} | {_clip(r)} | "
+                f"skipped: {r['reason']} |" + " |" * 9
+            )
             continue
         mem = (r.get("memory_bytes") or {}).get("peak")
         ref = r.get("torch_reference") or {}
@@ -86,7 +88,8 @@ def env_block(env: dict[str, Any], command: str, note: str = "") -> str:
         f"- Command: `{command}`",
         f"- Date: {env['date']}; commit `{env['commit']}`",
         f"- Machine: {env['cpu']}, {env['cpu_cores']} cores; JAX backend `{env['backend']}`, "
-        f"device `{env['device_kind']}` x{env['device_count']}",
+        f"device `{env['device_kind']}` x{env['device_count']}; load average "
+        f"{env.get('load_average_1min')} at the start",
         f"- Versions: jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
         f"python {env['python']}" + (f", torch {env['torch']}" if env.get("torch") else ""),
         f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`",

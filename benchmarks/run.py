@@ -43,22 +43,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog="Exit status 0 on success, 1 when a run fails, 2 on bad input.",
     )
     p.add_argument("--op", nargs="+", choices=OPS, default=list(OPS), help="operations to time")
-    p.add_argument("--config", choices=CONFIGS, default="tiny", help="configs/NAME.py")
+    p.add_argument(
+        "--config",
+        nargs="+",
+        choices=CONFIGS,
+        default=["tiny"],
+        help="configs/NAME.py (several: each is timed, in one run)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
     p.add_argument("--batch", type=int, default=1, help="clips per call")
     p.add_argument("--frames", type=int, default=16, help="frames per clip")
-    p.add_argument("--resolution", type=int, help="frame size (default: the config's)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        nargs="+",
+        help="frame size (default: the config's); one, or one per --config",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
-    p.add_argument("--per-layer", action="store_true", help="time every distinct conv/attention/"
-                   "norm call of the reconstruction alone, forward and forward+backward")  # fmt: skip
-    p.add_argument("--torch-reference", metavar="PATH",
-                   help="checkout of microsoft/Reducio-VAE: time its reconstruction beside ours "
-                   "on the same weights and input, check they agree")  # fmt: skip
+    p.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="time every distinct conv/attention/"
+        "norm call of the reconstruction alone, forward and forward+backward",
+    )
+    p.add_argument(
+        "--torch-reference",
+        metavar="PATH",
+        help="checkout of microsoft/Reducio-VAE: time its reconstruction beside ours "
+        "on the same weights and input, check they agree",
+    )
     p.add_argument("--suite", choices=["accelerator"], help="the 256px ft4 bf16 GPU/TPU suite")
     p.add_argument("--quick", action="store_true", help="tiny, 32 px, each op once (CI)")
     p.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
-    p.add_argument("--max-minutes", type=float,
-                   help=f"skip what would start after this (suite default {ACCELERATOR_MINUTES})")  # fmt: skip
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help=f"skip what would start after this (suite default {ACCELERATOR_MINUTES})",
+    )
     p.add_argument("--jsonl", help="also append the records to this file")
     p.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
     p.add_argument("--results", default=str(DEFAULT_RESULTS), help="the Markdown file to update")
@@ -70,6 +91,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--repeats must be at least 1")
     if sum([args.quick, args.suite is not None, args.per_layer]) > 1:
         p.error("choose one of --quick, --suite, --per-layer")
+    if args.resolution and len(args.resolution) not in (1, len(args.config)):
+        p.error("give one --resolution, or one per --config")
+    if args.per_layer and len(args.config) > 1:
+        p.error("--per-layer takes one --config")
     return args
 
 
@@ -98,14 +123,24 @@ def plan(args: argparse.Namespace) -> tuple[list, dict]:
         cases = [Case(op, "tiny", "float32", 1, 16, 32) for op in OPS]
         return cases, {"repeats": 1, "warmup": False, "section": "quick"}
     if args.suite == "accelerator":
-        return accelerator_cases(), {"repeats": args.repeats, "warmup": True,
-                                     "section": "accelerator"}  # fmt: skip
+        return accelerator_cases(), {
+            "repeats": args.repeats,
+            "warmup": True,
+            "section": "accelerator",
+        }
     ops = ["reconstruct"] if args.per_layer else args.op
+    sizes = args.resolution or [None]
+    sizes = sizes * len(args.config) if len(sizes) == 1 else sizes
     cases = [
-        Case(op, args.config, args.dtype, args.batch, args.frames, args.resolution) for op in ops
+        Case(op, config, args.dtype, args.batch, args.frames, size)
+        for config, size in zip(args.config, sizes, strict=True)
+        for op in ops
     ]
-    size = f"{args.batch}x{args.frames}x{args.resolution or 'default'}"
-    name = f"{'per-layer' if args.per_layer else 'ops'} {args.config} {args.dtype} {size}"
+    shapes = ", ".join(
+        f"{c} {args.batch}x{args.frames}x{s or 'default'}"
+        for c, s in zip(args.config, sizes, strict=True)
+    )
+    name = f"{'per-layer' if args.per_layer else 'ops'} {args.dtype} {shapes}"
     if args.torch_reference:
         name += " vs torch"
     return cases, {"repeats": args.repeats, "warmup": True, "section": name}
@@ -132,28 +167,38 @@ def skipped(case, reason: str) -> dict:
     from harness import case_config
 
     cfg = case_config(case)
-    return {"record": "skipped", "op": case.op, "config": case.config, "dtype": case.dtype,
-            "batch": case.batch, "frames": case.frames,
-            "resolution": int(cfg.data.resolution), "reason": reason}  # fmt: skip
+    return {
+        "record": "skipped",
+        "op": case.op,
+        "config": case.config,
+        "dtype": case.dtype,
+        "batch": case.batch,
+        "frames": case.frames,
+        "resolution": int(cfg.data.resolution),
+        "reason": reason,
+    }
 
 
 def run_ops(cases: list, opts: dict, args: argparse.Namespace, out: Output) -> list[dict]:
-    from tqdm import tqdm
-
     import harness
+    from tqdm import tqdm
 
     budget = args.max_minutes
     if budget is None and args.suite == "accelerator":
         budget = ACCELERATOR_MINUTES
     start, records = time.perf_counter(), []
-    for case in tqdm(cases, desc="benchmarks", unit="op", disable=args.no_progress, file=sys.stderr):
+    for case in tqdm(
+        cases, desc="benchmarks", unit="op", disable=args.no_progress, file=sys.stderr
+    ):
         if budget is not None and time.perf_counter() - start > 60 * budget:
             rec = skipped(case, f"time budget of {budget:g} min spent")
         elif args.torch_reference and case.op == "reconstruct":
             import torch_reference
 
-            rec = {"record": "op", **torch_reference.compare(case, args.torch_reference,
-                                                              opts["repeats"])}  # fmt: skip
+            rec = {
+                "record": "op",
+                **torch_reference.compare(case, args.torch_reference, opts["repeats"]),
+            }
             rec["env"]["torch"] = rec["torch_reference"]["torch"]
         else:
             rec = {"record": "op", **harness.run_case(case, opts["repeats"], warmup=opts["warmup"])}
@@ -168,18 +213,22 @@ def run_ops(cases: list, opts: dict, args: argparse.Namespace, out: Output) -> l
 
 
 def run_per_layer(case, opts: dict, args: argparse.Namespace, out: Output) -> tuple[list, dict]:
-    from tqdm import tqdm
-
     import harness
     import per_layer
+    from tqdm import tqdm
 
     def progress(sites):
         return tqdm(sites, desc="layers", unit="call", disable=args.no_progress, file=sys.stderr)
 
     rows = per_layer.per_layer(case, opts["repeats"], progress)
     cfg = harness.case_config(case)
-    shape = {"config": case.config, "dtype": case.dtype, "batch": case.batch,
-             "frames": case.frames, "resolution": int(cfg.data.resolution)}  # fmt: skip
+    shape = {
+        "config": case.config,
+        "dtype": case.dtype,
+        "batch": case.batch,
+        "frames": case.frames,
+        "resolution": int(cfg.data.resolution),
+    }
     for row in rows:
         out.emit({"record": "layer", **shape, **row})
     whole = {"record": "op", **harness.run_case(case, opts["repeats"])}
@@ -209,9 +258,14 @@ def dry_run(cases: list, args: argparse.Namespace, out: Output) -> None:
 
     for case in cases:
         cfg = case_config(case)  # checks the case
-        out.emit({"record": "planned", "what": case.describe(cfg),
-                  "per_layer": bool(args.per_layer),
-                  "torch_reference": args.torch_reference if case.op == "reconstruct" else None})  # fmt: skip
+        out.emit(
+            {
+                "record": "planned",
+                "what": case.describe(cfg),
+                "per_layer": bool(args.per_layer),
+                "torch_reference": args.torch_reference if case.op == "reconstruct" else None,
+            }
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,17 +280,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001  (one line, not a traceback wall)
-        print(f"error: run failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: run failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            file=sys.stderr,
+        )
         return 1
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     import jax
-
-    from harness import BenchmarkError
+    from harness import BenchmarkError, case_config
 
     cases, opts = plan(args)
+    for case in cases:
+        case_config(case)  # bad input stops here, before anything runs
     out = Output(args.jsonl)
     if args.dry_run:
         dry_run(cases, args, out)

@@ -21,8 +21,16 @@ import time
 from typing import Any
 
 import numpy as np
-
-from harness import ROOT, BenchmarkError, Case, case_config, input_video, measure, record, vae_program
+from harness import (
+    ROOT,
+    BenchmarkError,
+    Case,
+    case_config,
+    input_video,
+    measure,
+    record,
+    vae_program,
+)
 
 TOLERANCE_F32 = 1e-3  # max |jax - torch| of the float32 reconstructions
 
@@ -67,8 +75,9 @@ def time_reference(reference: Any, video: np.ndarray, repeats: int) -> tuple[lis
 
     from reducio_jax import parity
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else os.cpu_count() or 1)  # fmt: skip
+    torch.set_num_threads(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     with contextlib.redirect_stdout(sys.stderr):
         parity.reference_stages(reference, video)
         times = []
