@@ -123,7 +123,17 @@ def _git_commit() -> str | None:
             timeout=10,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!benchmarks/RESULTS.md",
+            ],
             capture_output=True,
             text=True,
             timeout=10,
