@@ -58,12 +58,14 @@ class Case:
     batch: int = 1
     frames: int = 16
     resolution: int | None = None  # None: the config's data.resolution
+    attention: str = "xla"  # "cudnn": cuDNN flash attention (cfg.model.attention_impl; GPU, bf16)
 
     def describe(self, cfg: ml_collections.ConfigDict | None = None) -> str:
         res = self.resolution if self.resolution is not None else "config"
         if cfg is not None:
             res = cfg.data.resolution
-        return f"{self.op} {self.config} {self.dtype} {self.batch}x{self.frames}x{res}x{res}"
+        attention = "" if self.attention == "xla" else f" attention={self.attention}"
+        return f"{self.op} {self.config} {self.dtype} {self.batch}x{self.frames}x{res}x{res}{attention}"
 
 
 @dataclasses.dataclass
@@ -178,6 +180,9 @@ def case_config(case: Case) -> ml_collections.ConfigDict:
         raise BenchmarkError(f"unknown op {case.op!r}; choose from {', '.join(OPS)}")
     cfg = load_config(ROOT / "configs" / f"{case.config}.py")
     cfg.model.dtype = case.dtype
+    if case.attention not in ("xla", "cudnn"):
+        raise BenchmarkError(f"unknown attention {case.attention!r}; choose xla or cudnn")
+    cfg.model.attention_impl = "" if case.attention == "xla" else case.attention
     if case.resolution is not None:
         cfg.data.resolution = case.resolution
     cfg.data.num_frames = case.frames
@@ -365,6 +370,7 @@ def record(case: Case, cfg: ml_collections.ConfigDict, timing: Timing, extra: di
         "batch": case.batch,
         "frames": case.frames,
         "resolution": int(cfg.data.resolution),
+        "attention": case.attention,
         "trace_s": round(timing.trace_s, 3),
         "compile_s": round(timing.compile_s, 3),
         "first_run_s": round(timing.first_run_s, 4),

@@ -21,6 +21,11 @@ def _clip(r: dict) -> str:
     return f"{r['batch']}x{r['frames']}x{r['resolution']}x{r['resolution']}"
 
 
+def _dtype(r: dict) -> str:
+    attention = r.get("attention", "xla")
+    return r["dtype"] + ("" if attention == "xla" else f", {attention} attention")
+
+
 def _runs(r: dict) -> str:
     return f"{r['median_s']:.3f} ({len(r['times_s'])})"
 
@@ -35,14 +40,14 @@ def op_table(records: list[dict]) -> str:
     for r in records:
         if r.get("record") == "skipped":
             lines.append(
-                f"| {r['op']} | {r['config']} | {r['dtype']} | {_clip(r)} | "
+                f"| {r['op']} | {r['config']} | {_dtype(r)} | {_clip(r)} | "
                 f"skipped: {r['reason']} |" + " |" * 9
             )
             continue
         mem = (r.get("memory_bytes") or {}).get("peak")
         ref = r.get("torch_reference") or {}
         lines.append(
-            f"| {r['op']} | {r['config']} | {r['dtype']} | {_clip(r)} | {r['compile_s']:.1f} | "
+            f"| {r['op']} | {r['config']} | {_dtype(r)} | {_clip(r)} | {r['compile_s']:.1f} | "
             f"{_runs(r)} | {r['clips_per_s']:.3g} | {_num(r['flops'] and r['flops'] / 1e9, '.1f')} | "
             f"{_num(r['flop_per_s'] and r['flop_per_s'] / 1e9, '.1f')} | "
             f"{_num(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "

@@ -22,6 +22,7 @@ bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import shlex
@@ -58,6 +59,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         nargs="+",
         help="frame size (default: the config's); one, or one per --config",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["xla", "cudnn"],
+        default="xla",
+        help="attention implementation (cudnn: cuDNN flash attention, NVIDIA GPUs, bf16)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
     p.add_argument(
@@ -112,7 +119,8 @@ def accelerator_cases() -> list:
     train = [ft4("train_step", b) for b in (1, 2, 4, 8)]
     tiled = [ft4("reconstruct", 1, "reducio_ft4_1024px")]
     rest = [ft4(op, b) for op in ("reconstruct", "encode") for b in (2, 4)]
-    return first + train + tiled + rest
+    cudnn = [dataclasses.replace(ft4("reconstruct", 8), attention="cudnn")]
+    return first + train + tiled + rest + cudnn
 
 
 def plan(args: argparse.Namespace) -> tuple[list, dict]:
@@ -132,7 +140,7 @@ def plan(args: argparse.Namespace) -> tuple[list, dict]:
     sizes = args.resolution or [None]
     sizes = sizes * len(args.config) if len(sizes) == 1 else sizes
     cases = [
-        Case(op, config, args.dtype, args.batch, args.frames, size)
+        Case(op, config, args.dtype, args.batch, args.frames, size, args.attention)
         for config, size in zip(args.config, sizes, strict=True)
         for op in ops
     ]
@@ -141,6 +149,8 @@ def plan(args: argparse.Namespace) -> tuple[list, dict]:
         for c, s in zip(args.config, sizes, strict=True)
     )
     name = f"{'per-layer' if args.per_layer else 'ops'} {args.dtype} {shapes}"
+    if args.attention != "xla":
+        name += f" attention={args.attention}"
     if args.torch_reference:
         name += " vs torch"
     return cases, {"repeats": args.repeats, "warmup": True, "section": name}
@@ -175,6 +185,7 @@ def skipped(case, reason: str) -> dict:
         "batch": case.batch,
         "frames": case.frames,
         "resolution": int(cfg.data.resolution),
+        "attention": case.attention,
         "reason": reason,
     }
 
