@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import re
 import shlex
 import sys
 import time
@@ -145,7 +146,7 @@ def plan(args: argparse.Namespace) -> tuple[list, dict]:
         for op in ops
     ]
     shapes = ", ".join(
-        f"{c} {args.batch}x{args.frames}x{s or 'default'}"
+        f"{c} {args.batch}x{args.frames}x" + (f"{s}x{s}" if s else "default")
         for c, s in zip(args.config, sizes, strict=True)
     )
     name = f"{'per-layer' if args.per_layer else 'ops'} {args.dtype} {shapes}"
@@ -261,7 +262,8 @@ def write_results(args, opts: dict, records: list[dict], layers: list | None, ar
     else:
         body += "\n\n" + results.op_table(records)
     name = args.section or opts["section"]
-    results.update_section(pathlib.Path(args.results), name.replace(" ", "-"), name, body)
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "-", name).strip("-")
+    results.update_section(pathlib.Path(args.results), slug, name, body)
 
 
 def dry_run(cases: list, args: argparse.Namespace, out: Output) -> None:
