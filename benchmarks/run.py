@@ -248,7 +248,9 @@ def run_per_layer(case, opts: dict, args: argparse.Namespace, out: Output) -> tu
     return rows, whole
 
 
-def write_results(args, opts: dict, records: list[dict], layers: list | None, argv) -> None:
+def write_results(
+    args, opts: dict, records: list[dict], layers: list | None, argv, wall_s: float
+) -> None:
     import harness
     import results
 
@@ -256,6 +258,7 @@ def write_results(args, opts: dict, records: list[dict], layers: list | None, ar
     env = dict(harness.environment())
     env.update({k: v for r in records for k, v in r.get("env", {}).items() if k == "torch"})
     body = results.env_block(env, command, args.note)
+    body += f"\n- Whole run: {wall_s:.0f} s (imports, set-up, compiles and runs)"
     if layers is not None:
         whole = records[-1]["median_s"] if records else None
         body += "\n\n" + results.layer_table(layers, whole)
@@ -282,13 +285,14 @@ def dry_run(cases: list, args: argparse.Namespace, out: Output) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    start = time.perf_counter()  # before the package and JAX are imported
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(HERE))
     args = parse_args(argv)
     from harness import BenchmarkError
 
     try:
-        return _main(args, argv)
+        return _main(args, argv, start)
     except (BenchmarkError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -300,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _main(args: argparse.Namespace, argv: list[str]) -> int:
+def _main(args: argparse.Namespace, argv: list[str], start: float) -> int:
     import jax
     from harness import BenchmarkError, case_config
 
@@ -323,7 +327,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         records = run_ops(cases, opts, args, out)
     if args.write_results:
-        write_results(args, opts, records, layers, argv)
+        write_results(args, opts, records, layers, argv, time.perf_counter() - start)
     return 0
 
 
