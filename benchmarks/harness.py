@@ -268,7 +268,9 @@ def train_program(cfg: ml_collections.ConfigDict, video: np.ndarray) -> Program:
     nets = state_lib.Networks(vae_graph, disc_graph, lpips_graph, lpips_state)
     shardings = state_lib.state_shardings(cfg, mesh)
     step = jit_train_step(cfg, nets, weights, mesh, shardings)
-    state = state_lib.init_state(cfg, mesh)
+    # the VAE of the other ops (built once), a fresh discriminator, fresh optimizer states
+    with nnx.use_eager_sharding(False):
+        state = state_lib.state_from_modules(cfg, mesh, random_vae(cfg).model, None)
     first = jax.device_put(jnp.asarray(weights.disc_start, jnp.int32), shardings.step)
     state = state.replace(step=first)  # the GAN term is on from disc_start
     batch = {
