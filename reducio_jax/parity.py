@@ -230,12 +230,10 @@ def import_reference(repo: str | pathlib.Path) -> Any:
         raise ParityError(f"cannot import the reference from {repo}: {err}") from err
 
 
-def build_reference(module: Any, cfg: Any, state_dict: dict[str, np.ndarray]) -> Any:
-    """The official ReducioVAE for `cfg.model`, with the VAE weights of `state_dict`, in eval."""
-    import torch
-
+def reference_model(module: Any, cfg: Any) -> Any:
+    """The official ReducioVAE for `cfg.model`, without its loss, with torch's random init."""
     m = cfg.model
-    model = module.ReducioVAE(
+    return module.ReducioVAE(
         lossconfig={"target": f"{SHIM_MODULE}.NoLoss"},
         ddconfig=dict(m.ddconfig),
         ddconfig_2d=dict(m.ddconfig_2d),
@@ -244,6 +242,13 @@ def build_reference(module: Any, cfg: Any, state_dict: dict[str, np.ndarray]) ->
         tile_sample_min_size=int(m.tile_sample_min_size),
         tile_overlap_factor=float(m.tile_overlap_factor),
     )
+
+
+def build_reference(module: Any, cfg: Any, state_dict: dict[str, np.ndarray]) -> Any:
+    """The official ReducioVAE for `cfg.model`, with the VAE weights of `state_dict`, in eval."""
+    import torch
+
+    model = reference_model(module, cfg)
     tensors = {
         k: torch.from_numpy(np.asarray(v, np.float32).copy())
         for k, v in state_dict.items()

@@ -20,6 +20,11 @@ from reducio_jax.data.video import to_uint8
 log = logging.getLogger(__name__)
 
 # Peak dense bf16 FLOP/s per JAX device, matched (in order) against `device.device_kind`.
+# Sources (dense, i.e. without the 2:4-sparsity figure the datasheets print beside it):
+# NVIDIA H100 SXM / H200 datasheets (989 TFLOPS bf16 Tensor Core), A100 datasheet (312),
+# B200 (HGX B200 spec, 2.25 PFLOPS per GPU), L40S / L4 / A10G datasheets; Google Cloud TPU
+# system-architecture pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e: 275, 197, 459,
+# 918 TFLOPS bf16 per chip; v3: 123 per chip, two cores).
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("TPU v6 lite", 918e12),
     ("TPU v6e", 918e12),

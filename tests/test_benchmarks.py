@@ -1,0 +1,77 @@
+"""benchmarks/run.py: one op of the quick suite in process, its JSON record and Markdown row,
+the RESULTS.md section update, and the accelerator suite's dry run / CPU refusal. No timing
+assertions: speed is judged from benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+import results  # noqa: E402
+import run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encode_record() -> dict:
+    case = harness.Case("encode", "tiny", "float32", batch=1, frames=16, resolution=32)
+    return harness.run_case(case, repeats=1, warmup=False)  # as --quick runs it
+
+
+def test_record_fields(encode_record):
+    rec = json.loads(json.dumps(encode_record))  # one JSON line
+    assert (rec["op"], rec["config"], rec["dtype"]) == ("encode", "tiny", "float32")
+    assert (rec["batch"], rec["frames"], rec["resolution"]) == (1, 16, 32)
+    assert len(rec["times_s"]) == 1 and rec["median_s"] == rec["times_s"][0] > 0
+    assert rec["compile_s"] > 0 and rec["trace_s"] > 0
+    assert rec["clips_per_s"] == pytest.approx(1 / rec["median_s"], rel=1e-3)
+    assert rec["flops"] > 0  # XLA's cost analysis of the compiled encode
+    assert rec["flop_per_s"] == pytest.approx(rec["flops"] / rec["median_s"], rel=1e-3)
+    assert rec["peak_flop_per_s"] is None and rec["mfu"] is None  # no MFU on a CPU
+    mem = rec["memory_bytes"]
+    assert mem["peak"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"] > 0
+    env = rec["env"]
+    assert env["backend"] == "cpu" and env["cpu_cores"] >= 1 and env["cpu"]
+    assert env["jax"] and env["jaxlib"] and env["flax"] and env["date"].endswith("UTC")
+    assert "xla_flags" in env and "commit" in env
+
+
+def test_results_section_replaced_in_place(encode_record, tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nhand-written text\n")
+    body = results.env_block(encode_record["env"], "python benchmarks/run.py --quick", "a note")
+    for _ in range(2):
+        results.update_section(
+            path, "quick", "Quick", body + "\n\n" + results.op_table([encode_record])
+        )
+    text = path.read_text()
+    assert text.count("<!-- bench:quick -->") == 1 and text.count("<!-- /bench:quick -->") == 1
+    assert "hand-written text" in text and "**a note**" in text
+    row = next(line for line in text.splitlines() if line.startswith("| encode |"))
+    assert (
+        "| tiny | float32 | 1x16x32x32 |" in row and f"{encode_record['median_s']:.3f} (1)" in row
+    )
+
+
+def test_accelerator_suite_dry_run_and_cpu_refusal(capsys):
+    assert run.main(["--suite", "accelerator", "--dry-run"]) == 0
+    planned = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    whats = [p["what"] for p in planned]
+    assert all(p["record"] == "planned" for p in planned)
+    assert {f"train_step reducio_ft4 bfloat16 {b}x16x256x256" for b in (1, 2, 4, 8)} <= set(whats)
+    assert "reconstruct reducio_ft4_1024px bfloat16 1x16x1024x1024" in whats
+    assert run.main(["--suite", "accelerator"]) == 2  # JAX's backend here is the CPU
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --suite accelerator needs a GPU or TPU")
+
+
+def test_bad_resolution_is_one_error_line(capsys):
+    assert run.main(["--config", "tiny", "--resolution", "40", "--op", "encode"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiple of 32" in err[0]
