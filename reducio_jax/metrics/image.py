@@ -27,7 +27,7 @@ SSIM_DATA_RANGE = 1.0
 SSIM_TARGET_SIZE = 256
 
 __all__ = [
-    "gaussian_kernel",
+    "gaussian_window",
     "psnr",
     "psnr_per_image",
     "ssim",
@@ -62,13 +62,12 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(psnr_per_image(x, y))
 
 
-def gaussian_kernel(
+def gaussian_window(
     size: int = SSIM_KERNEL_SIZE, sigma: float = SSIM_SIGMA, dtype: jnp.dtype = jnp.float32
 ) -> jax.Array:
-    """Normalised 2D Gaussian window ``(size, size)``, built in ``dtype`` like the reference."""
+    """Normalised 1D Gaussian ``(size,)``; the reference's 2D window is its outer product."""
     coords = jnp.arange(size, dtype=dtype) - (size - 1) / 2.0  # (size,)
-    sq = jnp.square(coords)
-    g = jnp.exp(-(sq[None, :] + sq[:, None]) / (2.0 * sigma**2))  # (size, size)
+    g = jnp.exp(-jnp.square(coords) / (2.0 * sigma**2))
     return g / jnp.sum(g)
 
 
@@ -85,30 +84,28 @@ def _avg_pool(x: jax.Array, f: int) -> jax.Array:
     return jnp.mean(x, axis=(2, 4))
 
 
-def _filter(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Depthwise valid 2D convolution: ``(N, H, W, C) -> (N, H-k+1, W-k+1, C)``."""
-    c = x.shape[-1]
-    k = jnp.broadcast_to(kernel[:, :, None, None], (*kernel.shape, 1, c)).astype(x.dtype)  # HWIO
-    return jax.lax.conv_general_dilated(
-        x,
-        k,
-        window_strides=(1, 1),
-        padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=c,
-        precision=jax.lax.Precision.HIGHEST,
-    )
+def _filter(x: jax.Array, window: jax.Array) -> jax.Array:
+    """Valid Gaussian filtering per channel, ``(N, H, W, C) -> (N, H-k+1, W-k+1, C)``.
+
+    The 2D window is separable, so it runs as two 1D passes of shifted, weighted sums: the same
+    result as the reference's depthwise convolution up to float32 rounding (~1e-7), and several
+    times faster than a depthwise convolution on XLA:CPU.
+    """
+    k = window.shape[0]
+    h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+    rows = sum(window[i] * x[:, i : i + h] for i in range(k))  # (N, H', W, C)
+    return sum(window[i] * rows[:, :, i : i + w] for i in range(k))  # (N, H', W', C)
 
 
-def _ssim_map(x: jax.Array, y: jax.Array, kernel: jax.Array) -> jax.Array:
+def _ssim_map(x: jax.Array, y: jax.Array, window: jax.Array) -> jax.Array:
     """Per-pixel SSIM ``(N, H', W', C)`` with alpha = beta = gamma = 1."""
     c1 = (SSIM_K1 * SSIM_DATA_RANGE) ** 2
     c2 = (SSIM_K2 * SSIM_DATA_RANGE) ** 2
-    mu_x, mu_y = _filter(x, kernel), _filter(y, kernel)
+    mu_x, mu_y = _filter(x, window), _filter(y, window)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    sigma_xx = _filter(x * x, kernel) - mu_xx
-    sigma_yy = _filter(y * y, kernel) - mu_yy
-    sigma_xy = _filter(x * y, kernel) - mu_xy
+    sigma_xx = _filter(x * x, window) - mu_xx
+    sigma_yy = _filter(y * y, window) - mu_yy
+    sigma_xy = _filter(x * y, window) - mu_xy
     cs = (2.0 * sigma_xy + c2) / (sigma_xx + sigma_yy + c2)
     return (2.0 * mu_xy + c1) / (mu_xx + mu_yy + c1) * cs
 
@@ -123,8 +120,7 @@ def ssim_per_image(x: jax.Array, y: jax.Array) -> jax.Array:
         raise ValueError(
             f"SSIM window {SSIM_KERNEL_SIZE} is larger than the (pooled) image {x.shape[1:3]}"
         )
-    kernel = gaussian_kernel(dtype=x.dtype)  # (11, 11)
-    ss = _ssim_map(x, y, kernel)  # (N, H', W', C)
+    ss = _ssim_map(x, y, gaussian_window(dtype=x.dtype))  # (N, H', W', C)
     return jnp.mean(ss, axis=(1, 2, 3))
 
 
