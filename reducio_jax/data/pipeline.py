@@ -220,7 +220,7 @@ class Loader:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        batch = next(self.iterator)  # host numpy, this process's rows
+        batch = self._next_host_batch()  # host numpy, this process's rows
         self._stats["batches"] += 1
         self._stats["clips"] += int(batch["mask"].sum())
         self._stats["skipped"] += int(batch["skipped"].sum())
@@ -229,6 +229,15 @@ class Loader:
             "mask": self._global(batch["mask"]),
             "index": self._global(batch["index"]),
         }
+
+    def _next_host_batch(self) -> dict[str, np.ndarray]:
+        try:
+            return next(self.iterator)
+        except (StopIteration, DataError):
+            raise
+        except Exception as err:  # noqa: BLE001  (a dead worker process, a broken source)
+            msg = " ".join(str(err).split()) or "no details"
+            raise DataError(f"the data pipeline failed ({type(err).__name__}: {msg})") from err
 
     def _global(self, local: np.ndarray) -> jax.Array:
         shape = (self.global_batch, *local.shape[1:])

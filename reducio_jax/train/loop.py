@@ -4,7 +4,10 @@
 to `cfg.train.num_steps`. Metrics are fetched one step late (the next step is already queued)
 except before a checkpoint, so a NaN/inf is always caught before any state that contains it
 is saved; the run then stops with `NonFiniteLossError` naming the step and the last good
-checkpoint.
+checkpoint. On SIGTERM (`reducio_jax.preemption`) the step in flight finishes, a checkpoint of
+that step is written and committed on every process, and `run` raises `Preempted`; `--resume`
+continues the same loss curve. A data pipeline that fails (e.g. a decode worker process that
+died) also gets a checkpoint of the last finished step before the run stops.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from reducio_jax import losses
 from reducio_jax import sharding as shard_lib
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
+from reducio_jax.preemption import Preempted, StopOnSigterm
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import Checkpointer
 from reducio_jax.train.errors import NonFiniteLossError, TrainingError
@@ -120,7 +124,14 @@ class Trainer:
             self.workdir / "checkpoints",
             keep=int(cfg.train.keep_checkpoints),
             async_save=bool(cfg.train.async_checkpointing),
+            cleanup=True,
         )
+        if self.ckpt.incomplete:
+            log.warning(
+                "Ignoring (and deleting) interrupted, uncommitted checkpoint save(s) in %s: %s",
+                self.ckpt.directory,
+                ", ".join(self.ckpt.incomplete),
+            )
         latest = self.ckpt.latest_step()
         if latest is not None and not resume:
             raise TrainingError(
@@ -186,9 +197,9 @@ class Trainer:
             iterator = getattr(self.loader, "iterator", None)
             self.state = self.ckpt.restore(self.resume_step, target, iterator)
             log.info(
-                "Resumed from %s at step %d.",
-                self.ckpt.directory / str(self.resume_step),
+                "Resumed from step %d (%s), the latest complete checkpoint.",
                 self.resume_step,
+                self.ckpt.directory / str(self.resume_step),
             )
         elif weights is not None:
             self.state = state_lib.state_from_modules(
@@ -264,10 +275,29 @@ class Trainer:
             dynamic_ncols=True,
         )
         t_start = self._t_window = time.perf_counter()
+        with StopOnSigterm() as stop:
+            stopped = self._loop(bar, num_steps, stop)
+            self._finish(bar)
+        if stopped:
+            raise Preempted(
+                f"SIGTERM: stopped at step {self.step}; checkpoint {self._checkpoint_path()} "
+                "is committed; run the same command with --resume to continue"
+            )
+        return RunResult(
+            workdir=self.workdir, start_step=start, end_step=self.step,
+            seconds=time.perf_counter() - t_start, logs=self.logs,
+            checkpoint=self._checkpoint_path(), preview=self._preview_path,
+            preview_l1=self.preview_l1,
+        )  # fmt: skip
+
+    def _loop(self, bar: tqdm, num_steps: int, stop: StopOnSigterm) -> bool:
+        """Steps until `num_steps` (False) or a stop request (True, after the step in flight)."""
+        cfg = self.cfg.train
         try:
             while self.step < num_steps:
-                batch = next(self.loader)
-                batch = {"video": batch["video"], "index": batch["index"]}
+                batch = self._next_batch(bar, stop)
+                if batch is None:
+                    return True  # SIGTERM also ended the decode workers
                 if self._clip is None and int(cfg.preview_every) > 0:
                     first_clip = self._cached("first_clip", lambda: jit_first_clip(self.mesh))
                     self._clip = first_clip(batch["video"])  # (1, T, H, W, 3), replicated
@@ -279,6 +309,9 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 self._periodic(bar, num_steps)
+                if stop.should_stop(self.step):
+                    log.warning("Stopping at step %d (SIGTERM): saving a checkpoint.", self.step)
+                    return True
         except KeyboardInterrupt:
             log.warning("Interrupted at step %d: saving a checkpoint.", self.step)
             self._finish(bar)
@@ -287,13 +320,24 @@ class Trainer:
             bar.close()
             self.ckpt.wait()
             raise
-        self._finish(bar)
-        return RunResult(
-            workdir=self.workdir, start_step=start, end_step=self.step,
-            seconds=time.perf_counter() - t_start, logs=self.logs,
-            checkpoint=self._checkpoint_path(), preview=self._preview_path,
-            preview_l1=self.preview_l1,
-        )  # fmt: skip
+        return False
+
+    def _next_batch(self, bar: tqdm, stop: StopOnSigterm) -> dict | None:
+        """The next batch; a failing data pipeline checkpoints the last step, then stops.
+        None: the pipeline failed after a SIGTERM (a scheduler signals the decode workers too)."""
+        try:
+            batch = next(self.loader)
+        except DataError as err:
+            if stop.signal_received:
+                log.warning("Data pipeline ended after SIGTERM (%s).", err)
+                return None
+            log.error("Data pipeline failed at step %d: saving a checkpoint.", self.step)
+            self._finish(bar)
+            raise TrainingError(
+                f"data: {err}; checkpoint {self._checkpoint_path()} is committed: fix the "
+                "cause, then rerun with --resume"
+            ) from err
+        return {"video": batch["video"], "index": batch["index"]}
 
     def _periodic(self, bar: tqdm, num_steps: int) -> None:
         cfg = self.cfg.train
