@@ -7,7 +7,8 @@ export a training run's weights.
         --out decoded/ [--num_clips 16]
     python -m reducio_jax export --run runs/tiny --out weights/tiny [--step 100]
 
-Exit status 0 on success, 2 on bad input (one `error: ...` line on stderr).
+Exit status 0 on success, 2 on bad input (one `error: ...` line on stderr), 143 when SIGTERM
+stopped `encode` after the batch in flight (rerun the same command to finish the store).
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "Reducio-VAE latents: encode videos into a store, decode them back; export the "
             "weights of a training run."
         ),
-        epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
+        epilog=(
+            "Exit status 0 on success, 2 on bad input (one line on stderr says what), 143 when "
+            "SIGTERM stopped encode (run the same command again to finish)."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _encode_parser(sub)
@@ -109,6 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "decode":
         summary = {**summary, "videos": len(summary["videos"])}
     print(json.dumps(summary))
+    if summary.get("preempted"):
+        from reducio_jax.preemption import PREEMPTED_STATUS
+
+        print(
+            f"preempted: SIGTERM; finished shards are kept, unfinished ones "
+            f"{summary['unfinished_shards']} are rewritten when the same command is run again",
+            file=sys.stderr,
+        )
+        return PREEMPTED_STATUS
     return 0
 
 

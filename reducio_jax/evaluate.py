@@ -15,7 +15,11 @@ loss; `lpips_unit_range=True` feeds [0, 1] as the reference validation step does
 I3D features of the real and reconstructed clips (bilinear resize to `i3d_resolution`),
 accumulated as streaming mean/covariance. Padding rows of the last batch (mask False) and
 clips past `num_clips` are excluded. A metric whose weights are missing is None, with the reason
-in `result["unavailable"]`.
+in `result["unavailable"]`. Unreadable files are skipped (one warning each) and counted:
+`files_read`, `clips_used`, `files_skipped` in metrics.json / metrics.md, one line per skipped
+file with its reason in `skipped.jsonl`. SIGTERM stops after the batch in flight: the reports
+are written for the clips done so far (`"preempted": true`, marked in metrics.md) and `eval.py`
+exits with 143; a rerun starts over.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tqdm import tqdm
 
 from reducio_jax.convert.torch_format import load_state_dict
 from reducio_jax.data import make_loader
+from reducio_jax.data.skips import SKIPPED_FILE
 from reducio_jax.data.video import parse_resolution
 from reducio_jax.latents.runtime import (
     USER_ERRORS,
@@ -62,6 +67,7 @@ from reducio_jax.latents.runtime import (
 )
 from reducio_jax.metrics import FVDAccumulator, InceptionI3d, load_i3d, resize_video
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
+from reducio_jax.preemption import PREEMPTED_STATUS, StopOnSigterm
 
 METRICS = ("psnr", "ssim", "lpips", "rfvd")
 PER_CLIP = ("psnr", "ssim", "lpips")
@@ -269,12 +275,26 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             i3d = load_i3d_file(opts.i3d, opts.i3d_resolution, int(data_cfg.num_frames), mesh)
         vae = load_vae(opts.checkpoint, cfg, mesh)
         lpips = vae.weights.lpips
-        totals, saver = _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg)
+        with StopOnSigterm() as stop:
+            totals, saver = _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg, stop)
+        files = _file_counts(loader, totals, stop.signal_received)
     seconds = time.perf_counter() - start
-    return _result(opts, totals, data_cfg, mesh, batch_size, seconds, saver.written, lpips)
+    result = _result(opts, totals, data_cfg, mesh, batch_size, seconds, saver.written, lpips)
+    return {**result, **files}
 
 
-def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg):
+def _file_counts(loader, totals: MetricTotals, preempted: bool) -> dict[str, Any]:
+    stats = loader.stats()
+    return {
+        "files_read": stats["files_read"],
+        "clips_used": totals.count,
+        "files_skipped": stats["files_skipped"],
+        "preempted": preempted,
+        "skipped": list(loader.skip_report.entries.values()),
+    }
+
+
+def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg, stop):
     totals = MetricTotals(with_fvd=i3d is not None)
     folder = pathlib.Path(opts.out) / "videos" if opts.out and opts.save_videos > 0 else None
     saver = VideoSaver(folder, opts.save_videos, float(data_cfg.fps), loader.source.name)
@@ -295,6 +315,8 @@ def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg):
         )
         saver.add(batch["video"], recon, keep, index)
         bar.set_postfix({k: f"{v:.4f}" for k, v in totals.means().items()})
+        if stop.should_stop():
+            break
     return totals, saver
 
 
@@ -362,17 +384,30 @@ def format_markdown(result: dict[str, Any]) -> str:
         + (f"; I3D at {s['i3d']['resolution']} px" if s["i3d"] else "")
         + f"; {s['devices']}, batch {s['batch_size']}, {result['seconds']:.1f} s.",
         "",
+        f"Files: {result.get('files_read', 0)} read, {result.get('clips_used', 0)} clips used, "
+        f"{result.get('files_skipped', 0)} skipped as unreadable"
+        + (
+            f" (listed with the reason in `{SKIPPED_FILE}`)."
+            if result.get("files_skipped")
+            else "."
+        ),
+        "",
     ]
+    if result.get("preempted"):
+        lines += ["**Partial**: stopped by SIGTERM; these figures cover the clips above only.", ""]
     return "\n".join(lines)
 
 
 def write_reports(result: dict[str, Any], out: str | pathlib.Path) -> pathlib.Path:
-    """metrics.json (without per-clip rows), metrics.md and per_clip.jsonl under `out`."""
+    """metrics.json (without per-clip rows and skipped files), metrics.md, per_clip.jsonl and
+    skipped.jsonl (one line per unreadable file: name, index, reason) under `out`."""
     out = pathlib.Path(out)
     if jax.process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in result.items() if k != "per_clip"}
+    skipped = (json.dumps(row) for row in result.get("skipped", []))
+    (out / SKIPPED_FILE).write_text("".join(f"{row}\n" for row in skipped))
+    summary = {k: v for k, v in result.items() if k not in ("per_clip", "skipped")}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "metrics.md").write_text(format_markdown(result))
     rows = (json.dumps(row) for row in result["per_clip"])
@@ -387,7 +422,10 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
     parser = argparse.ArgumentParser(
         prog="eval.py",
         description="PSNR, SSIM, LPIPS and rFVD of Reducio-VAE reconstructions.",
-        epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
+        epilog=(
+            "Exit status 0 on success, 2 on bad input (one line on stderr says what), 143 when "
+            "SIGTERM stopped it (partial reports written)."
+        ),
     )
     parser.add_argument(
         "--checkpoint", required=True, help="torch .ckpt/.pt/.safetensors or Orbax pretrained dir"
@@ -424,6 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jax.process_index() == 0:
         print(format_markdown(result))
         print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    if result.get("preempted"):
+        print(
+            f"preempted: SIGTERM after {result['clips_used']} clips; partial reports in {out}",
+            file=sys.stderr,
+        )
+        return PREEMPTED_STATUS
     return 0
 
 
