@@ -30,6 +30,7 @@ from reducio_jax import losses
 from reducio_jax import sharding as shard_lib
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
+from reducio_jax.data.skips import SKIPPED_FILE
 from reducio_jax.preemption import Preempted, StopOnSigterm
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import Checkpointer
@@ -142,6 +143,7 @@ class Trainer:
         self.last_saved: int | None = latest
         t0 = time.perf_counter()
         self.loader = self._make_loader(loader_factory)
+        self._init_skips(resume)
         t1 = time.perf_counter()
         self._init_state(init_from, lpips_weights)
         t2 = time.perf_counter()
@@ -163,6 +165,31 @@ class Trainer:
             return make(self.cfg.data, mesh=self.mesh, train=True)
         except (DataError, ValueError) as err:
             raise TrainingError(f"data: {err}") from err
+
+    def _init_skips(self, resume: bool) -> None:
+        """skipped.jsonl (process p > 0: skipped.p<p>.jsonl) lists this process's unreadable
+        files; a resumed run starts from the list it left."""
+        p = jax.process_index()
+        self.skipped_path = self.workdir / (SKIPPED_FILE if p == 0 else f"skipped.p{p}.jsonl")
+        self.skips = getattr(self.loader, "skip_report", None)
+        if self.skips is not None and resume:
+            self.skips.load(self.skipped_path)
+        self._skips_written = -1
+
+    def _data_counts(self) -> None:
+        """TensorBoard `data/*` counters and skipped.jsonl, at each log point."""
+        stats = getattr(self.loader, "stats", None)
+        if self.skips is None or stats is None:
+            return
+        counts = stats()
+        self.monitor.counters(
+            self.step,
+            {"skipped": counts["files_skipped"], "files_read": counts["files_read"],
+             "skip_events": counts["skipped"]},
+        )  # fmt: skip
+        if len(self.skips) != self._skips_written:
+            self.skips.write(self.skipped_path)
+            self._skips_written = len(self.skips)
 
     def _init_state(self, init_from: str | None, lpips_path: str | None) -> None:
         cfg = self.cfg
@@ -388,13 +415,19 @@ class Trainer:
         now = time.perf_counter()
         clips = len(self.window) * int(self.cfg.data.batch_size)
         means = self.monitor.scalars(self.step, self.window, now - self._t_window, clips)
+        self._data_counts()
         self.logs.append({"step": self.step, **means})
         bar.set_postfix(l1=f"{means['l1']:.4f}", loss=f"{means['total_loss_ae']:.4f}",
                         clips_s=f"{means['clips_per_second']:.2f}")  # fmt: skip
         self.window, self._t_window = [], now
 
     def _save(self) -> None:
-        data_state = self.loader.get_state() if hasattr(self.loader, "get_state") else None
+        data_state = None
+        if hasattr(self.loader, "get_state"):
+            try:
+                data_state = self.loader.get_state()
+            except Exception as err:  # noqa: BLE001  (a pipeline whose workers died)
+                log.warning("No data-iterator state in checkpoint %d (%s).", self.step, err)
         self.ckpt.save(self.step, self.state, data_state)
         self.last_saved = self.step
 
