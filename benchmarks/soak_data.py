@@ -6,7 +6,8 @@ short), then reads it with ``make_host_dataset`` in train mode (random starts an
 endless epochs) with ``--workers`` Grain decode processes for ``--minutes``. Every
 ``--every`` seconds it samples the RSS and open file descriptors of the main process and of
 its worker processes, and the clips/s since the previous sample; at the end it compares the
-descriptors open before the iterator was made with those after it was closed.
+descriptors open before the iterator was made (after a first, warm-up iterator was made and
+closed: imports and pools open some for good) with those after it was closed.
 
     python benchmarks/soak_data.py --files 300 --workers 8 --minutes 10 --out soak.json
     python benchmarks/soak_data.py --files 60 --minutes 1 --out /tmp/soak.json   # a quick look
@@ -105,6 +106,17 @@ def _write_bad(path: pathlib.Path, seed: int, kind: str) -> None:
         path.write_bytes(bytes(data))
 
 
+def fd_targets() -> dict[str, str]:
+    """This process's open descriptors -> what they point at."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
 def sample(main: psutil.Process) -> dict[str, Any]:
     kids = [k for k in main.children(recursive=True) if k.is_running()]
     rss = {"main": main.memory_info().rss}
@@ -128,7 +140,14 @@ def soak(folder: pathlib.Path, workers: int, minutes: float, every: float, batch
     cfg.update(source="folder", path=str(folder), num_frames=16, fps=16, resolution=64,
                batch_size=batch, num_workers=workers)  # fmt: skip
     main = psutil.Process()
-    fds_before = main.num_fds()
+    fds_start = main.num_fds()
+    warm = iter(make_host_dataset(cfg, train=True))  # a first lifecycle: imports, pools, ...
+    next(warm)
+    warm.close()
+    del warm
+    time.sleep(2)
+    fds_before = main.num_fds()  # what a second lifecycle must come back to
+    targets_before = fd_targets()
     it = iter(make_host_dataset(cfg, train=True))
     t0 = time.perf_counter()
     next(it)
@@ -151,9 +170,14 @@ def soak(folder: pathlib.Path, workers: int, minutes: float, every: float, batch
                               for k, v in row.items()}), flush=True)  # fmt: skip
             last, last_clips = now, clips
     seconds = time.perf_counter() - start
+    del b  # a batch's arrays live in shared memory: holding one holds its descriptors
     it.close()
     del it
-    time.sleep(2)  # let the workers exit
+    for _ in range(30):  # let the workers exit
+        if not [k for k in main.children() if "resource_tracker" not in " ".join(k.cmdline())]:
+            break
+        time.sleep(1)
+    new_fds = {k: v for k, v in fd_targets().items() if k not in targets_before}
     return {
         "startup_s": startup,
         "seconds": seconds,
@@ -161,8 +185,10 @@ def soak(folder: pathlib.Path, workers: int, minutes: float, every: float, batch
         "clips_per_s": clips / seconds,
         "skip_events": skips,
         "distinct_files_skipped": len(skipped_files),
+        "fds_at_start": fds_start,
         "fds_before": fds_before,
         "fds_after_close": main.num_fds(),
+        "fds_new_after_close": sorted(new_fds.values()),
         "children_after_close": len(main.children(recursive=True)),
         "samples": samples,
     }

@@ -350,14 +350,17 @@ class Trainer:
         return False
 
     def _next_batch(self, bar: tqdm, stop: StopOnSigterm) -> dict | None:
-        """The next batch; a failing data pipeline checkpoints the last step, then stops.
-        None: the pipeline failed after a SIGTERM (a scheduler signals the decode workers too)."""
+        """The next batch; a failing data pipeline checkpoints the last step (single process),
+        then stops. None: the pipeline failed after a SIGTERM (a scheduler signals the decode
+        workers too)."""
         try:
             batch = next(self.loader)
         except DataError as err:
             if stop.signal_received:
                 log.warning("Data pipeline ended after SIGTERM (%s).", err)
                 return None
+            if jax.process_count() > 1:  # the other processes are not saving: no collective
+                raise TrainingError(f"data: {err}") from err
             log.error("Data pipeline failed at step %d: saving a checkpoint.", self.step)
             self._finish(bar)
             raise TrainingError(
