@@ -257,19 +257,24 @@ def test_data_specs():
     assert synthetic.resolution == cfg.data.resolution  # from the config
 
 
-def test_sigterm_writes_partial_reports_and_exits_143(ckpt, tmp_path):
+def test_sigterm_writes_partial_reports_then_rerun_resumes(ckpt, tmp_path):
     """A real SIGTERM to `python eval.py` once a few batches are done: it finishes the batch in
-    flight, writes reports marked partial and exits with 143."""
+    flight, writes reports marked partial and its progress, exits with 143; the same command
+    again evaluates only the remaining clips, each exactly once."""
     out, log = tmp_path / "eval", tmp_path / "stderr.txt"
     cmd = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(ckpt), "--config", TINY]
     cmd += ["--data", "synthetic", "--resolution", "32", "--batch_size", "2", "--devices", "2"]
-    cmd += ["--num_clips", "200", "--save_videos", "0", "--out", str(out)]
+    cmd += ["--num_clips", "24", "--save_videos", "0", "--out", str(out)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )  # the rerun skips compiling
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if re.search(r"\b[2-9]/100\b", log.read_text()):  # tqdm: a few batches done
+        if re.search(r"\b[2-9]/12\b", log.read_text()):  # tqdm: a few batches done
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
@@ -277,6 +282,19 @@ def test_sigterm_writes_partial_reports_and_exits_143(ckpt, tmp_path):
     text = log.read_text()
     assert "Traceback" not in text and text.count("preempted: ") == 1
     m = json.loads((out / "metrics.json").read_text())
-    assert m["preempted"] is True and 4 <= m["clips_used"] < 200 and m["clips_used"] % 2 == 0
+    assert m["preempted"] is True and 4 <= m["clips_used"] < 24 and m["clips_used"] % 2 == 0
     assert m["num_clips"] == m["clips_used"] and math.isfinite(m["psnr"])
     assert "**Partial**" in (out / "metrics.md").read_text()
+    first = (out / "per_clip.jsonl").read_text().splitlines()
+    assert (out / "eval_state.json").is_file()
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resuming after {len(first) // 2} batches ({len(first)} clips)" in again.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["preempted"] is False and m["num_clips"] == 24 and m["resumed_clips"] == len(first)
+    rows = (out / "per_clip.jsonl").read_text().splitlines()
+    assert rows[: len(first)] == first  # the clips before the stop are kept as they were
+    assert [json.loads(r)["index"] for r in rows] == list(range(24))  # each clip once
+    assert m["psnr"] == pytest.approx(np.mean([json.loads(r)["psnr"] for r in rows]), rel=1e-6)
+    assert not (out / "eval_state.json").exists()

@@ -265,6 +265,15 @@ class Loader:
     def set_state(self, state: dict) -> None:
         self.iterator.set_state(state)
 
+    def counts_state(self) -> dict:
+        """The file counters behind :meth:`stats` (JSON-able), to carry over a restart."""
+        return {"used": sorted(self._used), "skipped": list(self.skip_report.entries.values())}
+
+    def load_counts_state(self, state: dict) -> None:
+        self._used.update(int(i) for i in state["used"])
+        for entry in state["skipped"]:
+            self.skip_report.entries.setdefault(entry["name"], entry)
+
     def stats(self) -> dict[str, int]:
         """Counters since construction (this process): ``batches``, ``clips`` (unmasked),
         ``skipped`` (unreadable files passed over, counted each time), ``files_read``
