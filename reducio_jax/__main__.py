@@ -10,7 +10,8 @@ export a training run's weights, reconstruct whole video files.
     python -m reducio_jax reconstruct IN.mp4 OUT.mp4 --checkpoint reducio-ft4.ckpt \
         --config configs/reducio_ft4.py [--keep_fps] [--side_by_side]   (or IN_DIR OUT_DIR)
 
-Exit status 0 on success, 2 on bad input (one `error: ...` line on stderr).
+Exit status 0 on success, 2 on bad input (one `error: ...` line on stderr), 143 when SIGTERM
+stopped `encode` after the batch in flight (rerun the same command to finish the store).
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "Reducio-VAE latents: encode videos into a store, decode them back; export the "
             "weights of a training run; reconstruct whole video files."
         ),
-        epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
+        epilog=(
+            "Exit status 0 on success, 2 on bad input (one line on stderr says what), 143 when "
+            "SIGTERM stopped encode (run the same command again to finish)."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _encode_parser(sub)
@@ -185,6 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("decode", "reconstruct"):
         summary = {**summary, "videos": len(summary["videos"])}
     print(json.dumps(summary))
+    if summary.get("preempted"):
+        from reducio_jax.preemption import PREEMPTED_STATUS
+
+        print(
+            f"preempted: SIGTERM; finished shards are kept, unfinished ones "
+            f"{summary['unfinished_shards']} are rewritten when the same command is run again",
+            file=sys.stderr,
+        )
+        return PREEMPTED_STATUS
     return 0
 
 

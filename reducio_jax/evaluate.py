@@ -15,7 +15,12 @@ loss; `lpips_unit_range=True` feeds [0, 1] as the reference validation step does
 I3D features of the real and reconstructed clips (bilinear resize to `i3d_resolution`),
 accumulated as streaming mean/covariance. Padding rows of the last batch (mask False) and
 clips past `num_clips` are excluded. A metric whose weights are missing is None, with the reason
-in `result["unavailable"]`.
+in `result["unavailable"]`. Unreadable files are skipped (one warning each) and counted:
+`files_read`, `clips_used`, `files_skipped` in metrics.json / metrics.md, one line per skipped
+file with its reason in `skipped.jsonl`. SIGTERM stops after the batch in flight: the reports
+are written for the clips done so far (`"preempted": true`, marked in metrics.md), the progress
+is kept in `OUT/eval_state.json` (+ `.npz` with the FVD statistics) and `eval.py` exits with
+143; running the same command again continues from there (single-process runs).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
+import os
 import pathlib
 import sys
 import time
@@ -41,6 +48,7 @@ from tqdm import tqdm
 
 from reducio_jax.convert.torch_format import load_state_dict
 from reducio_jax.data import make_loader
+from reducio_jax.data.skips import SKIPPED_FILE
 from reducio_jax.data.video import parse_resolution
 from reducio_jax.latents.runtime import (
     USER_ERRORS,
@@ -62,7 +70,9 @@ from reducio_jax.latents.runtime import (
 )
 from reducio_jax.metrics import FVDAccumulator, InceptionI3d, load_i3d, resize_video
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
+from reducio_jax.preemption import PREEMPTED_STATUS, StopOnSigterm
 
+log = logging.getLogger(__name__)
 METRICS = ("psnr", "ssim", "lpips", "rfvd")
 PER_CLIP = ("psnr", "ssim", "lpips")
 LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "rfvd": "rFVD ↓"}
@@ -70,6 +80,7 @@ NO_LPIPS = (
     "the checkpoint has no LPIPS weights (no loss.perceptual_loss.* keys); use a training "
     "checkpoint or a pretrained directory converted without --vae-only"
 )
+STATE_FILE = "eval_state.json"  # progress of a run stopped by SIGTERM (resumed by a rerun)
 NO_I3D = "no --i3d weights given; pass a pytorch-i3d InceptionI3d state dict (.pt, .safetensors)"
 
 
@@ -172,6 +183,7 @@ class MetricTotals:
     def __init__(self, with_fvd: bool) -> None:
         self.sums: dict[str, float] = {}
         self.count = 0
+        self.resumed = 0  # clips restored from a stopped run
         self.fvd = FVDAccumulator() if with_fvd else None
         self.per_clip: list[dict[str, Any]] = []
 
@@ -197,6 +209,18 @@ class MetricTotals:
 
     def means(self) -> dict[str, float]:
         return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able sums, count and rows; FVD statistics as arrays) to resume from."""
+        arrays = self.fvd.state_dict() if self.fvd is not None else {}
+        return {"sums": self.sums, "count": self.count, "per_clip": self.per_clip}, arrays
+
+    def restore(self, values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.sums, self.count = dict(values["sums"]), int(values["count"])
+        self.per_clip = list(values["per_clip"])
+        self.resumed = self.count
+        if self.fvd is not None and arrays:
+            self.fvd = FVDAccumulator.from_state_dict(arrays)
 
     def rfvd(self) -> tuple[float | None, str | None]:
         if self.fvd is None:
@@ -269,24 +293,41 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
             i3d = load_i3d_file(opts.i3d, opts.i3d_resolution, int(data_cfg.num_frames), mesh)
         vae = load_vae(opts.checkpoint, cfg, mesh)
         lpips = vae.weights.lpips
-        totals, saver = _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg)
+        with StopOnSigterm() as stop:
+            run = _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg, stop)
+        totals, saver, stopped = run
+        files = _file_counts(loader, totals, stopped)
     seconds = time.perf_counter() - start
-    return _result(opts, totals, data_cfg, mesh, batch_size, seconds, saver.written, lpips)
+    result = _result(opts, totals, data_cfg, mesh, batch_size, seconds, saver.written, lpips)
+    return {**result, **files}
 
 
-def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg):
+def _file_counts(loader, totals: MetricTotals, preempted: bool) -> dict[str, Any]:
+    stats = loader.stats()
+    return {
+        "files_read": stats["files_read"],
+        "clips_used": totals.count,
+        "files_skipped": stats["files_skipped"],
+        "preempted": preempted,
+        "skipped": list(loader.skip_report.entries.values()),
+    }
+
+
+def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg, stop):
     totals = MetricTotals(with_fvd=i3d is not None)
     folder = pathlib.Path(opts.out) / "videos" if opts.out and opts.save_videos > 0 else None
     saver = VideoSaver(folder, opts.save_videos, float(data_cfg.fps), loader.source.name)
     steps = math.ceil(num_clips / loader.global_batch)
+    start = _resume(opts, totals, saver, loader)
     bar = tqdm(
-        itertools.islice(loader, steps),
+        itertools.islice(loader, steps - start),
         total=steps,
+        initial=start,
         desc="eval",
         unit="batch",
         disable=not opts.progress or jax.process_index() != 0,
     )
-    for step, batch in enumerate(bar):
+    for step, batch in enumerate(bar, start=start):
         recon = vae.reconstruct(batch["video"], rng=_posterior_rng(opts, step, mesh))
         index = to_host(batch["index"])
         keep = to_host(batch["mask"]) & (index < num_clips)
@@ -295,7 +336,73 @@ def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg):
         )
         saver.add(batch["video"], recon, keep, index)
         bar.set_postfix({k: f"{v:.4f}" for k, v in totals.means().items()})
-    return totals, saver
+        if stop.should_stop() and step + 1 < steps:
+            _save_progress(opts, step + 1, totals, saver, loader)
+            return totals, saver, True
+    _clear_progress(opts)
+    return totals, saver, False
+
+
+# -- stop and resume --------------------------------------------------------------------------
+
+
+def _progress_paths(opts: EvalOptions) -> tuple[pathlib.Path, pathlib.Path] | None:
+    """OUT/eval_state.json and .npz: single-process runs with an --out folder."""
+    if not opts.out or jax.process_count() > 1:
+        return None
+    out = pathlib.Path(opts.out)
+    return out / STATE_FILE, out / STATE_FILE.replace(".json", ".npz")
+
+
+def _fingerprint(opts: EvalOptions) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
+
+
+def _save_progress(opts, batches: int, totals: MetricTotals, saver, loader) -> None:
+    paths = _progress_paths(opts)
+    if paths is None:
+        return
+    values, arrays = totals.state()
+    state = {"options": _fingerprint(opts), "batches": batches, "totals": values,
+             "videos": saver.written, "loader": loader.get_state(),
+             "counts": loader.counts_state()}  # fmt: skip
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    if arrays:
+        np.savez(paths[1], **arrays)
+    tmp = paths[0].with_name(paths[0].name + ".tmp")
+    tmp.write_text(json.dumps(state, default=_json_default))
+    os.replace(tmp, paths[0])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _resume(opts: EvalOptions, totals: MetricTotals, saver, loader) -> int:
+    """Batches already done by a run of the same command stopped by SIGTERM (0 if none)."""
+    paths = _progress_paths(opts)
+    if paths is None or not paths[0].is_file():
+        return 0
+    state = json.loads(paths[0].read_text())
+    if state.get("options") != json.loads(json.dumps(_fingerprint(opts), default=_json_default)):
+        log.warning("Ignoring %s: written by an eval.py run with other options.", paths[0])
+        return 0
+    arrays = dict(np.load(paths[1])) if paths[1].is_file() else {}
+    totals.restore(state["totals"], arrays)
+    saver.written = list(state["videos"])
+    loader.set_state(state["loader"])
+    loader.load_counts_state(state["counts"])
+    log.warning("Resuming after %d batches (%d clips) from %s.", state["batches"],
+                totals.count, paths[0])  # fmt: skip
+    return int(state["batches"])
+
+
+def _clear_progress(opts: EvalOptions) -> None:
+    paths = _progress_paths(opts)
+    for path in paths or ():
+        path.unlink(missing_ok=True)
 
 
 def _result(opts, totals, data_cfg, mesh, batch_size, seconds, videos, lpips) -> dict[str, Any]:
@@ -329,7 +436,10 @@ def _result(opts, totals, data_cfg, mesh, batch_size, seconds, videos, lpips) ->
             "devices": describe_devices(mesh),
         },
         "seconds": round(seconds, 3),
-        "clips_per_second": round(totals.count / seconds, 4) if seconds > 0 else None,
+        "clips_per_second": (
+            round((totals.count - totals.resumed) / seconds, 4) if seconds > 0 else None
+        ),
+        "resumed_clips": totals.resumed,
         "videos": videos,
         "per_clip": totals.per_clip,
     }
@@ -362,17 +472,30 @@ def format_markdown(result: dict[str, Any]) -> str:
         + (f"; I3D at {s['i3d']['resolution']} px" if s["i3d"] else "")
         + f"; {s['devices']}, batch {s['batch_size']}, {result['seconds']:.1f} s.",
         "",
+        f"Files: {result.get('files_read', 0)} read, {result.get('clips_used', 0)} clips used, "
+        f"{result.get('files_skipped', 0)} skipped as unreadable"
+        + (
+            f" (listed with the reason in `{SKIPPED_FILE}`)."
+            if result.get("files_skipped")
+            else "."
+        ),
+        "",
     ]
+    if result.get("preempted"):
+        lines += ["**Partial**: stopped by SIGTERM; these figures cover the clips above only.", ""]
     return "\n".join(lines)
 
 
 def write_reports(result: dict[str, Any], out: str | pathlib.Path) -> pathlib.Path:
-    """metrics.json (without per-clip rows), metrics.md and per_clip.jsonl under `out`."""
+    """metrics.json (without per-clip rows and skipped files), metrics.md, per_clip.jsonl and
+    skipped.jsonl (one line per unreadable file: name, index, reason) under `out`."""
     out = pathlib.Path(out)
     if jax.process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in result.items() if k != "per_clip"}
+    skipped = (json.dumps(row) for row in result.get("skipped", []))
+    (out / SKIPPED_FILE).write_text("".join(f"{row}\n" for row in skipped))
+    summary = {k: v for k, v in result.items() if k not in ("per_clip", "skipped")}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "metrics.md").write_text(format_markdown(result))
     rows = (json.dumps(row) for row in result["per_clip"])
@@ -387,7 +510,10 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
     parser = argparse.ArgumentParser(
         prog="eval.py",
         description="PSNR, SSIM, LPIPS and rFVD of Reducio-VAE reconstructions.",
-        epilog="Exit status 0 on success, 2 on bad input (one line on stderr says what).",
+        epilog=(
+            "Exit status 0 on success, 2 on bad input (one line on stderr says what), 143 when "
+            "SIGTERM stopped it (partial reports written)."
+        ),
     )
     parser.add_argument(
         "--checkpoint", required=True, help="torch .ckpt/.pt/.safetensors or Orbax pretrained dir"
@@ -424,6 +550,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jax.process_index() == 0:
         print(format_markdown(result))
         print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+    if result.get("preempted"):
+        print(
+            f"preempted: SIGTERM after {result['clips_used']} clips; partial reports in {out}",
+            file=sys.stderr,
+        )
+        return PREEMPTED_STATUS
     return 0
 
 

@@ -10,8 +10,11 @@ import json
 import math
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import av
 import numpy as np
@@ -94,6 +97,29 @@ def test_markdown_and_videos(first_run):
     with av.open(str(videos[0])) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 16 and frames[0].shape == (64, 128, 3)  # input | reconstruction
+
+
+def test_unreadable_files_are_counted_and_listed(ckpt, tmp_path):
+    """A folder with 2 readable and 2 unreadable files: counts in metrics.json and metrics.md,
+    one line per skipped file (with the reason) in skipped.jsonl."""
+    from reducio_jax.latents.runtime import write_mp4
+
+    folder = tmp_path / "videos"
+    rng = np.random.default_rng(0)
+    for name in ("a.mp4", "c.mp4"):
+        write_mp4(folder / name, rng.integers(0, 255, (16, 64, 64, 3), dtype=np.uint8), 16)
+    (folder / "b.mp4").write_text("not a video\n")
+    (folder / "d.mp4").write_bytes(b"")
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(ckpt), "--config", TINY, *RUN, "--data", str(folder)]
+    assert main([*args, "--out", str(out), "--save_videos", "0", "--no_progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["files_read"], m["clips_used"], m["files_skipped"]) == (4, 2, 2)
+    assert m["num_clips"] == 2 and m["preempted"] is False
+    assert "4 read, 2 clips used, 2 skipped" in (out / "metrics.md").read_text()
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(pathlib.Path(s["name"]).name for s in skipped) == ["b.mp4", "d.mp4"]
+    assert all(s["reason"] for s in skipped)
 
 
 def test_i3d_rfvd_and_missing_lpips(tiny_vae, first_run, tmp_path):
@@ -229,3 +255,46 @@ def test_data_specs():
     synthetic = data_config("synthetic", cfg, num_clips=5)
     assert synthetic.synthetic_size == 5
     assert synthetic.resolution == cfg.data.resolution  # from the config
+
+
+def test_sigterm_writes_partial_reports_then_rerun_resumes(ckpt, tmp_path):
+    """A real SIGTERM to `python eval.py` once a few batches are done: it finishes the batch in
+    flight, writes reports marked partial and its progress, exits with 143; the same command
+    again evaluates only the remaining clips, each exactly once."""
+    out, log = tmp_path / "eval", tmp_path / "stderr.txt"
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(ckpt), "--config", TINY]
+    cmd += ["--data", "synthetic", "--resolution", "32", "--batch_size", "2", "--devices", "2"]
+    cmd += ["--num_clips", "24", "--save_videos", "0", "--out", str(out)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )  # the rerun skips compiling
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if re.search(r"\b[2-9]/12\b", log.read_text()):  # tqdm: a few batches done
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    assert proc.wait(timeout=300) == 143, log.read_text()[-2000:]
+    text = log.read_text()
+    assert "Traceback" not in text and text.count("preempted: ") == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["preempted"] is True and 4 <= m["clips_used"] < 24 and m["clips_used"] % 2 == 0
+    assert m["num_clips"] == m["clips_used"] and math.isfinite(m["psnr"])
+    assert "**Partial**" in (out / "metrics.md").read_text()
+    first = (out / "per_clip.jsonl").read_text().splitlines()
+    assert (out / "eval_state.json").is_file()
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resuming after {len(first) // 2} batches ({len(first)} clips)" in again.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["preempted"] is False and m["num_clips"] == 24 and m["resumed_clips"] == len(first)
+    rows = (out / "per_clip.jsonl").read_text().splitlines()
+    assert rows[: len(first)] == first  # the clips before the stop are kept as they were
+    assert [json.loads(r)["index"] for r in rows] == list(range(24))  # each clip once
+    assert m["psnr"] == pytest.approx(np.mean([json.loads(r)["psnr"] for r in rows]), rel=1e-6)
+    assert not (out / "eval_state.json").exists()

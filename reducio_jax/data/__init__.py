@@ -8,7 +8,9 @@ Public API::
         ...                                 #  "mask": (B,) bool, "index": (B,) int32},
                                             #  sharded over mesh axes ("data", "fsdp")
     loader.iterator                         # grain iterator: grain.checkpoint.CheckpointSave
-    loader.stats()                          # {"batches", "clips", "skipped"}
+    loader.stats()                          # {"batches", "clips", "skipped", "files_read",
+                                            #  "files_skipped"}
+    loader.skip_report                      # unreadable files and why; .write("skipped.jsonl")
     loader.source.name(i)                   # record i: file path, TFDS id or "synthetic/i"
     loader.close()                          # stops worker processes (or use `with`)
 

@@ -10,8 +10,10 @@ Host pipeline (per JAX process ``p`` of ``P``), over record indices ``0..N-1``::
 Every process applies the same global permutation (reshuffled each epoch) and keeps every
 P-th element, so processes see disjoint clips that together cover the epoch. A record
 that fails to load is replaced by the next readable index (``i+1``, ``i+2``, ...,
-deterministic) and logged once per file and process; eval marks replacements and padding
-with ``mask = False`` so each clip counts exactly once.
+deterministic); eval marks replacements and padding with ``mask = False`` so each clip
+counts exactly once. Each element carries which records were passed over and why
+(``skipped_index``, ``skipped_reason``), so the main process (:class:`Loader`) warns once per
+file, whichever worker decoded it, and keeps a :class:`SkipReport` of them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reducio_jax.data.config import get_config
 from reducio_jax.data.errors import BadVideoError, DataError
+from reducio_jax.data.skips import SkipReport
 from reducio_jax.data.sources import ClipSource, make_source
 from reducio_jax.data.video import ClipSpec, parse_resolution
 from reducio_jax.sharding import BATCH_AXES
@@ -38,6 +41,7 @@ from reducio_jax.sharding import batch_axes as batch_axes_of
 
 log = logging.getLogger(__name__)
 _MAX_REPLACEMENTS = 64  # consecutive unreadable records tolerated before giving up
+_REASON_BYTES = 160  # of a skip reason carried in the batch (fixed width, so batches stack)
 
 
 class _LoadClip:
@@ -45,19 +49,21 @@ class _LoadClip:
 
     def __init__(self, source: ClipSource, num_records: int, mask_replaced: bool):
         self.source, self.num_records, self.mask_replaced = source, num_records, mask_replaced
-        self._warned: set[int] = set()  # indices already reported by this process
 
     def __call__(self, position: int, rng: np.random.Generator | None = None) -> dict:
         # Known-bad files are retried rather than cached: the result must depend only on
         # (position, rng), not on what this process saw before (resumed runs match).
         n = len(self.source)
         index, valid = position % n, position < self.num_records
+        passed = np.full((_MAX_REPLACEMENTS,), -1, np.int32)  # records skipped for this clip
+        reasons = np.zeros((_MAX_REPLACEMENTS,), f"S{_REASON_BYTES}")
         for skipped in range(min(n, _MAX_REPLACEMENTS)):
             i = (index + skipped) % n
             try:
                 video = self.source.load(i, rng)  # (T, H, W, 3) uint8
             except BadVideoError as e:
-                self._report(i, e)
+                log.debug("Unreadable video %s (%s)", self.source.name(i), e)
+                passed[skipped], reasons[skipped] = i, str(e).encode()[:_REASON_BYTES]
                 continue
             keep = valid and not (self.mask_replaced and skipped)
             # every record passed over before this one was unreadable
@@ -66,17 +72,13 @@ class _LoadClip:
                 "index": np.int32(i),
                 "mask": np.bool_(keep),
                 "skipped": np.int32(skipped),
+                "skipped_index": passed,
+                "skipped_reason": reasons,
             }
         raise DataError(
             f"{min(n, _MAX_REPLACEMENTS)} consecutive records from {self.source.name(index)} "
             "on are unreadable: check the dataset (PyAV must decode the files)."
         )
-
-    def _report(self, i: int, e: Exception) -> None:
-        if i in self._warned:
-            return
-        self._warned.add(i)
-        log.warning("Skipping unreadable video %s (%s)", self.source.name(i), e)
 
 
 def as_config(cfg: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
@@ -156,7 +158,9 @@ def make_host_dataset(
 
     ``video`` (B/P, T, H, W, 3) uint8, ``index`` (B/P,) int32 record index, ``mask``
     (B/P,) bool (False for eval padding/replacements), ``skipped`` (B/P,) int32 number of
-    unreadable files passed over for each clip. ``iter()`` it for a checkpointable iterator.
+    unreadable files passed over for each clip, ``skipped_index`` (B/P, 64) int32 their record
+    indices (-1 = none) and ``skipped_reason`` (B/P, 64) bytes why. ``iter()`` it for a
+    checkpointable iterator.
 
     Raises:
       DataError: missing/empty dataset (before any device work).
@@ -215,20 +219,41 @@ class Loader:
         self.sharding = NamedSharding(mesh, PartitionSpec(tuple(batch_axes)))
         self.global_batch = global_batch
         self._stats = {"batches": 0, "clips": 0, "skipped": 0}
+        self.skip_report = SkipReport()  # distinct unreadable files met by this process
+        self._used: set[int] = set()  # records that gave a clip
 
     def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        batch = next(self.iterator)  # host numpy, this process's rows
+        batch = self._next_host_batch()  # host numpy, this process's rows
         self._stats["batches"] += 1
         self._stats["clips"] += int(batch["mask"].sum())
         self._stats["skipped"] += int(batch["skipped"].sum())
+        self._used.update(int(i) for i in batch["index"][batch["mask"]])
+        self._note_skips(batch["skipped_index"], batch["skipped_reason"])
         return {
             "video": video_to_float(self._global(batch["video"])),
             "mask": self._global(batch["mask"]),
             "index": self._global(batch["index"]),
         }
+
+    def _note_skips(self, indices: np.ndarray, reasons: np.ndarray) -> None:
+        """One warning per unreadable file (the first time this process meets it)."""
+        for i, reason in zip(indices[indices >= 0], reasons[indices >= 0], strict=True):
+            name = self.source.name(int(i)) if self.source is not None else str(int(i))
+            text = bytes(reason).decode(errors="replace")
+            if self.skip_report.add(name, int(i), text):
+                log.warning("Skipping unreadable video %s (%s)", name, text)
+
+    def _next_host_batch(self) -> dict[str, np.ndarray]:
+        try:
+            return next(self.iterator)
+        except (StopIteration, DataError):
+            raise
+        except Exception as err:  # noqa: BLE001  (a dead worker process, a broken source)
+            msg = " ".join(str(err).split()) or "no details"
+            raise DataError(f"the data pipeline failed ({type(err).__name__}: {msg})") from err
 
     def _global(self, local: np.ndarray) -> jax.Array:
         shape = (self.global_batch, *local.shape[1:])
@@ -240,10 +265,22 @@ class Loader:
     def set_state(self, state: dict) -> None:
         self.iterator.set_state(state)
 
+    def counts_state(self) -> dict:
+        """The file counters behind :meth:`stats` (JSON-able), to carry over a restart."""
+        return {"used": sorted(self._used), "skipped": list(self.skip_report.entries.values())}
+
+    def load_counts_state(self, state: dict) -> None:
+        self._used.update(int(i) for i in state["used"])
+        for entry in state["skipped"]:
+            self.skip_report.entries.setdefault(entry["name"], entry)
+
     def stats(self) -> dict[str, int]:
-        """Counters since construction: ``batches``, ``clips`` (unmasked, this process),
-        ``skipped`` (unreadable files passed over, counted each time)."""
-        return dict(self._stats)
+        """Counters since construction (this process): ``batches``, ``clips`` (unmasked),
+        ``skipped`` (unreadable files passed over, counted each time), ``files_read``
+        (distinct files opened: used or skipped), ``files_skipped`` (distinct unreadable
+        files; also those loaded into ``skip_report`` from an earlier run)."""
+        read = len(self._used | self.skip_report.indices())
+        return {**self._stats, "files_read": read, "files_skipped": len(self.skip_report)}
 
     def close(self) -> None:
         """Stops worker processes (if any)."""

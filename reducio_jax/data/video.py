@@ -6,6 +6,13 @@ screen at time ``start + k / fps``, i.e. the last source frame whose timestamp i
 an 8 fps file repeats each frame twice (0, 0, 1, 1, ...). A file is too short when the
 last target time is not covered by a decoded frame (a frame covers one source frame
 duration after its timestamp).
+
+Frames are converted one at a time, straight from the decoder's pixel format (any: yuv420p,
+yuv444p, gray, 10-bit, ...) to RGB at the size that covers the output (swscale, area
+interpolation), so memory holds one resized clip, never a full-resolution one; a display
+rotation (phone videos: multiples of 90 degrees in the stream's display matrix) is applied, so
+clips are upright. Unusable files raise `BadVideoError` with a short reason: missing, empty,
+not a video, no video stream, no decodable frames, corrupt/truncated, too short.
 """
 
 from __future__ import annotations
@@ -132,13 +139,17 @@ def decode_clip(
       BadVideoError: unreadable, corrupt, truncated or too short file.
     """
     try:
+        if os.stat(path).st_size == 0:
+            raise BadVideoError("empty file (0 bytes)")
         with av.open(path) as container:
             return _decode(container, spec, rng, start)
     except BadVideoError:
         raise
+    except FileNotFoundError as e:
+        raise BadVideoError("file not found (moved or deleted after the listing)") from e
     except Exception as e:  # any decoder failure means a bad file
-        msg = " ".join(str(e).split()) or "no details"
-        raise BadVideoError(f"{type(e).__name__}: {msg}") from e
+        msg = " ".join(str(e).replace(f": '{path}'", "").split()) or "no details"
+        raise BadVideoError(f"not a readable video ({type(e).__name__}: {msg})") from e
 
 
 def _decode(container, spec: ClipSpec, rng, start: float | None) -> np.ndarray:
@@ -187,8 +198,10 @@ def _sample_frames(frames, targets: np.ndarray, src_dt: float, spec: ClipSpec, r
             cache[:] = [f, _to_rgb(f, spec, geom, rng)]
         return cache[1]
 
-    prev, prev_t = None, None
+    prev, prev_t, decoded = None, None, 0
+    frames = _FramesUntilError(frames)
     for frame in frames:
+        decoded += 1
         t = _frame_time(frame, prev_t, src_dt)
         while len(out) < len(targets) and t > targets[len(out)] + eps:
             out.append(rgb(prev if prev is not None else frame))  # None: seek landed late
@@ -199,9 +212,28 @@ def _sample_frames(frames, targets: np.ndarray, src_dt: float, spec: ClipSpec, r
         prev is not None and len(out) < len(targets) and targets[len(out)] < prev_t + src_dt - eps
     ):
         out.append(rgb(prev))  # end of stream: the last frame covers one frame duration
+    if decoded == 0:
+        raise BadVideoError(f"no decodable frames{frames.error}")
     if len(out) < len(targets):
-        raise BadVideoError(f"too short: {len(out)} of {len(targets)} frames at {spec.fps} fps")
+        raise BadVideoError(
+            f"too short: {len(out)} of {len(targets)} frames at {spec.fps} fps{frames.error}"
+        )
     return np.stack(out)  # (T, H, W, 3)
+
+
+class _FramesUntilError:
+    """The decoded frames until the stream ends or a decode error (a truncated or corrupt
+    file); `error` then describes the error (else "")."""
+
+    def __init__(self, frames):
+        self.frames, self.error = frames, ""
+
+    def __iter__(self):
+        try:
+            yield from self.frames
+        except av.error.FFmpegError as e:  # InvalidDataError, EOFError, ...
+            msg = " ".join(str(e).split()) or type(e).__name__
+            self.error = f" (stream cut short or corrupt: {msg})"
 
 
 def _frame_time(frame, prev_t: float | None, src_dt: float) -> float:
@@ -210,12 +242,28 @@ def _frame_time(frame, prev_t: float | None, src_dt: float) -> float:
     return 0.0 if prev_t is None else prev_t + src_dt
 
 
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that make the frame upright (its display matrix)."""
+    try:
+        degrees = float(frame.rotation or 0)
+    except (AttributeError, ValueError, TypeError):
+        return 0
+    return round(degrees / 90) % 4
+
+
 def _to_rgb(frame, spec: ClipSpec, geom: list, rng) -> np.ndarray:
-    """One decoded frame -> (H, W, 3) uint8, resized to cover and cropped."""
+    """One decoded frame -> (H, W, 3) uint8: rotated upright, resized to cover, cropped.
+    Converted straight from the decoder's pixel format at the resized size (no full-size
+    RGB copy)."""
     if not geom:
-        rh, rw = cover_size(frame.height, frame.width, spec.height, spec.width)
+        turns = _quarter_turns(frame)
+        h, w = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+        rh, rw = cover_size(h, w, spec.height, spec.width)  # upright size
         y, x = crop_offsets(rh, rw, spec.height, spec.width, rng if spec.random_crop else None)
-        geom.extend((rh, rw, y, x))
-    rh, rw, y, x = geom
-    arr = frame.to_ndarray(format="rgb24", width=rw, height=rh, interpolation="AREA")
+        geom.extend((turns, rh, rw, y, x))
+    turns, rh, rw, y, x = geom
+    sh, sw = (rw, rh) if turns % 2 else (rh, rw)  # the stored (unrotated) orientation
+    arr = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation="AREA")
+    if turns:
+        arr = np.rot90(arr, turns)
     return arr[y : y + spec.height, x : x + spec.width]

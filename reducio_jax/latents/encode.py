@@ -5,7 +5,14 @@ For every clip (eval rules: first frames, centre crop) the store gets the decode
 frame, `content_frame_index`) and, with ``save_moments``, the posterior mean and logvar.
 Batches are split over this process's devices; with several processes, process ``p`` takes
 shards ``p, p + P, ...``. Finished shards (with a ``done`` marker) are skipped, so rerunning
-the same command after an interruption only encodes what is missing.
+the same command after an interruption only encodes what is missing: a shard that was being
+written when the process died (SIGKILL) has no marker and is rewritten from scratch. SIGTERM
+stops after the batch in flight (the unfinished shard is left for the rerun); the summary then
+says ``"preempted": true`` and the CLI exits with 143.
+
+Unreadable videos are stored as invalid rows (zeros, ``valid: false``, the reason in
+``clips.json``); ``STORE/skipped.jsonl`` lists them (one line per file, with the reason) and the
+summary counts files read, clips used and files skipped over the finished shards of the store.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from reducio_jax.latents.runtime import (
     to_host,
 )
 from reducio_jax.latents.store import (
+    CLIPS_FILE,
     FORMAT,
     META_FILE,
     VERSION,
@@ -57,9 +65,12 @@ from reducio_jax.latents.store import (
     write_json_atomic,
 )
 from reducio_jax.models import content_frame_index
+from reducio_jax.preemption import StopOnSigterm
 from reducio_jax.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
+SKIPPED_FILE = "skipped.jsonl"
+MAX_REASON = 300  # bytes of a skip reason kept
 LATENT_DOC = "LayerNorm over (t, h, w, z) of the posterior mean: the decoder's input"
 
 
@@ -90,14 +101,20 @@ class EncodeOptions:
 
 
 def _load_clip(source: ClipSource, spec: ClipSpec, index: int) -> dict[str, Any]:
-    """Record -> {"video" uint8 (T, H, W, 3), "index", "valid"}; unreadable clips are zeros."""
+    """Record -> {"video" uint8 (T, H, W, 3), "index", "valid", "reason"}; unreadable clips are
+    zeros with the reason (bytes)."""
     try:
-        video, valid = source.load(index, None), True
+        video, valid, reason = source.load(index, None), True, ""
     except BadVideoError as err:
         log.warning("Skipping unreadable video %s (%s)", source.name(index), err)
         video = np.zeros((spec.num_frames, spec.height, spec.width, 3), np.uint8)
-        valid = False
-    return {"video": video, "index": np.int64(index), "valid": np.bool_(valid)}
+        valid, reason = False, str(err)
+    return {
+        "video": video,
+        "index": np.int64(index),
+        "valid": np.bool_(valid),
+        "reason": np.bytes_(reason.encode()[:MAX_REASON]),
+    }
 
 
 def clip_batches(
@@ -201,22 +218,48 @@ def prepare_store(root: pathlib.Path, meta: dict[str, Any], overwrite: bool) -> 
     write_json_atomic(root / META_FILE, meta)
 
 
-def _encode_shard(vae, source, spec, root, shard, clips, arrays, mesh, batch, threads, bar):
-    start, stop = clips
-    writer = ShardWriter(root, shard, stop - start, arrays)
+def _row(source: ClipSource, index: Any, valid: Any, reason: bytes) -> dict[str, Any]:
+    row = {"index": int(index), "name": source.name(int(index)), "valid": bool(valid)}
+    if not valid:
+        row["reason"] = bytes(reason).decode(errors="replace")
+    return row
+
+
+def _encode_shard(vae, source, spec, root, shard, clips, arrays, mesh, batch, threads, bar, stop):
+    """Writes one shard; False if a SIGTERM stopped it after a batch (left unfinished)."""
+    start, end = clips
+    writer = ShardWriter(root, shard, end - start, arrays)
     began, valid = time.perf_counter(), 0
     row = 0
-    for b in clip_batches(source, spec, start, stop, batch, threads):
+    for b in clip_batches(source, spec, start, end, batch, threads):
         values = encode_batch(vae, b["video"], mesh, batch, "mean" in arrays)
-        rows = [
-            {"index": int(i), "name": source.name(int(i)), "valid": bool(v)}
-            for i, v in zip(b["index"], b["valid"], strict=True)
-        ]
+        rows = [_row(source, *r) for r in zip(b["index"], b["valid"], b["reason"], strict=True)]
         writer.write(row, values, rows)
         row += len(rows)
         valid += int(np.sum(b["valid"]))
         bar.update(len(rows))
+        if stop.should_stop() and row < end - start:
+            return False
     writer.finish({"valid": valid, "seconds": round(time.perf_counter() - began, 3)})
+    return True
+
+
+def store_counts(root: pathlib.Path, num_shards: int) -> dict[str, Any]:
+    """Files read, clips used and files skipped over the finished shards; rewrites
+    STORE/skipped.jsonl (one line per unreadable file: name, index, reason)."""
+    rows = []
+    for s in range(num_shards):
+        if shard_done(root, s):
+            rows += json.loads((root / shard_name(s) / CLIPS_FILE).read_text())
+    skipped = [r for r in rows if not r["valid"]]
+    lines = (json.dumps({k: r.get(k) for k in ("name", "index", "reason")}) for r in skipped)
+    (root / SKIPPED_FILE).write_text("".join(f"{line}\n" for line in lines))
+    return {
+        "files_read": len(rows),
+        "clips_used": len(rows) - len(skipped),
+        "files_skipped": len(skipped),
+        "skipped_list": str(root / SKIPPED_FILE),
+    }
 
 
 def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
@@ -244,17 +287,31 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
     todo = [s for s in mine if not shard_done(root, s)]
     skipped = [s for s in mine if s not in todo]
     total = sum(ranges[s][1] - ranges[s][0] for s in todo)
-    with tqdm(total=total, desc="encode", unit="clip", disable=not opts.progress) as bar:
+    encoded: list[int] = []
+    with (
+        StopOnSigterm() as stop,
+        tqdm(total=total, desc="encode", unit="clip", disable=not opts.progress) as bar,
+    ):
         for s in todo:
             args = (root, s, ranges[s], arrays, mesh, batch, max(1, opts.num_workers))
-            _encode_shard(vae, source, spec, *args, bar)
+            if not _encode_shard(vae, source, spec, *args, bar, stop):
+                break
+            encoded.append(s)
+            if stop.should_stop():
+                break
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("reducio_jax.latents.encode: shards written")
+    counts = store_counts(root, len(ranges)) if jax.process_index() == 0 else {}
     return {
         "store": str(root),
         "num_clips": n,
         "num_shards": len(ranges),
-        "encoded_shards": [shard_name(s) for s in todo],
+        "encoded_shards": [shard_name(s) for s in encoded],
         "skipped_shards": [shard_name(s) for s in skipped],
-        "encoded_clips": total,
+        "unfinished_shards": [shard_name(s) for s in todo if s not in encoded],
+        "encoded_clips": sum(ranges[s][1] - ranges[s][0] for s in encoded),
+        **counts,
+        "preempted": stop.signal_received,
         "seconds": round(time.perf_counter() - began, 3),
     }
 

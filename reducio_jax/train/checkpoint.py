@@ -6,6 +6,11 @@ as a nested dict of arrays: parameters, both Adam states, BatchNorm statistics, 
 own Orbax handler). Saves are asynchronous (the arrays are copied, then written in the
 background) and only the last `keep` checkpoints are kept. Restoring puts every array straight
 into its shards.
+
+A save is written to `<step>.orbax-checkpoint-tmp-<time>/` and renamed to `<step>/` once every
+process has finished writing (Orbax's atomic commit), so a process killed mid-save (SIGKILL,
+power loss) leaves only a tmp directory: `latest_step()` never sees it, `--resume` takes the last
+complete checkpoint, and the training run (`cleanup=True`) deletes such leftovers at start.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix of a save that is not committed yet
 
 
 def _key_name(key: Any) -> str:
@@ -65,15 +71,31 @@ class _IteratorSnapshot:
         return self._state
 
 
+def incomplete_saves(directory: pathlib.Path) -> list[str]:
+    """Names of uncommitted (interrupted) saves in a checkpoint directory."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if TMP_MARK in p.name)
+
+
 class Checkpointer:
     """Save / restore (state, data iterator) under `<workdir>/checkpoints`."""
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | pathlib.Path,
+        *,
+        keep: int,
+        async_save: bool = True,
+        cleanup: bool = False,
+    ):
         self.directory = pathlib.Path(directory).absolute()
+        self.incomplete = incomplete_saves(self.directory)  # before cleanup removes them
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1),
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=cleanup,
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(),

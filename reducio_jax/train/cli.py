@@ -4,6 +4,10 @@
 Bad input (missing config file, bad override, unknown weights file, a workdir that already
 holds a run without --resume, a non-finite loss) ends with one `error: ...` line on stderr and
 exit status 2 (command line) or 1 (run), without a traceback.
+
+SIGTERM (preemption) finishes the step in flight, commits a checkpoint of that step on every
+process and exits with status 143 (128 + SIGTERM) after one `preempted: ...` line: rerun the
+same command with --resume. Ctrl-C (SIGINT) also checkpoints, then exits with 130.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ def init_distributed() -> None:
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+    from reducio_jax.preemption import PREEMPTED_STATUS, Preempted  # noqa: PLC0415
     from reducio_jax.train.errors import TrainingError  # noqa: PLC0415
 
     logging.getLogger().setLevel(logging.INFO)
@@ -152,6 +157,9 @@ def _main(argv: list[str]) -> None:
         )  # fmt: skip
     except TrainingError as err:
         fail(str(err), 1)
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_STATUS)
     except KeyboardInterrupt:
         fail("interrupted; the state at the interruption was checkpointed in " + str(workdir), 130)
     summarize(result)

@@ -4,7 +4,10 @@
 to `cfg.train.num_steps`. Metrics are fetched one step late (the next step is already queued)
 except before a checkpoint, so a NaN/inf is always caught before any state that contains it
 is saved; the run then stops with `NonFiniteLossError` naming the step and the last good
-checkpoint.
+checkpoint. On SIGTERM (`reducio_jax.preemption`) the step in flight finishes, a checkpoint of
+that step is written and committed on every process, and `run` raises `Preempted`; `--resume`
+continues the same loss curve. A data pipeline that fails (e.g. a decode worker process that
+died) also gets a checkpoint of the last finished step before the run stops.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from reducio_jax import losses
 from reducio_jax import sharding as shard_lib
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
+from reducio_jax.data.skips import SKIPPED_FILE
+from reducio_jax.preemption import Preempted, StopOnSigterm
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import Checkpointer
 from reducio_jax.train.errors import NonFiniteLossError, TrainingError
@@ -120,7 +125,14 @@ class Trainer:
             self.workdir / "checkpoints",
             keep=int(cfg.train.keep_checkpoints),
             async_save=bool(cfg.train.async_checkpointing),
+            cleanup=True,
         )
+        if self.ckpt.incomplete:
+            log.warning(
+                "Ignoring (and deleting) interrupted, uncommitted checkpoint save(s) in %s: %s",
+                self.ckpt.directory,
+                ", ".join(self.ckpt.incomplete),
+            )
         latest = self.ckpt.latest_step()
         if latest is not None and not resume:
             raise TrainingError(
@@ -131,6 +143,7 @@ class Trainer:
         self.last_saved: int | None = latest
         t0 = time.perf_counter()
         self.loader = self._make_loader(loader_factory)
+        self._init_skips(resume)
         t1 = time.perf_counter()
         self._init_state(init_from, lpips_weights)
         t2 = time.perf_counter()
@@ -152,6 +165,31 @@ class Trainer:
             return make(self.cfg.data, mesh=self.mesh, train=True)
         except (DataError, ValueError) as err:
             raise TrainingError(f"data: {err}") from err
+
+    def _init_skips(self, resume: bool) -> None:
+        """skipped.jsonl (process p > 0: skipped.p<p>.jsonl) lists this process's unreadable
+        files; a resumed run starts from the list it left."""
+        p = jax.process_index()
+        self.skipped_path = self.workdir / (SKIPPED_FILE if p == 0 else f"skipped.p{p}.jsonl")
+        self.skips = getattr(self.loader, "skip_report", None)
+        if self.skips is not None and resume:
+            self.skips.load(self.skipped_path)
+        self._skips_written = -1
+
+    def _data_counts(self) -> None:
+        """TensorBoard `data/*` counters and skipped.jsonl, at each log point."""
+        stats = getattr(self.loader, "stats", None)
+        if self.skips is None or stats is None:
+            return
+        counts = stats()
+        self.monitor.counters(
+            self.step,
+            {"skipped": counts["files_skipped"], "files_read": counts["files_read"],
+             "skip_events": counts["skipped"]},
+        )  # fmt: skip
+        if len(self.skips) != self._skips_written:
+            self.skips.write(self.skipped_path)
+            self._skips_written = len(self.skips)
 
     def _init_state(self, init_from: str | None, lpips_path: str | None) -> None:
         cfg = self.cfg
@@ -186,9 +224,9 @@ class Trainer:
             iterator = getattr(self.loader, "iterator", None)
             self.state = self.ckpt.restore(self.resume_step, target, iterator)
             log.info(
-                "Resumed from %s at step %d.",
-                self.ckpt.directory / str(self.resume_step),
+                "Resumed from step %d (%s), the latest complete checkpoint.",
                 self.resume_step,
+                self.ckpt.directory / str(self.resume_step),
             )
         elif weights is not None:
             self.state = state_lib.state_from_modules(
@@ -264,10 +302,29 @@ class Trainer:
             dynamic_ncols=True,
         )
         t_start = self._t_window = time.perf_counter()
+        with StopOnSigterm() as stop:
+            stopped = self._loop(bar, num_steps, stop)
+            self._finish(bar)
+        if stopped:
+            raise Preempted(
+                f"SIGTERM: stopped at step {self.step}; checkpoint {self._checkpoint_path()} "
+                "is committed; run the same command with --resume to continue"
+            )
+        return RunResult(
+            workdir=self.workdir, start_step=start, end_step=self.step,
+            seconds=time.perf_counter() - t_start, logs=self.logs,
+            checkpoint=self._checkpoint_path(), preview=self._preview_path,
+            preview_l1=self.preview_l1,
+        )  # fmt: skip
+
+    def _loop(self, bar: tqdm, num_steps: int, stop: StopOnSigterm) -> bool:
+        """Steps until `num_steps` (False) or a stop request (True, after the step in flight)."""
+        cfg = self.cfg.train
         try:
             while self.step < num_steps:
-                batch = next(self.loader)
-                batch = {"video": batch["video"], "index": batch["index"]}
+                batch = self._next_batch(bar, stop)
+                if batch is None:
+                    return True  # SIGTERM also ended the decode workers
                 if self._clip is None and int(cfg.preview_every) > 0:
                     first_clip = self._cached("first_clip", lambda: jit_first_clip(self.mesh))
                     self._clip = first_clip(batch["video"])  # (1, T, H, W, 3), replicated
@@ -279,6 +336,9 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 self._periodic(bar, num_steps)
+                if stop.should_stop(self.step):
+                    log.warning("Stopping at step %d (SIGTERM): saving a checkpoint.", self.step)
+                    return True
         except KeyboardInterrupt:
             log.warning("Interrupted at step %d: saving a checkpoint.", self.step)
             self._finish(bar)
@@ -287,13 +347,27 @@ class Trainer:
             bar.close()
             self.ckpt.wait()
             raise
-        self._finish(bar)
-        return RunResult(
-            workdir=self.workdir, start_step=start, end_step=self.step,
-            seconds=time.perf_counter() - t_start, logs=self.logs,
-            checkpoint=self._checkpoint_path(), preview=self._preview_path,
-            preview_l1=self.preview_l1,
-        )  # fmt: skip
+        return False
+
+    def _next_batch(self, bar: tqdm, stop: StopOnSigterm) -> dict | None:
+        """The next batch; a failing data pipeline checkpoints the last step (single process),
+        then stops. None: the pipeline failed after a SIGTERM (a scheduler signals the decode
+        workers too)."""
+        try:
+            batch = next(self.loader)
+        except DataError as err:
+            if stop.signal_received:
+                log.warning("Data pipeline ended after SIGTERM (%s).", err)
+                return None
+            if jax.process_count() > 1:  # the other processes are not saving: no collective
+                raise TrainingError(f"data: {err}") from err
+            log.error("Data pipeline failed at step %d: saving a checkpoint.", self.step)
+            self._finish(bar)
+            raise TrainingError(
+                f"data: {err}; checkpoint {self._checkpoint_path()} is committed: fix the "
+                "cause, then rerun with --resume"
+            ) from err
+        return {"video": batch["video"], "index": batch["index"]}
 
     def _periodic(self, bar: tqdm, num_steps: int) -> None:
         cfg = self.cfg.train
@@ -344,13 +418,19 @@ class Trainer:
         now = time.perf_counter()
         clips = len(self.window) * int(self.cfg.data.batch_size)
         means = self.monitor.scalars(self.step, self.window, now - self._t_window, clips)
+        self._data_counts()
         self.logs.append({"step": self.step, **means})
         bar.set_postfix(l1=f"{means['l1']:.4f}", loss=f"{means['total_loss_ae']:.4f}",
                         clips_s=f"{means['clips_per_second']:.2f}")  # fmt: skip
         self.window, self._t_window = [], now
 
     def _save(self) -> None:
-        data_state = self.loader.get_state() if hasattr(self.loader, "get_state") else None
+        data_state = None
+        if hasattr(self.loader, "get_state"):
+            try:
+                data_state = self.loader.get_state()
+            except Exception as err:  # noqa: BLE001  (a pipeline whose workers died)
+                log.warning("No data-iterator state in checkpoint %d (%s).", self.step, err)
         self.ckpt.save(self.step, self.state, data_state)
         self.last_saved = self.step
 

@@ -119,6 +119,12 @@ class Monitor:
             self.jsonl.flush()
         return means
 
+    def counters(self, step: int, values: Mapping[str, float]) -> None:
+        """Data counters under `data/` (`data/skipped`: distinct unreadable files so far)."""
+        if self.enabled:
+            for k, v in values.items():
+                self.writer.add_scalar(f"data/{k}", v, step)
+
     def preview(
         self, step: int, clip: np.ndarray, recon: np.ndarray, l1: float
     ) -> pathlib.Path | None:

@@ -142,16 +142,22 @@ def test_decode_cli_writes_mp4(ckpt, store, tmp_path, capsys):
     assert len(frames) == 16 and frames[0].shape == (32, 32, 3)
 
 
-def test_folder_with_a_bad_video(ckpt, tmp_path):
-    """Readable files are encoded; an unreadable one is kept as an invalid row."""
+def test_folder_with_a_bad_video(ckpt, tmp_path, capsys):
+    """Readable files are encoded; an unreadable one is kept as an invalid row, counted in the
+    summary and listed with its reason in skipped.jsonl."""
     folder = tmp_path / "videos"
     rng = np.random.default_rng(0)
     write_mp4(folder / "a.mp4", rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8), 16)
     (folder / "b.mp4").write_bytes(b"not a video")
     out = tmp_path / "store"
+    capsys.readouterr()
     assert _encode(ckpt, out, "--data", str(folder)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["files_read"], summary["clips_used"], summary["files_skipped"]) == (2, 1, 1)
     clips = json.loads((out / "shard-00000" / "clips.json").read_text())
     assert [c["valid"] for c in clips] == [True, False]
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["name"] for s in skipped] == [str(folder / "b.mp4")] and skipped[0]["reason"]
     source = LatentSource(out)
     assert len(source) == 1 and source[0]["content"].shape == (32, 32, 3)
 
