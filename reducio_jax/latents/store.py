@@ -34,7 +34,6 @@ VERSION = 1
 META_FILE = "store.json"
 DONE_FILE = "done"
 CLIPS_FILE = "clips.json"
-ARRAYS = ("latent", "content", "mean", "logvar")
 # store.json keys that must agree for a run to resume into an existing store.
 RESUME_KEYS = ("format", "version", "num_clips", "num_shards", "arrays", "video", "data")
 
@@ -197,12 +196,6 @@ class LatentStore:
     def read(self, shard: int, row: int, name: str) -> np.ndarray:
         return self.handle(shard, name)[row].read().result()
 
-    def read_rows(self, shard: int, rows: Sequence[int], name: str) -> np.ndarray:
-        """Several rows of one shard, (len(rows), *shape)."""
-        handle = self.handle(shard, name)
-        futures = [handle[r].read() for r in rows]
-        return np.stack([f.result() for f in futures])
-
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_handles"] = {}  # TensorStore handles are reopened in each process
@@ -210,7 +203,6 @@ class LatentStore:
 
 
 __all__ = [
-    "ARRAYS",
     "ArraySpec",
     "LatentStore",
     "ShardWriter",
