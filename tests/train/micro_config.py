@@ -5,12 +5,14 @@ width 32 and 4-frame clips at 32 px: about 6 GFLOP for a training step on one cl
 parity (that is configs/tiny.py).
 """
 
+import copy
+
+from configs import tiny
 from reducio_jax.config import make_config
-from reducio_jax.official import tiny_params
 
 
 def get_config():
-    params = tiny_params()
+    params = copy.deepcopy(tiny.PARAMS)
     params["ddconfig"].update(temp_res=4, ch_mult=[1, 1, 1], ch_fuse=[-1, 1, -1])
     params["ddconfig_2d"]["ch_mult"] = [1, 1, 1]
     cfg = make_config(params)
