@@ -1,82 +1,18 @@
-"""The tiny Reducio-VAE of the parity fixtures (tests/fixtures): the released ft4 recipe at width
-32, one res block per level, 64 px, discriminator width 16. The parity tests use it as is; the
-CPU training demo is configs/demo.py.
+"""The tiny Reducio-VAE of the parity fixtures (tests/fixtures): the released ft4 recipe
+(configs/reducio_ft4.py) at width 32 with one res block per level, 64 px, discriminator width 16.
+The parity tests use it as is; the CPU training demo is configs/demo.py.
 """
 
-from reducio_jax.config import make_config
+import pathlib
 
-# `model.params` of the fixtures' tiny model, in the official YAML's form.
-PARAMS = {
-    "base_learning_rate": 2e-5,
-    "embed_dim": 16,
-    "enable_2d": True,
-    "use_tiling": False,
-    "tile_overlap_factor": 0.25,
-    "tile_sample_min_size": 256,
-    "scheduler_config": {
-        "warm_up_steps": [0],
-        "cycle_lengths": [1_000_000],
-        "f_start": [1.0],
-        "f_max": [1.0],
-        "f_min": [0.01],
-    },
-    "scheduler_disc_config": {
-        "warmup_factor": 0.1,
-        "warmup_start_iters": 5000,
-        "warmup_iters": 1000,
-    },
-    "lossconfig": {
-        "disc_start": 10001,
-        "kl_weight": 1e-6,
-        "disc_weight": 0.05,
-        "use_adaptive_gan": True,
-        "enable_2d": False,
-        "rec_weight": 1.0,
-        "loss_norm": "l1",
-        "perceptual_weight": 0.1,
-        "disc_loss_scale": 0.1,
-        "use_groupnorm": False,
-        "act_tanh": False,
-        "disc_ch": 16,
-    },
-    "ddconfig_2d": {
-        "ch": 32,
-        "z_channels": 4,
-        "out_ch": 3,
-        "resolution": 64,
-        "in_channels": 3,
-        "ch_mult": [1, 2, 4, 4],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-        "out_z": False,
-        "use_checkpoint": True,
-        "fp32_attention": True,
-    },
-    "ddconfig": {
-        "ch": 32,
-        "ch_in": 32,
-        "f_t": 2,
-        "out_ch": 3,
-        "z_channels": 16,
-        "resolution": 64,
-        "in_channels": 3,
-        "temp_res": 16,
-        "ch_mult": [1, 2, 2, 4, 4, 4],
-        "ch_fuse": [-1, -1, 2, 3, -1, -1],
-        "fuse_type": "attn",
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "use_3d_conv": True,
-        "upsample_first": True,
-        "fuse_mid": True,
-        "use_checkpoint": True,
-        "pos_embed_mode": "t",
-        "fp32_attention": True,
-        "window_size": 128,
-    },
-}
+from reducio_jax.api import load_config
 
 
 def get_config():
-    return make_config(PARAMS)
+    cfg = load_config(pathlib.Path(__file__).with_name("reducio_ft4.py"))
+    for ddconfig in (cfg.model.ddconfig, cfg.model.ddconfig_2d):
+        ddconfig.update(ch=32, num_res_blocks=1, resolution=64)
+    cfg.model.ddconfig.ch_in = 32
+    cfg.loss.disc_ch = 16
+    cfg.data.resolution = 64
+    return cfg

@@ -121,7 +121,7 @@ def test_demo_is_tiny_with_demo_settings():
 
 def test_make_config_keeps_the_schema_defaults_of_missing_keys():
     """Keys an official mapping leaves out keep the schema's default; given ones win."""
-    params = {k: v for k, v in tiny.PARAMS.items() if k not in ("lossconfig", "use_tiling")}
+    params = {k: v for k, v in reducio_ft4.PARAMS.items() if k not in ("lossconfig", "use_tiling")}
     params["lossconfig"] = {"target": "x.Loss", "params": {"disc_start": 7}}
     cfg, defaults = make_config(params), get_default_config()
     assert cfg.loss.disc_start == 7
