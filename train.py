@@ -1,4 +1,4 @@
-"""Train Reducio-VAE: `python train.py --config configs/tiny.py` (see docs/training.md)."""
+"""Train Reducio-VAE: `python train.py --config configs/demo.py` (see docs/training.md)."""
 
 from reducio_jax.train.cli import main
 

@@ -325,7 +325,7 @@ def memory_of(compiled: Any) -> dict[str, int] | None:
     """Bytes of the compiled program (XLA's memory analysis), with its peak estimate."""
     try:
         m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001  (backends without memory analysis)
+    except Exception:
         return None
     if m is None:
         return None

@@ -164,7 +164,7 @@ class Output:
     """JSON lines to stdout and, optionally, a file."""
 
     def __init__(self, jsonl: str | None):
-        self.file = open(jsonl, "a") if jsonl else None  # noqa: SIM115
+        self.file = open(jsonl, "a") if jsonl else None
 
     def emit(self, rec: dict) -> None:
         line = json.dumps(rec)
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BenchmarkError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001  (one line, not a traceback wall)
+    except Exception as err:
         print(
             f"error: run failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
             file=sys.stderr,

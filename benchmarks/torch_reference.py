@@ -54,9 +54,11 @@ def recipe_state_dict(model: Any) -> dict[str, np.ndarray]:
 
 def load_reference(path: str, cfg: Any, checkpoint: pathlib.Path) -> tuple[Any, Any]:
     """(ReducioVAE, official torch model), both on the recipe weights written to `checkpoint`."""
+    import torch
+
     from reducio_jax import parity
     from reducio_jax.api import ReducioVAE
-    from reducio_jax.convert.torch_format import load_state_dict, save_torch_checkpoint
+    from reducio_jax.convert.torch_format import load_state_dict
 
     try:
         module = parity.import_reference(path)
@@ -64,7 +66,7 @@ def load_reference(path: str, cfg: Any, checkpoint: pathlib.Path) -> tuple[Any, 
         raise BenchmarkError(f"--torch-reference: {err}") from err
     with contextlib.redirect_stdout(sys.stderr):  # the official code prints while it builds
         weights = recipe_state_dict(parity.reference_model(module, cfg))
-        save_torch_checkpoint(checkpoint, weights)
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in weights.items()}}, checkpoint)
         reference = parity.build_reference(module, cfg, load_state_dict(checkpoint))
     return ReducioVAE.from_torch_checkpoint(checkpoint, cfg), reference
 

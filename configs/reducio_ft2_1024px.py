@@ -1,8 +1,17 @@
-"""Reducio-VAE ft2 weights with spatial tiling for 1024px frames."""
+"""Reducio-VAE ft2 weights with spatial tiling for 1024px frames (320 px tiles every 256 px).
 
-from reducio_jax.config import make_config
-from reducio_jax.official import reducio_params
+The released `_1024px` config: configs/reducio_ft2.py with `use_tiling` on and 1024 px frames.
+"""
+
+import pathlib
+
+from reducio_jax.api import load_config
 
 
 def get_config():
-    return make_config(reducio_params(f_t=1, resolution=1024, use_tiling=True))
+    cfg = load_config(pathlib.Path(__file__).with_name("reducio_ft2.py"))
+    cfg.model.use_tiling = True
+    cfg.model.ddconfig.resolution = 1024
+    cfg.model.ddconfig_2d.resolution = 1024
+    cfg.data.resolution = 1024
+    return cfg

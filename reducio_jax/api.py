@@ -42,14 +42,9 @@ from reducio_jax.convert.checkpoint import (
     load_pretrained_config,
     save_pretrained,
 )
-from reducio_jax.models import VideoVAE, build_vae, content_frame_index, latent_layer_norm
+from reducio_jax.models import VideoVAE, build_vae, latent_layer_norm
 from reducio_jax.models.posterior import DiagonalGaussian
-from reducio_jax.models.tiling import (
-    TileConfig,
-    tiled_content_features,
-    tiled_decode,
-    tiled_moments,
-)
+from reducio_jax.models.tiling import TileConfig
 from reducio_jax.models.windows import WindowPlan, cut_windows, pad_spatial, plan_windows, stitch
 from reducio_jax.sharding import make_mesh, sharding_fn
 
@@ -105,18 +100,6 @@ def load_config(cfg: ConfigLike) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def tile_config(cfg: ml_collections.ConfigDict) -> TileConfig | None:
-    model = cfg.model
-    if not model.use_tiling:
-        return None
-    f_s = model.ddconfig.get("f_s", len(model.ddconfig["ch_mult"]) - 1)
-    return TileConfig(model.tile_sample_min_size, model.tile_overlap_factor, 2**f_s)
-
-
-def _tiles_for(tiles: TileConfig | None, height: int) -> TileConfig | None:
-    return tiles if tiles is not None and tiles.applies_to(height) else None
-
-
 def _check_video(video: jax.Array, factor: int) -> None:
     if video.ndim != 5 or video.shape[-1] != 3:
         raise ValueError(f"expected a video batch (B, T, H, W, 3), got shape {tuple(video.shape)}")
@@ -128,16 +111,11 @@ def _check_video(video: jax.Array, factor: int) -> None:
 
 
 def _content(model: VideoVAE, frame: jax.Array, tiles: TileConfig | None):
-    if tiles is None:
-        return model.content_features(frame)
-    return tiled_content_features(model.content_features, frame, tiles)
+    return model.content_features(frame, tiles=tiles)
 
 
 def _encode(model: VideoVAE, video: jax.Array, tiles: TileConfig | None) -> DiagonalGaussian:
-    if tiles is None:
-        return model.encode(video)
-    encode_tile = lambda v: model.quant_conv(model.encoder_3d(v)).astype(jnp.float32)  # noqa: E731
-    return DiagonalGaussian.from_moments(tiled_moments(encode_tile, video, tiles))
+    return model.encode(video, tiles=tiles)
 
 
 def _latent(posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
@@ -148,19 +126,13 @@ def _latent(posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
 def _decode(
     model: VideoVAE, latent: jax.Array, frame: jax.Array, tiles: TileConfig | None
 ) -> jax.Array:
-    content = _content(model, frame, tiles)
-    if tiles is None:
-        return model.decode(latent, content)
-    z = model.post_quant_conv(latent.astype(model.dtype))
-    video = tiled_decode(model.decoder, z, content, tiles)
-    return video[:, (-model.num_frames) % model.temporal_factor :]
+    return model.decode(latent, model.content_features(frame, tiles=tiles), tiles=tiles)
 
 
 def _reconstruct(
     model: VideoVAE, video: jax.Array, rng: jax.Array | None, tiles: TileConfig | None
 ) -> jax.Array:
-    latent = _latent(_encode(model, video, tiles), rng)
-    return _decode(model, latent, video[:, content_frame_index(video.shape[1])], tiles)
+    return model(video, rng, tiles=tiles)[0]
 
 
 def _compiled(fn):
@@ -189,9 +161,8 @@ class ReducioVAE:
         self.model = model
         self.config = cfg
         self.weights = weights or ReducioWeights(vae=model)
-        self.tiles = tile_config(cfg)
-        f_s = cfg.model.ddconfig.get("f_s", len(cfg.model.ddconfig["ch_mult"]) - 1)
-        self.spatial_factor = 2**f_s
+        self.tiles = TileConfig.from_config(cfg)
+        self.spatial_factor = model.sizes.spatial_factor
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -229,16 +200,12 @@ class ReducioVAE:
     # -- the four operations ------------------------------------------------------------------
     def content_features(self, frame: jax.Array) -> Any:
         """(B, H, W, 3) -> content features (a grid of per-tile feature lists when tiled)."""
-        return _content_jit(
-            *nnx.split(self.model), frame, tiles=_tiles_for(self.tiles, frame.shape[1])
-        )
+        return _content_jit(*nnx.split(self.model), frame, tiles=self.tiles)
 
     def encode(self, video: jax.Array) -> DiagonalGaussian:
         """(B, T, H, W, 3) -> posterior with mean/logvar (B, T/2**f_t, H/32, W/32, embed_dim)."""
         _check_video(video, self.spatial_factor)
-        return _encode_jit(
-            *nnx.split(self.model), video, tiles=_tiles_for(self.tiles, video.shape[2])
-        )
+        return _encode_jit(*nnx.split(self.model), video, tiles=self.tiles)
 
     def latent(self, posterior: DiagonalGaussian, rng: jax.Array | None = None) -> jax.Array:
         """The decoder's input: posterior mean (rng None) or a sample, LayerNorm-ed per clip."""
@@ -250,21 +217,18 @@ class ReducioVAE:
             raise ValueError(
                 f"content frame must be (B, H, W, 3), got shape {tuple(content_frame.shape)}"
             )
-        tiles = _tiles_for(self.tiles, content_frame.shape[1])
-        return _decode_jit(*nnx.split(self.model), latent, content_frame, tiles=tiles)
+        return _decode_jit(*nnx.split(self.model), latent, content_frame, tiles=self.tiles)
 
     def reconstruct(self, video: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """encode -> latent -> decode with the middle frame as content, in one compiled call."""
         _check_video(video, self.spatial_factor)
-        return _reconstruct_jit(
-            *nnx.split(self.model), video, rng, tiles=_tiles_for(self.tiles, video.shape[2])
-        )
+        return _reconstruct_jit(*nnx.split(self.model), video, rng, tiles=self.tiles)
 
     # -- videos of any length (overlapping windows, docs/video.md) ------------------------------
     @property
     def window(self) -> int:
         """Frames per window: the model's clip length (16)."""
-        return int(self.model.num_frames)
+        return self.model.sizes.num_frames
 
     def encode_video(
         self,
@@ -288,7 +252,7 @@ class ReducioVAE:
         b, k = windows.shape[:2]
         return VideoLatent(
             latents=latents.reshape(b, k, *latents.shape[1:]),
-            content_frames=windows[:, :, content_frame_index(self.window)],
+            content_frames=windows[:, :, self.model.sizes.content_frame],
             starts=plan.starts,
             num_frames=int(video.shape[1]),
             height=int(video.shape[2]),

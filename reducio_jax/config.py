@@ -1,14 +1,18 @@
-"""Configs: one `ml_collections.ConfigDict` per run, built from the official model parameters.
+"""Configs: one `ml_collections.ConfigDict` per run, one schema.
 
-`make_config(params)` turns an official Lightning `model.params` mapping (the same keys:
-`ddconfig`, `ddconfig_2d`, `embed_dim`, `lossconfig`, ...) into this project's config with the
-blocks `model`, `loss`, `optim`, `data`, `train`, `mesh`. `config_from_yaml(path)` does the same
-from an official YAML file (whole file or just its `model.params`; JSON accepted).
+`get_default_config()` is the schema: every key of the blocks `model`, `loss`, `optim`, `data`
+(`reducio_jax/data/config.py`), `train`, `mesh`, each default written once with its meaning.
+`make_config(params)` overrides it with an official Lightning `model.params` mapping (the same
+keys: `ddconfig`, `ddconfig_2d`, `embed_dim`, `lossconfig`, ...); `config_from_yaml(path)` does
+the same from an official YAML file (whole file or just its `model.params`; JSON accepted).
+`derived(cfg)` gives every quantity that follows from the model (spatial and temporal factor,
+clip length, latent shape, content frame).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import pathlib
 import re
@@ -20,38 +24,24 @@ import yaml
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
-LOSS_DEFAULTS: dict[str, Any] = {
-    "disc_start": 10001,
-    "logvar_init": 0.0,
-    "kl_weight": 1e-6,
-    "disc_num_layers": 3,
-    "disc_in_channels": 3,
-    "disc_ch": 64,
-    "disc_factor": 1.0,
-    "disc_weight": 0.05,
-    "loss_norm": "l1",
-    "rec_weight": 1.0,
-    "perceptual_weight": 0.1,
-    "disc_loss": "hinge",
-    "disc_loss_scale": 0.1,
-    "use_adaptive_gan": True,
-    "penalty_weight": 1.0,
-    "penalty_radius": 3.0,
-    "enable_2d": False,
-    "enable_3d": True,
-    "use_groupnorm": False,
-    "use_actnorm": False,
-    "act_tanh": False,
+# Optional keys of the official `ddconfig` (3D encoder / fusion decoder) and their defaults; the
+# model reads a ddconfig merged over these.
+DDCONFIG_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,  # video channels
+    "out_ch": 3,  # decoded video channels
+    "ch_in": None,  # decoder input width (None: ch)
+    "f_t": 0,  # temporal compression 2**f_t
+    "f_s": None,  # spatial compression 2**f_s (None: len(ch_mult) - 1)
+    "fuse_mid": False,  # content cross-attention in the decoder's middle block
+    "window_size": 256,  # attention window (pixels, int or (h, w))
+    "fp32_attention": True,  # attention softmax in float32
 }
-
-SCHEDULER_DEFAULTS = {
-    "warm_up_steps": [0],
-    "cycle_lengths": [1_000_000],
-    "f_start": [1.0],
-    "f_max": [1.0],
-    "f_min": [0.01],
+# Optional keys of the official `ddconfig_2d` (2D content encoder) and their defaults.
+DDCONFIG_2D_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,  # content frame channels
+    "window_size": 256,  # attention window (pixels, int or (h, w))
+    "fp32_attention": True,  # attention softmax in float32
 }
-DISC_SCHEDULER_DEFAULTS = {"warmup_factor": 0.1, "warmup_start_iters": 5000, "warmup_iters": 1000}
 
 # Logical parameter axes -> mesh axes. Channels of convolutions and dense layers are sharded
 # over "fsdp" (ZeRO-3 style); everything else is replicated. The batch goes over data x fsdp.
@@ -62,6 +52,154 @@ DEFAULT_SHARDING_RULES = (
     ("heads", "fsdp"),
     ("norm", None),
 )
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """Every key of a run config, each with its default; `configs/*.py` set what differs."""
+    from reducio_jax.data.config import get_config as data_config
+
+    cfg = ml_collections.ConfigDict()
+
+    cfg.model = model = ml_collections.ConfigDict()
+    model.ddconfig = {}  # 3D encoder / fusion decoder: the official ddconfig (DDCONFIG_DEFAULTS)
+    model.ddconfig_2d = {}  # 2D content encoder: the official ddconfig_2d (DDCONFIG_2D_DEFAULTS)
+    model.embed_dim = 16  # latent channels
+    model.enable_2d = True  # content encoder on (the only mode this port supports)
+    model.use_tiling = False  # tile frames taller than tile_sample_min_size * (1 + overlap)
+    model.tile_overlap_factor = 0.2  # fraction of a tile shared with each neighbour
+    model.tile_sample_min_size = 256  # tile step in pixels
+    model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators; params stay float32)
+    model.param_dtype = "float32"  # parameter dtype
+    model.attention_impl = ""  # "" = XLA; "cudnn" = cuDNN flash attention (bf16, GPU)
+    model.remat = False  # recompute blocks in the backward pass (the YAML's use_checkpoint)
+
+    cfg.loss = loss = ml_collections.ConfigDict()
+    loss.disc_start = 10001  # step from which the GAN loss counts
+    loss.logvar_init = 0.0  # the fixed log-variance dividing the reconstruction loss
+    loss.kl_weight = 1e-6  # weight of the KL term
+    loss.disc_num_layers = 3  # PatchGAN depth
+    loss.disc_in_channels = 3  # PatchGAN input channels
+    loss.disc_ch = 64  # PatchGAN width
+    loss.disc_factor = 1.0  # GAN loss factor once disc_start is reached
+    loss.disc_weight = 0.05  # scale of the adaptive GAN weight
+    loss.loss_norm = "l1"  # reconstruction distance: "l1" or "l2"
+    loss.rec_weight = 1.0  # weight of the reconstruction (+ perceptual) loss
+    loss.perceptual_weight = 0.1  # LPIPS weight inside the reconstruction loss
+    loss.disc_loss = "hinge"  # discriminator loss: "hinge" or "vanilla"
+    loss.disc_loss_scale = 0.1  # discriminator learning rate / VAE learning rate
+    loss.use_adaptive_gan = True  # GAN weight from last-layer gradient norms (else fixed)
+    loss.warm_d_weight_steps = 0  # steps of the fixed-GAN-weight warm-up (use_adaptive_gan off)
+    loss.penalty_weight = 1.0  # weight of the brightness penalty
+    loss.penalty_radius = 3.0  # output magnitude the penalty starts at
+    loss.enable_2d = False  # 2D (frame) discriminator: off in the released recipe
+    loss.enable_3d = True  # 3D (video) discriminator
+    loss.use_groupnorm = False  # reference option of the discriminator; unused by the port
+    loss.use_actnorm = False  # reference option of the discriminator; unused by the port
+    loss.act_tanh = False  # reference option of the discriminator; unused by the port
+
+    cfg.optim = optim = ml_collections.ConfigDict()
+    optim.base_learning_rate = 2e-5  # VAE learning rate before the schedule's factor
+    optim.b1, optim.b2 = 0.5, 0.9  # Adam betas of both networks
+    optim.grad_clip_norm = 0.0  # VAE gradient clipping by global norm (0 = off)
+    optim.disc_grad_clip_norm = 0.0  # discriminator gradient clipping (0 = off)
+    optim.scheduler = ml_collections.ConfigDict()  # VAE LambdaLinear factor, one entry per cycle
+    optim.scheduler.warm_up_steps = [0]  # linear ramp from f_start to f_max
+    optim.scheduler.cycle_lengths = [1_000_000]  # steps per cycle
+    optim.scheduler.f_start = [1.0]  # factor at the cycle's start
+    optim.scheduler.f_max = [1.0]  # factor after the warm-up
+    optim.scheduler.f_min = [0.01]  # factor the cycle decays towards
+    optim.scheduler_disc = ml_collections.ConfigDict()  # discriminator WarmupLR factor
+    optim.scheduler_disc.warmup_factor = 0.1  # factor before warmup_start_iters
+    optim.scheduler_disc.warmup_start_iters = 5000  # step the warm-up starts at
+    optim.scheduler_disc.warmup_iters = 1000  # steps of the warm-up to factor 1
+    optim.scheduler_disc.warmup_method = "linear"  # "linear" ramp or "constant"
+
+    cfg.data = data_config()  # the data block (its keys: reducio_jax/data/config.py)
+
+    cfg.train = train = ml_collections.ConfigDict()
+    train.num_steps = 1_000_000  # optimizer steps (each updates the VAE and the discriminator)
+    train.grad_accum_steps = 1  # micro-batches per step (data.batch_size is the whole step)
+    train.seed = 0  # parameter init and posterior sampling
+    train.workdir = ""  # "" -> runs/<config name>; the --workdir flag wins
+    train.log_every = 50  # TensorBoard scalars and metrics.jsonl (window means)
+    train.checkpoint_every = 5000  # Orbax checkpoint every N steps, and at exit
+    train.keep_checkpoints = 3  # keep the last K
+    train.async_checkpointing = True  # write checkpoints in the background
+    train.preview_every = 5000  # reconstruction preview (PNG + GIF + TensorBoard image)
+    train.fast_compile = False  # XLA without expensive LLVM passes: faster compile, slower steps
+    train.lpips_weights = ""  # LPIPS source when --init_from has none (see docs/training.md)
+
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.shape = {"data": -1, "fsdp": 1}  # -1: all remaining devices
+    cfg.mesh.rules = DEFAULT_SHARDING_RULES  # logical axis -> mesh axis
+    return cfg
+
+
+def config_from_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A config saved as JSON (a pretrained directory, a run, a latent store), completed with
+    the schema's defaults for any key it predates."""
+    return ml_collections.ConfigDict(_merged(_as_json(get_default_config()), saved))
+
+
+def _as_json(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            value = _merged(out[key], value)
+        out[key] = value
+    return out
+
+
+def content_frame_index(num_frames: int) -> int:
+    """The frame the content encoder sees: the middle one, (T - 1) // 2."""
+    return (num_frames - 1) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """The quantities that follow from a model config (see `derived`)."""
+
+    num_frames: int  # frames per clip (temp_res)
+    spatial_factor: int  # pixels per latent position along H and W (2**f_s)
+    temporal_factor: int  # frames per latent step (2**f_t)
+    latent_channels: int  # embed_dim
+
+    @property
+    def temporal_padding(self) -> int:
+        """Frames the decoder makes in front of the clip (T rounded up to 2**f_t); dropped."""
+        return (-self.num_frames) % self.temporal_factor
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.num_frames + self.temporal_padding) // self.temporal_factor
+
+    @property
+    def content_frame(self) -> int:
+        """Index of the content frame within a clip."""
+        return content_frame_index(self.num_frames)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(t, h, w, embed_dim) of the latent of one (T, height, width, 3) clip."""
+        f = self.spatial_factor
+        return (self.latent_frames, height // f, width // f, self.latent_channels)
+
+
+def derived(cfg: Mapping[str, Any]) -> Derived:
+    """Spatial/temporal factor, clip length, latent shape, content frame of a config (whole, or
+    its `model` block)."""
+    model = cfg["model"] if "model" in cfg else cfg
+    dd = {**DDCONFIG_DEFAULTS, **dict(model["ddconfig"])}
+    f_s = len(dd["ch_mult"]) - 1 if dd["f_s"] is None else int(dd["f_s"])
+    return Derived(
+        num_frames=int(dd["temp_res"]),
+        spatial_factor=2**f_s,
+        temporal_factor=2 ** int(dd["f_t"]),
+        latent_channels=int(model["embed_dim"]),
+    )
 
 
 class ConfigError(ValueError):
@@ -91,91 +229,53 @@ def _params_of(target_or_params: Mapping[str, Any]) -> Mapping[str, Any]:
     return target_or_params
 
 
-def model_block(params: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def _check_model_params(params: Mapping[str, Any]) -> None:
     for key in ("ddconfig", "ddconfig_2d", "embed_dim"):
         if key not in params:
             raise ConfigError(
                 f"model parameters lack '{key}'; give an official Reducio-VAE config "
                 "(a YAML with model.params.ddconfig, ddconfig_2d, embed_dim)"
             )
-    block = ml_collections.ConfigDict()
-    block.embed_dim = int(params["embed_dim"])
-    block.enable_2d = bool(params.get("enable_2d", True))
-    block.use_tiling = bool(params.get("use_tiling", False))
-    block.tile_overlap_factor = float(params.get("tile_overlap_factor", 0.2))
-    block.tile_sample_min_size = int(params.get("tile_sample_min_size", 256))
-    block.ddconfig = dict(params["ddconfig"])
-    block.ddconfig_2d = dict(params["ddconfig_2d"])
-    if not block.enable_2d:
+    if not params.get("enable_2d", True):
         raise ConfigError("enable_2d=False (no content encoder) is not supported by this port")
-    # Runtime choices of this port (not in the official configs).
-    block.dtype = "float32"
-    block.param_dtype = "float32"
-    block.attention_impl = ""  # "" = XLA; "cudnn" = cuDNN flash attention (bf16, GPU)
-    block.remat = bool(params["ddconfig"].get("use_checkpoint", False))
-    return block
-
-
-def train_block() -> ml_collections.ConfigDict:
-    """The run loop's settings (read by `reducio_jax.train`)."""
-    block = ml_collections.ConfigDict()
-    block.num_steps = 1_000_000  # optimizer steps (each updates the VAE and the discriminator)
-    block.grad_accum_steps = 1  # micro-batches per step (data.batch_size is the whole step)
-    block.seed = 0  # parameter init and posterior sampling
-    block.workdir = ""  # "" -> runs/<config name>; the --workdir flag wins
-    block.log_every = 50  # TensorBoard scalars and metrics.jsonl (window means)
-    block.checkpoint_every = 5000  # Orbax checkpoint every N steps, and at exit
-    block.keep_checkpoints = 3  # keep the last K
-    block.async_checkpointing = True
-    block.preview_every = 5000  # reconstruction preview (PNG + GIF + TensorBoard image)
-    block.fast_compile = False  # XLA without expensive LLVM passes: faster compile, slower steps
-    block.lpips_weights = ""  # LPIPS source when --init_from has none (see docs/training.md)
-    return block
 
 
 def make_config(
     params: Mapping[str, Any], *, base_learning_rate: float | None = None
 ) -> ml_collections.ConfigDict:
-    """Builds the full run config from an official `model.params` mapping."""
+    """The run config of an official `model.params` mapping: the defaults of
+    `get_default_config`, overridden by every value the mapping gives."""
     params = _coerce_numbers(copy.deepcopy(dict(params)))
-    cfg = ml_collections.ConfigDict()
-    cfg.model = model_block(params)
-    loss = dict(LOSS_DEFAULTS)
-    loss.update(
-        {k: v for k, v in _params_of(params.get("lossconfig", {})).items() if k != "target"}
-    )
-    cfg.loss = ml_collections.ConfigDict(loss)
+    _check_model_params(params)
+    cfg = get_default_config()
+    model = cfg.model
+    model.ddconfig = dict(params["ddconfig"])
+    model.ddconfig_2d = dict(params["ddconfig_2d"])
+    model.embed_dim = int(params["embed_dim"])
+    for key in ("enable_2d", "use_tiling", "tile_overlap_factor", "tile_sample_min_size"):
+        if key in params:
+            model[key] = type(model[key])(params[key])
+    if "use_checkpoint" in params["ddconfig"]:
+        model.remat = bool(params["ddconfig"]["use_checkpoint"])
 
-    cfg.optim = ml_collections.ConfigDict()
-    lr = (
-        base_learning_rate
-        if base_learning_rate is not None
-        else params.get("base_learning_rate", 2e-5)
-    )
-    cfg.optim.base_learning_rate = float(lr)
-    cfg.optim.b1, cfg.optim.b2 = 0.5, 0.9
-    sched = dict(SCHEDULER_DEFAULTS)
-    sched.update(_params_of(params.get("scheduler_config") or {}))
-    sched.pop("target", None)
-    cfg.optim.scheduler = ml_collections.ConfigDict(sched)
-    disc_sched = dict(DISC_SCHEDULER_DEFAULTS)
-    disc_sched.update(_params_of(params.get("scheduler_disc_config") or {}))
-    disc_sched.pop("target", None)
-    cfg.optim.scheduler_disc = ml_collections.ConfigDict(disc_sched)
-    cfg.optim.grad_clip_norm = 0.0  # 0 = off, as in the released configs
+    cfg.loss.update(_block(params, "lossconfig"))
+    if base_learning_rate is None:
+        base_learning_rate = params.get("base_learning_rate", cfg.optim.base_learning_rate)
+    cfg.optim.base_learning_rate = float(base_learning_rate)
+    cfg.optim.scheduler.update(_block(params, "scheduler_config"))
+    cfg.optim.scheduler_disc.update(_block(params, "scheduler_disc_config"))
 
-    from reducio_jax.data.config import get_config as data_config
-
-    cfg.data = data_config()
-    cfg.data.num_frames = int(params["ddconfig"].get("temp_res", 16))
-    cfg.data.resolution = int(params["ddconfig"].get("resolution", 256))
-
-    cfg.train = train_block()
-
-    cfg.mesh = ml_collections.ConfigDict()
-    cfg.mesh.shape = {"data": -1, "fsdp": 1}  # -1: all remaining devices
-    cfg.mesh.rules = DEFAULT_SHARDING_RULES
+    cfg.data.num_frames = derived(cfg).num_frames
+    if "resolution" in params["ddconfig"]:
+        cfg.data.resolution = int(params["ddconfig"]["resolution"])
     return cfg
+
+
+def _block(params: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """An official `{target, params}` block (or bare mapping) of `params`, without `target`."""
+    block = dict(_params_of(params.get(key) or {}))
+    block.pop("target", None)
+    return block
 
 
 def config_from_yaml(path: str | pathlib.Path) -> ml_collections.ConfigDict:

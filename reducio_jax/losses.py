@@ -24,21 +24,22 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """The scalar settings of the loss (a config's `loss` block, plus the fixed logvar)."""
+    """The scalar settings of the loss: a config's `loss` block (defaults and meanings in
+    `reducio_jax.config.get_default_config`), with `logvar` from its `logvar_init`."""
 
-    kl_weight: float = 1e-6
-    disc_weight: float = 0.05
-    rec_weight: float = 1.0
-    perceptual_weight: float = 0.1
-    penalty_weight: float = 1.0
-    penalty_radius: float = 3.0
-    disc_start: int = 10001
-    disc_factor: float = 1.0
-    disc_loss: str = "hinge"
-    use_adaptive_gan: bool = True
-    loss_norm: str = "l1"
-    logvar: float = 0.0
-    warm_d_weight_steps: int = 0
+    kl_weight: float
+    disc_weight: float
+    rec_weight: float
+    perceptual_weight: float
+    penalty_weight: float
+    penalty_radius: float
+    disc_start: int
+    disc_factor: float
+    disc_loss: str
+    use_adaptive_gan: bool
+    loss_norm: str
+    logvar: float
+    warm_d_weight_steps: int
 
     @classmethod
     def from_config(cls, loss_cfg: Mapping[str, Any], **overrides: Any) -> LossWeights:
@@ -147,7 +148,7 @@ def _fixed_gan_weight(step: Array, w: LossWeights) -> Array:
 
 
 def generator_grads(
-    forward: Callable[[Any], tuple[tuple[Array, Array], tuple[Array, Any]]],
+    forward: Callable[[Any], tuple[tuple[Array, Array], Array]],
     params: Any,
     x: Array,
     lpips_fn: Callable[[Array, Array], Array] | None,
@@ -155,20 +156,20 @@ def generator_grads(
     last_layer_grad: Callable[[Array, Array], Array],
     step: Array | int,
     w: LossWeights,
-) -> tuple[Any, dict[str, Array], tuple[Array, Any, Any]]:
+) -> tuple[Any, dict[str, Array], tuple[Array, Any]]:
     """Gradients of the generator loss with the adaptive GAN weight.
 
-    forward(params) -> ((recon (B, T, H, W, 3), kl (B,)), (features, aux)): the VAE, where
+    forward(params) -> ((recon (B, T, H, W, 3), kl (B,)), features): the VAE, where
     `features` is the input of its last layer; `disc_fn(recon) -> (logits, disc_aux)`;
     `last_layer_grad(features, d_recon)` -> gradient of the last layer's kernel for a
     cotangent on `recon`. The loss is `rec_weight * nll + kl_weight * kl + penalty +
     d_weight * disc_factor * g` with `d_weight` from the last-layer gradients of nll and g, as
     the reference's `calculate_adaptive_weight`. Each network's backward runs once: the loss
     heads (LPIPS, D, penalty) are differentiated with respect to the reconstruction, then one
-    VAE backward takes their weighted sum. Returns (grads, logs, (recon, aux, disc_aux)).
+    VAE backward takes their weighted sum. Returns (grads, logs, (recon, disc_aux)).
     """
     step = jnp.asarray(step)
-    (recon, kl), vae_pull, (features, aux) = jax.vjp(forward, params, has_aux=True)
+    (recon, kl), vae_pull, features = jax.vjp(forward, params, has_aux=True)
 
     def nll_fn(r: Array) -> tuple[Array, dict[str, Array]]:
         p_frames = None
@@ -212,4 +213,4 @@ def generator_grads(
         "weighted_g_loss": d_weight * factor * g_loss,
         "weighted_kl_loss": w.kl_weight * kl_loss,
     }
-    return grads, logs, (recon, aux, disc_aux)
+    return grads, logs, (recon, disc_aux)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PREEMPTED_STATUS = 128 + int(signal.SIGTERM)  # 143
 
 
-class Preempted(Exception):  # noqa: N818  (a stop, not an error)
+class Preempted(Exception):
     """The run stopped on SIGTERM after saving its work; rerun (with --resume) to continue."""
 
 

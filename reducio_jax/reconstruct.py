@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
+from reducio_jax.config import derived
 from reducio_jax.data.video import list_videos, to_uint8
 from reducio_jax.latents.runtime import InputError, load_vae, resolve_config
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
@@ -488,7 +489,7 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
     folder are done when some of them could not be used.
     """
     cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
-    _check_options(opts, int(cfg.model.ddconfig.get("temp_res", 16)))
+    _check_options(opts, derived(cfg).num_frames)
     pairs = plan_outputs(opts.input, opts.output)
     single = not pathlib.Path(opts.input).is_dir()
     usable, skipped = _usable(pairs, single)

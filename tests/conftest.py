@@ -6,7 +6,7 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+import pytest
 
 # The repository's own compact copy (tests/fixtures/README.md); REDUCIO_FIXTURES may point at the
 # full fixtures instead (the same files with every array whole).

@@ -7,8 +7,7 @@ import pathlib
 
 import numpy as np
 import recipe
-
-from reducio_jax.convert.torch_format import save_torch_checkpoint
+from torch_writer import save_torch_checkpoint
 
 LIGHTNING_EXTRA = {
     "epoch": 3,

@@ -20,9 +20,9 @@ import av
 import numpy as np
 import pytest
 from helpers import recipe_checkpoint
+from torch_writer import save_torch_checkpoint
 
 from reducio_jax import ReducioVAE, load_config
-from reducio_jax.convert.torch_format import save_torch_checkpoint
 from reducio_jax.evaluate import (
     MetricTotals,
     i3d_pool_window,

@@ -12,10 +12,10 @@ from flax import nnx
 
 import configs.tiny as tiny
 from reducio_jax import losses
+from reducio_jax.config import content_frame_index, get_default_config
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import convert_state_dict, split_groups
 from reducio_jax.models import build_discriminator, build_lpips, build_vae, latent_layer_norm
-from reducio_jax.models.vae import content_frame_index
 from reducio_jax.train.state import FAST_COMPILE
 from reducio_jax.train.step import last_layer_grad_fn
 
@@ -33,7 +33,7 @@ def nets(fixtures_dir):
     cfg = tiny.get_config()
     groups = split_groups(convert_state_dict(recipe.state_dict(fixtures_dir, "tiny")))
     vae = load_converted(lambda: build_vae(cfg.model), groups["vae"], what="VAE")
-    disc = load_converted(lambda: build_discriminator(cfg.loss), groups["discriminator"], what="D")
+    disc = load_converted(lambda: build_discriminator(cfg), groups["discriminator"], what="D")
     lpips = load_converted(build_lpips, groups["lpips"], what="LPIPS")
     logvar = float(np.asarray(groups["logvar"]["logvar"]))
     return cfg, vae, disc, lpips, logvar
@@ -66,11 +66,11 @@ def _losses_at(step: int, golden, nets):
             posterior = model.encode(x)
             latent = latent_layer_norm(posterior.sample_with_noise(eps))
             recon, features = model.decode(latent, content, return_last_features=True)
-            return (recon, posterior.kl()), (features, None)
+            return (recon, posterior.kl()), features
 
         last_grad = last_layer_grad_fn(nnx.merge(graphdef, p, rest, copy=True))
         d_call = lambda v: (disc_fn(d_state, v), None)  # noqa: E731
-        _, logs, (recon, _, _) = losses.generator_grads(
+        _, logs, (recon, _) = losses.generator_grads(
             forward, p, x, lpips, d_call, last_grad, step, w
         )
         real = disc_fn(d_state, x)
@@ -107,7 +107,7 @@ def test_golden_losses(step, golden, results):
 def test_penalty_and_hinge_formulas():
     rng = np.random.default_rng(0)
     r = rng.standard_normal((2, 3, 8, 8, 3)).astype(np.float32) * 2
-    w = losses.LossWeights(penalty_radius=0.5)
+    w = losses.LossWeights.from_config(get_default_config().loss, penalty_radius=0.5)
     mean = r.mean(axis=(2, 3), keepdims=True)
     std = r.std(axis=(2, 3), keepdims=True, ddof=1)
     want = np.maximum(r - mean - 0.5 * std, 0).mean()

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from reducio_jax.config import config_from_dict
 from reducio_jax.convert.load import Shardings, abstract_model, load_converted
 from reducio_jax.convert.mapping import (
     ConversionError,
@@ -57,8 +58,8 @@ class ReducioWeights:
 def _factories(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return {
         "vae": lambda: build_vae(cfg.model),
-        "discriminator": lambda: build_discriminator(cfg.loss),
-        "discriminator_2d": lambda: build_discriminator(cfg.loss, spatial=2),
+        "discriminator": lambda: build_discriminator(cfg),
+        "discriminator_2d": lambda: build_discriminator(cfg, spatial=2),
         "lpips": lambda: build_lpips(),
     }
 
@@ -133,7 +134,7 @@ def save_pretrained(
 def load_pretrained_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config stored beside the weights by `save_pretrained`."""
     meta = _read_meta(pathlib.Path(directory).absolute())
-    return ml_collections.ConfigDict(meta["config"])
+    return config_from_dict(meta["config"])
 
 
 def _read_meta(directory: pathlib.Path) -> dict[str, Any]:
@@ -160,7 +161,7 @@ def load_pretrained(
     """Restores modules saved by `save_pretrained` straight into (sharded) arrays."""
     directory = pathlib.Path(directory).absolute()
     meta = _read_meta(directory)
-    cfg = cfg if cfg is not None else ml_collections.ConfigDict(meta["config"])
+    cfg = cfg if cfg is not None else config_from_dict(meta["config"])
     factories = _factories(cfg)
     present = [name for name in parts if (directory / name).is_dir()]
     if "vae" not in present:

@@ -251,7 +251,7 @@ class Loader:
             return next(self.iterator)
         except (StopIteration, DataError):
             raise
-        except Exception as err:  # noqa: BLE001  (a dead worker process, a broken source)
+        except Exception as err:
             msg = " ".join(str(err).split()) or "no details"
             raise DataError(f"the data pipeline failed ({type(err).__name__}: {msg})") from err
 

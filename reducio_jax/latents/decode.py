@@ -16,12 +16,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from reducio_jax.api import ReducioVAE
+from reducio_jax.config import config_from_dict
 from reducio_jax.data import video_to_float
 from reducio_jax.latents.runtime import (
     InputError,
@@ -96,7 +96,7 @@ def _store_config(store: LatentStore, config: str | None) -> Any:
     if config is not None:
         return config
     stored = store.meta.get("model", {}).get("config")
-    return None if stored is None else ml_collections.ConfigDict(stored)
+    return None if stored is None else config_from_dict(stored)
 
 
 def decode_to_mp4(opts: DecodeOptions) -> dict[str, Any]:

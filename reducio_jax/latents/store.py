@@ -50,7 +50,6 @@ META_FILE = "store.json"
 DONE_FILE = "done"
 CLIPS_FILE = "clips.json"
 VIDEOS_FILE = "videos.json"
-ARRAYS = ("latent", "content", "mean", "logvar")
 CLIPS, VIDEOS = "clips", "videos"  # store kinds: 16-frame clips, or whole videos
 # store.json keys that must agree for a run to resume into an existing store.
 RESUME_KEYS = (
@@ -243,12 +242,6 @@ class LatentStore:
     def read(self, shard: int, row: int, name: str) -> np.ndarray:
         return self.handle(shard, name)[row].read().result()
 
-    def read_rows(self, shard: int, rows: Sequence[int], name: str) -> np.ndarray:
-        """Several rows of one shard, (len(rows), *shape)."""
-        handle = self.handle(shard, name)
-        futures = [handle[r].read() for r in rows]
-        return np.stack([f.result() for f in futures])
-
     # -- whole videos ---------------------------------------------------------------------------
     def videos(self, valid_only: bool = True) -> list[tuple[int, dict[str, Any]]]:
         """(shard, video) of every video of the finished shards, in order. A video is
@@ -301,7 +294,6 @@ class LatentStore:
 
 
 __all__ = [
-    "ARRAYS",
     "CLIPS",
     "VIDEOS",
     "VIDEOS_FILE",

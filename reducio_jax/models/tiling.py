@@ -10,10 +10,13 @@ whole frame costs one compiled call with a handful of batched encoder/decoder tr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from reducio_jax.config import derived
 
 Grid = list[list]
 
@@ -35,6 +38,18 @@ class TileConfig:
     @property
     def latent_window(self) -> int:
         return int(self.latent_size * (1 + self.overlap))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> TileConfig | None:
+        """The tiling of a config (whole, or its `model` block); None when it is off."""
+        model = cfg["model"] if "model" in cfg else cfg
+        if not model["use_tiling"]:
+            return None
+        return cls(
+            int(model["tile_sample_min_size"]),
+            float(model["tile_overlap_factor"]),
+            derived(model).spatial_factor,
+        )
 
     def applies_to(self, height: int) -> bool:
         """The reference tiles when the frame height exceeds one tile window."""

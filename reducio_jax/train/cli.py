@@ -1,4 +1,4 @@
-"""`python train.py --config configs/tiny.py [--config.train.num_steps=50] [--workdir DIR]
+"""`python train.py --config configs/demo.py [--config.train.num_steps=50] [--workdir DIR]
 [--resume] [--init_from CKPT_OR_DIR] [--lpips_weights FILE_OR_DIR]`.
 
 Bad input (missing config file, bad override, unknown weights file, a workdir that already
@@ -87,10 +87,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         config = _CONFIG.value  # loading errors of the config file surface here
     except flags.Error as err:
         fail(one_line(err), 2)
-    except Exception as err:  # noqa: BLE001  (config files raise anything while loading)
+    except Exception as err:  # config files raise anything while loading
         fail(f"--config: {type(err).__name__}: {one_line(err)}", 2)
     if config is None:
-        fail("--config is required (e.g. --config configs/tiny.py)", 2)
+        fail("--config is required (e.g. --config configs/demo.py)", 2)
     return rest
 
 
@@ -117,14 +117,14 @@ def workdir_for(cfg, flag_value: str | None) -> pathlib.Path:
 
 
 def init_compilation_cache() -> None:
-    import jax  # noqa: PLC0415
+    import jax
 
     if _CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
 
 
 def init_distributed() -> None:
-    import jax  # noqa: PLC0415
+    import jax
 
     explicit = _COORDINATOR.value is not None
     if explicit or _DISTRIBUTED.value:
@@ -138,15 +138,15 @@ def init_distributed() -> None:
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
-    from reducio_jax.preemption import PREEMPTED_STATUS, Preempted  # noqa: PLC0415
-    from reducio_jax.train.errors import TrainingError  # noqa: PLC0415
+    from reducio_jax.preemption import PREEMPTED_STATUS, Preempted
+    from reducio_jax.train.errors import TrainingError
 
     logging.getLogger().setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     init_distributed()
     init_compilation_cache()
-    from reducio_jax.train.loop import run  # noqa: PLC0415
+    from reducio_jax.train.loop import run
 
     cfg = _CONFIG.value
     workdir = workdir_for(cfg, _WORKDIR.value)
@@ -167,7 +167,7 @@ def _main(argv: list[str]) -> None:
 
 def summarize(result) -> None:
     """One line per process: steps, L1 and total loss of the first and last log, outputs."""
-    import jax  # noqa: PLC0415
+    import jax
 
     logs = result.logs
     losses = "no steps run"

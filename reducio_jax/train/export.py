@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from reducio_jax import sharding as shard_lib
+from reducio_jax.config import config_from_dict
 from reducio_jax.convert.checkpoint import ReducioWeights, save_pretrained
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import Checkpointer
@@ -69,7 +70,7 @@ def load_run_weights(
     """The networks of a training checkpoint on one device: (weights, config, step)."""
     run_dir, named = find_run(path)
     meta = json.loads((run_dir / META_FILE).read_text())
-    cfg = ml_collections.ConfigDict(meta["config"])
+    cfg = config_from_dict(meta["config"])
     mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     target = shard_lib.abstract_with_shardings(state_lib.abstract_state(cfg), mesh, cfg.mesh.rules)
     # read only: nothing is saved, so `keep` prunes nothing

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from reducio_jax import losses
 from reducio_jax import sharding as shard_lib
+from reducio_jax.config import derived
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
@@ -77,12 +78,13 @@ def _program_key(
 
 def check_config(cfg: ml_collections.ConfigDict, mesh: Any) -> None:
     """Fails early, in one line, on a batch or clip shape the model or the mesh cannot take."""
-    dd = cfg.model.ddconfig
-    if int(cfg.data.num_frames) != int(dd["temp_res"]):
+    sizes = derived(cfg)
+    if int(cfg.data.num_frames) != sizes.num_frames:
         raise TrainingError(
-            f"data.num_frames {cfg.data.num_frames} must equal the model's temp_res {dd['temp_res']}"
+            f"data.num_frames {cfg.data.num_frames} must equal the model's temp_res "
+            f"{sizes.num_frames}"
         )
-    factor = 2 ** (len(dd["ch_mult"]) - 1)
+    factor = sizes.spatial_factor
     res = cfg.data.resolution
     hw = (res, res) if isinstance(res, int) else tuple(res)
     if any(int(s) % factor for s in hw):
@@ -429,7 +431,7 @@ class Trainer:
         if hasattr(self.loader, "get_state"):
             try:
                 data_state = self.loader.get_state()
-            except Exception as err:  # noqa: BLE001  (a pipeline whose workers died)
+            except Exception as err:
                 log.warning("No data-iterator state in checkpoint %d (%s).", self.step, err)
         self.ckpt.save(self.step, self.state, data_state)
         self.last_saved = self.step

@@ -55,7 +55,7 @@ def step_flops(compiled: Any) -> float | None:
     """FLOPs of one call of a compiled step, per device (XLA's cost analysis), or None."""
     try:
         analysis = compiled.cost_analysis()
-    except Exception as err:  # noqa: BLE001  (backends without cost analysis)
+    except Exception as err:  # backends without cost analysis
         log.info("No cost analysis (%s): MFU is not logged.", err)
         return None
     if isinstance(analysis, list | tuple):
@@ -94,10 +94,10 @@ class Monitor:
         self.flops_per_step: float | None = None
         self.writer = None
         if enabled:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415
+            from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
-            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
 
     def scalars(
         self, step: int, window: list[Mapping[str, float]], seconds: float, clips: int
@@ -132,7 +132,7 @@ class Monitor:
         clip's reconstruction L1 (`preview/l1`)."""
         if not self.enabled:
             return None
-        from PIL import Image  # noqa: PLC0415
+        from PIL import Image
 
         folder = self.workdir / "previews"
         folder.mkdir(parents=True, exist_ok=True)

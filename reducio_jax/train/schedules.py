@@ -58,7 +58,7 @@ def warmup_factor(cfg: Mapping[str, Any]) -> optax.Schedule:
     f0 = float(cfg["warmup_factor"])
     start = float(cfg["warmup_start_iters"])
     iters = float(cfg["warmup_iters"])
-    method = cfg.get("warmup_method", "linear")
+    method = cfg["warmup_method"]
     if method not in ("linear", "constant"):
         raise ValueError(
             f"scheduler_disc.warmup_method must be 'linear' or 'constant', not {method!r}"
@@ -84,6 +84,6 @@ def vae_schedule(optim_cfg: Mapping[str, Any]) -> optax.Schedule:
 
 def disc_schedule(optim_cfg: Mapping[str, Any], loss_cfg: Mapping[str, Any]) -> optax.Schedule:
     """Learning rate of the discriminator: disc_loss_scale * base_learning_rate * WarmupLR."""
-    base = float(loss_cfg.get("disc_loss_scale", 1.0)) * float(optim_cfg["base_learning_rate"])
+    base = float(loss_cfg["disc_loss_scale"]) * float(optim_cfg["base_learning_rate"])
     factor = warmup_factor(optim_cfg["scheduler_disc"])
     return lambda count: base * factor(count)

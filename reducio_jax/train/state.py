@@ -8,6 +8,7 @@ PRNG key. The graph definitions (static) and the frozen LPIPS weights live in `N
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from reducio_jax.models import LPIPS, PatchDiscriminator, VideoVAE, build_lpips, build_vae
+from reducio_jax.models import LPIPS, build_discriminator, build_lpips, build_vae
 from reducio_jax.sharding import tree_shardings
 from reducio_jax.train import schedules
 
@@ -50,24 +51,13 @@ class Networks:
 
 
 def compute_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype:
-    return jnp.dtype(cfg.model.get("dtype", "float32"))
+    return jnp.dtype(cfg.model.dtype)
 
 
-def make_vae(cfg: ml_collections.ConfigDict, seed: int = 0) -> VideoVAE:
-    return build_vae(cfg.model, seed=seed)
-
-
-def make_discriminator(cfg: ml_collections.ConfigDict, seed: int = 0) -> PatchDiscriminator:
-    """The 3D PatchGAN of `cfg.loss`, computing in the model's dtype (params float32)."""
-    loss = cfg.loss
-    return PatchDiscriminator(
-        in_channels=loss.get("disc_in_channels", 3),
-        ndf=loss.get("disc_ch", 64),
-        n_layers=loss.get("disc_num_layers", 3),
-        spatial=3,
-        dtype=compute_dtype(cfg),
-        rngs=nnx.Rngs(seed + 1),
-    )
+def run_keys(cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The run's seed split into its three random streams: VAE init, discriminator init, noise."""
+    vae_key, disc_key, noise_key = jax.random.split(jax.random.key(int(cfg.train.seed)), 3)
+    return vae_key, disc_key, noise_key
 
 
 def make_lpips(cfg: ml_collections.ConfigDict) -> LPIPS:
@@ -82,10 +72,8 @@ def make_optimizers(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTrans
         tx = optax.adam(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=1e-8)
         return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
-    tx_vae = adam(schedules.vae_schedule(optim), float(optim.get("grad_clip_norm", 0.0)))
-    tx_disc = adam(
-        schedules.disc_schedule(optim, cfg.loss), float(optim.get("disc_grad_clip_norm", 0.0))
-    )
+    tx_vae = adam(schedules.vae_schedule(optim), float(optim.grad_clip_norm))
+    tx_disc = adam(schedules.disc_schedule(optim, cfg.loss), float(optim.disc_grad_clip_norm))
     return tx_vae, tx_disc
 
 
@@ -114,21 +102,25 @@ def _cached(key: str, make: Callable[[], Any]) -> Any:
 def graphdefs(cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.GraphDef]:
     def make() -> tuple[nnx.GraphDef, nnx.GraphDef]:
         with nnx.use_eager_sharding(False):
-            vae_graph = _split_vae(nnx.eval_shape(lambda: make_vae(cfg)))[0]
-            disc_graph = _split_disc(nnx.eval_shape(lambda: make_discriminator(cfg)))[0]
+            vae_graph = _split_vae(nnx.eval_shape(lambda: build_vae(cfg.model)))[0]
+            disc_graph = _split_disc(nnx.eval_shape(lambda: build_discriminator(cfg)))[0]
         return vae_graph, disc_graph
 
     return _cached(_model_key(cfg, "graphdefs"), make)
 
 
-def _state_from(cfg: ml_collections.ConfigDict, vae: nnx.Module, disc: nnx.Module) -> TrainState:
-    """A TrainState around existing modules, with fresh optimizer states."""
+def _assemble(
+    cfg: ml_collections.ConfigDict,
+    vae_params: nnx.State,
+    vae_buffers: nnx.State,
+    disc_params: nnx.State,
+    disc_stats: nnx.State,
+) -> TrainState:
+    """The TrainState at step 0 around the networks' states, with fresh optimizer states."""
     tx_vae, tx_disc = make_optimizers(cfg)
-    _, vae_params, vae_buffers = _split_vae(vae)
-    _, disc_params, disc_stats = _split_disc(disc)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(jax.random.key(int(cfg.train.seed) + 7)),
+        rng=jax.random.key_data(run_keys(cfg)[2]),
         vae_params=vae_params,
         vae_buffers=vae_buffers,
         disc_params=disc_params,
@@ -138,15 +130,23 @@ def _state_from(cfg: ml_collections.ConfigDict, vae: nnx.Module, disc: nnx.Modul
     )
 
 
+def _fresh_disc(cfg: ml_collections.ConfigDict) -> tuple[nnx.State, nnx.State]:
+    """Randomly initialised discriminator parameters and BatchNorm statistics."""
+    return _split_disc(build_discriminator(cfg, seed=run_keys(cfg)[1]))[1:]
+
+
+def _fresh_state(cfg: ml_collections.ConfigDict) -> TrainState:
+    """Randomly initialised networks from the run's seed."""
+    _, vae_params, vae_buffers = _split_vae(build_vae(cfg.model, seed=run_keys(cfg)[0]))
+    return _assemble(cfg, vae_params, vae_buffers, *_fresh_disc(cfg))
+
+
 def abstract_state(cfg: ml_collections.ConfigDict) -> TrainState:
     """Shapes, dtypes and axis metadata of the train state, nothing allocated."""
-    seed = int(cfg.train.seed)
 
     def make() -> TrainState:
         with nnx.use_eager_sharding(False):
-            return jax.eval_shape(
-                lambda: _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
-            )
+            return jax.eval_shape(lambda: _fresh_state(cfg))
 
     return _cached(_model_key(cfg, "abstract_state"), make)
 
@@ -167,14 +167,10 @@ def _init_key(cfg: ml_collections.ConfigDict, mesh: Mesh) -> str:
 
 def init_state(cfg: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
     """Randomly initialised state, created directly in its shards (jit with out_shardings)."""
-    seed = int(cfg.train.seed)
     key = _init_key(cfg, mesh)
     if key not in _INIT_FNS:
         shardings = state_shardings(cfg, mesh)
-
-        def fresh() -> TrainState:
-            return _state_from(cfg, make_vae(cfg, seed), make_discriminator(cfg, seed))
-
+        fresh = functools.partial(_fresh_state, cfg)
         # runs once: compile fast rather than well (the random init dominates start-up on CPUs)
         _INIT_FNS[key] = jax.jit(fresh, out_shardings=shardings, compiler_options=FAST_COMPILE)
     with nnx.use_eager_sharding(False):
@@ -188,34 +184,20 @@ def state_from_modules(
     disc: nnx.Module | None,
 ) -> TrainState:
     """State around pretrained modules (already placed); the discriminator is fresh if None."""
-    seed = int(cfg.train.seed)
     shardings = state_shardings(cfg, mesh)
     if disc is None:
         log.info("The pretrained weights have no discriminator: it starts from random weights.")
         with nnx.use_eager_sharding(False):
             d_shard = (shardings.disc_params, shardings.disc_stats)
             disc_params, disc_stats = jax.jit(
-                lambda: _split_disc(make_discriminator(cfg, seed))[1:],
+                functools.partial(_fresh_disc, cfg),
                 out_shardings=d_shard,
                 compiler_options=FAST_COMPILE,
             )()
     else:
         _, disc_params, disc_stats = _split_disc(disc)
     _, vae_params, vae_buffers = _split_vae(vae)
-    tx_vae, tx_disc = make_optimizers(cfg)
-
-    def assemble(vp: nnx.State, vb: nnx.State, dp: nnx.State, ds: nnx.State) -> TrainState:
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            rng=jax.random.key_data(jax.random.key(seed + 7)),
-            vae_params=vp,
-            vae_buffers=vb,
-            disc_params=dp,
-            disc_stats=ds,
-            opt_vae=tx_vae.init(vp),
-            opt_disc=tx_disc.init(dp),
-        )
-
+    assemble = functools.partial(_assemble, cfg)
     return jax.jit(assemble, out_shardings=shardings)(
         vae_params, vae_buffers, disc_params, disc_stats
     )

@@ -117,13 +117,13 @@ def _micro_step(
     def forward(vae_params: nnx.State):
         vae = module_apply(nets.vae, vae_params, state.vae_buffers)
         recon, posterior, features = reconstruct_sampled(vae, x, key, sample_ids)
-        return (recon, posterior.kl()), (features, None)  # recon: (b, T, H, W, 3)
+        return (recon, posterior.kl()), features  # recon: (b, T, H, W, 3)
 
     def disc_fn(video: jax.Array):
         return _disc_call(nets.disc, state.disc_params, disc_stats, video)
 
     last_grad = last_layer_grad_fn(module_apply(nets.vae, state.vae_params, state.vae_buffers))
-    g_grads, logs, (recon, _, stats) = losses.generator_grads(
+    g_grads, logs, (recon, stats) = losses.generator_grads(
         forward, state.vae_params, x, lpips_fn, disc_fn, last_grad, state.step, w
     )
     fake_input = jax.lax.stop_gradient(recon)
@@ -190,7 +190,7 @@ def train_step_fn(
     tx_vae, tx_disc = make_optimizers(cfg)
     lr_vae = schedules.vae_schedule(cfg.optim)
     lr_disc = schedules.disc_schedule(cfg.optim, cfg.loss)
-    accum = int(cfg.train.get("grad_accum_steps", 1))
+    accum = int(cfg.train.grad_accum_steps)
 
     def step(state: TrainState, batch: Batch, lpips_state: nnx.State | None):
         stats, g_grads, d_grads, metrics = _accumulate(

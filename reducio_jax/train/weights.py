@@ -35,7 +35,7 @@ def _existing(path: str | pathlib.Path, flag: str) -> pathlib.Path:
 def load_init_weights(path: str, cfg: ml_collections.ConfigDict, sharding_for: Callable) -> Any:
     """A torch .ckpt/.pt/.safetensors (converted on the fly) or an Orbax directory written by
     `save_pretrained` -> `ReducioWeights` (vae, discriminator | None, lpips | None, logvar)."""
-    from reducio_jax.convert.checkpoint import convert_torch_checkpoint, load_pretrained  # noqa: PLC0415
+    from reducio_jax.convert.checkpoint import convert_torch_checkpoint, load_pretrained
 
     p = _existing(path, "--init_from")
     try:
@@ -50,7 +50,7 @@ def load_lpips_weights(
     path: str, cfg: ml_collections.ConfigDict, sharding_for: Callable
 ) -> nnx.Module:
     """LPIPS from a torch file with `loss.perceptual_loss.*` keys or a pretrained directory."""
-    from reducio_jax.convert.checkpoint import load_pretrained  # noqa: PLC0415
+    from reducio_jax.convert.checkpoint import load_pretrained
 
     p = _existing(path, "--lpips_weights")
     try:

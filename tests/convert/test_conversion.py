@@ -11,6 +11,7 @@ import pytest
 import recipe
 from flax import nnx
 from helpers import max_err, write_checkpoint
+from torch_writer import save_safetensors
 
 from configs import reducio_ft2, reducio_ft4, tiny
 from reducio_jax.convert.checkpoint import (
@@ -25,7 +26,7 @@ from reducio_jax.convert.mapping import (
     fill_state,
     split_groups,
 )
-from reducio_jax.convert.torch_format import CheckpointFormatError, save_safetensors
+from reducio_jax.convert.torch_format import CheckpointFormatError
 from reducio_jax.models import build_discriminator, build_lpips, build_vae
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -51,7 +52,7 @@ def test_manifest_full_coverage(fixtures_dir, name, config):
     cfg = config.get_config()
     factories = {
         "vae": lambda: build_vae(cfg.model),
-        "discriminator": lambda: build_discriminator(cfg.loss),
+        "discriminator": lambda: build_discriminator(cfg),
         "lpips": build_lpips,
     }
     consumed = 1  # loss.logvar

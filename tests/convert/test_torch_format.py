@@ -13,13 +13,9 @@ import zipfile
 import ml_dtypes
 import numpy as np
 import pytest
+from torch_writer import save_safetensors, save_torch_checkpoint
 
-from reducio_jax.convert.torch_format import (
-    CheckpointFormatError,
-    load_state_dict,
-    save_safetensors,
-    save_torch_checkpoint,
-)
+from reducio_jax.convert.torch_format import CheckpointFormatError, load_state_dict
 
 LIGHTNING_EXTRA = {
     "epoch": 3,

@@ -5,15 +5,13 @@ width 32 and 4-frame clips at 32 px: about 6 GFLOP for a training step on one cl
 parity (that is configs/tiny.py).
 """
 
-from reducio_jax.config import make_config
-from reducio_jax.official import tiny_params
+from configs import tiny
 
 
 def get_config():
-    params = tiny_params()
-    params["ddconfig"].update(temp_res=4, ch_mult=[1, 1, 1], ch_fuse=[-1, 1, -1])
-    params["ddconfig_2d"]["ch_mult"] = [1, 1, 1]
-    cfg = make_config(params)
+    cfg = tiny.get_config()
+    cfg.model.ddconfig.update(temp_res=4, ch_mult=[1, 1, 1], ch_fuse=[-1, 1, -1])
+    cfg.model.ddconfig_2d.ch_mult = [1, 1, 1]
     cfg.model.remat = False
     cfg.model.dtype = "bfloat16"  # float32 parameters and optimizer states
     cfg.data.resolution = 32

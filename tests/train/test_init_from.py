@@ -12,8 +12,8 @@ from helpers import recipe_checkpoint
 import configs.tiny as tiny
 from reducio_jax import sharding as sh
 from reducio_jax.convert.checkpoint import ReducioWeights, save_pretrained
+from reducio_jax.models import build_discriminator, build_vae
 from reducio_jax.train import run
-from reducio_jax.train import state as st
 from reducio_jax.train.checkpoint import Checkpointer
 from reducio_jax.train.weights import load_init_weights, load_lpips_weights
 
@@ -40,7 +40,7 @@ def test_orbax_directory_starts_the_run(tmp_path):
     cfg = micro_config.get_config()
     cfg.train.num_steps = 0  # set-up and the exit checkpoint only
     with nnx.use_eager_sharding(False):
-        vae, disc = st.make_vae(cfg, seed=5), st.make_discriminator(cfg, seed=5)
+        vae, disc = build_vae(cfg.model, seed=5), build_discriminator(cfg, seed=6)
     save_pretrained(ReducioWeights(vae=vae, discriminator=disc, logvar=0.0), tmp_path / "pre", cfg)
     result = run(cfg, tmp_path / "run", init_from=str(tmp_path / "pre"), progress=False,
                  devices=jax.devices()[:2])  # fmt: skip

@@ -63,7 +63,9 @@ def test_lambda_linear_holds_after_last_cycle():
 
 @pytest.mark.parametrize("factor,start,iters", [(0.1, 5000, 1000), (1 / 3, 1, 500), (0.5, 0, 7)])
 def test_warmup_matches_reference(factor, start, iters):
-    cfg = dict(warmup_factor=factor, warmup_start_iters=start, warmup_iters=iters)
+    cfg = dict(
+        warmup_factor=factor, warmup_start_iters=start, warmup_iters=iters, warmup_method="linear"
+    )
     steps = sorted({0, 1, 2, start - 1, start, start + 1, start + iters // 2, start + iters - 1,
                     start + iters, start + iters + 1, 100_000} - {-1})  # fmt: skip
     got = np.asarray(jax.vmap(schedules.warmup_factor(cfg))(jnp.asarray(steps)))
