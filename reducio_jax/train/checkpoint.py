@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 from typing import Any
 
 import grain
@@ -90,12 +91,16 @@ class Checkpointer:
         cleanup: bool = False,
     ):
         self.directory = pathlib.Path(directory).absolute()
-        self.incomplete = incomplete_saves(self.directory)  # before cleanup removes them
+        self.incomplete = incomplete_saves(self.directory)
+        if cleanup and jax.process_index() == 0:
+            # Deleted here, synchronously: Orbax's own clean-up runs in a background thread that
+            # fails noisily when the process exits right after set-up (e.g. on bad input).
+            for name in self.incomplete:
+                shutil.rmtree(self.directory / name, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1),
             enable_async_checkpointing=async_save,
             create=True,
-            cleanup_tmp_directories=cleanup,
         )
         handlers = {
             "state": ocp.StandardCheckpointHandler(),

@@ -129,6 +129,16 @@ class Trainer:
             async_save=bool(cfg.train.async_checkpointing),
             cleanup=True,
         )
+        try:
+            self._set_up(resume, init_from, lpips_weights, loader_factory)
+        except BaseException:
+            self.ckpt.close()  # lets Orbax's background clean-up finish before the process exits
+            raise
+        log.info("Set-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.setup_seconds.items()))
+
+    # ---------------------------------------------------------------- set-up
+    def _set_up(self, resume, init_from, lpips_weights, loader_factory) -> None:
+        """Everything after the checkpointer: resume point, data, state, monitor, compile."""
         if self.ckpt.incomplete:
             log.warning(
                 "Ignoring (and deleting) interrupted, uncommitted checkpoint save(s) in %s: %s",
@@ -158,9 +168,7 @@ class Trainer:
             "state": t2 - t1,
             "compile": time.perf_counter() - t2,
         }
-        log.info("Set-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.setup_seconds.items()))
 
-    # ---------------------------------------------------------------- set-up
     def _make_loader(self, factory: Callable[..., Iterator] | None) -> Iterator:
         make = factory or make_loader
         try:
