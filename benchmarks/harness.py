@@ -367,12 +367,8 @@ def measure(
     return Timing(t1 - t0, t2 - t1, first, times, flops, memory, out)
 
 
-def record(case: Case, cfg: ml_collections.ConfigDict, timing: Timing, extra: dict) -> dict:
-    """The JSON record of one measurement."""
-    env = environment()
-    median = timing.median_s
-    peak = peak_flops(env["device_kind"]) if env["backend"] != "cpu" else None
-    achieved = timing.flops / median if timing.flops else None
+def case_fields(case: Case, cfg: ml_collections.ConfigDict) -> dict:
+    """What a record says of the case it measured (or skipped)."""
     return {
         "op": case.op,
         "config": case.config,
@@ -381,6 +377,17 @@ def record(case: Case, cfg: ml_collections.ConfigDict, timing: Timing, extra: di
         "frames": case.frames,
         "resolution": int(cfg.data.resolution),
         "attention": case.attention,
+    }
+
+
+def record(case: Case, cfg: ml_collections.ConfigDict, timing: Timing, extra: dict) -> dict:
+    """The JSON record of one measurement."""
+    env = environment()
+    median = timing.median_s
+    peak = peak_flops(env["device_kind"]) if env["backend"] != "cpu" else None
+    achieved = timing.flops / median if timing.flops else None
+    return {
+        **case_fields(case, cfg),
         "trace_s": round(timing.trace_s, 3),
         "compile_s": round(timing.compile_s, 3),
         "first_run_s": round(timing.first_run_s, 4),

@@ -175,20 +175,9 @@ class Output:
 
 
 def skipped(case, reason: str) -> dict:
-    from harness import case_config
+    from harness import case_config, case_fields
 
-    cfg = case_config(case)
-    return {
-        "record": "skipped",
-        "op": case.op,
-        "config": case.config,
-        "dtype": case.dtype,
-        "batch": case.batch,
-        "frames": case.frames,
-        "resolution": int(cfg.data.resolution),
-        "attention": case.attention,
-        "reason": reason,
-    }
+    return {"record": "skipped", **case_fields(case, case_config(case)), "reason": reason}
 
 
 def run_ops(cases: list, opts: dict, args: argparse.Namespace, out: Output) -> list[dict]:

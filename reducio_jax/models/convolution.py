@@ -20,6 +20,7 @@ environment turns the CPU forms off (read at trace time).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -83,7 +84,8 @@ def conv_general_dilated(
     if rhs.shape[:3] == (1, 1, 1) and all(s == 1 for s in strides) and not any(map(any, pads)):
         return lax.dot_general(lhs, rhs[0, 0, 0], (((4,), (0,)), ((), ())), **kw)
     if c_out <= FEW_CHANNELS and all(s == 1 for s in strides):
-        taps_bytes = lhs[..., :1].size * rhs[..., 0, :].size * jnp.dtype(lhs.dtype).itemsize
+        taps = math.prod(rhs.shape[:3]) * c_out  # output channels of the one matmul
+        taps_bytes = math.prod(lhs.shape[:-1]) * taps * jnp.dtype(lhs.dtype).itemsize
         if taps_bytes <= OUTPUT_TAPS_MAX_BYTES:
             return output_taps(lhs, rhs, pads, **kw)
     if c_in <= FEW_CHANNELS:
