@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reducio_jax.models.convolution import conv_general_dilated
+from reducio_jax.models.convolution import conv_general_dilated, phases_apply, upsampled_conv
 
 Dtype = jnp.dtype | type
 Padding = Sequence[tuple[int, int]]
@@ -265,7 +265,18 @@ class Upsample(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if phases_apply(self.factors, self.conv.kernel_size):
+            return self._phases(x)
         return self.conv(upsample_nearest(x, self.factors))
+
+    def _phases(self, x: jax.Array) -> jax.Array:
+        """The same on the CPU, computed per output phase on x's grid (convolution.py)."""
+        conv = self.conv
+        x, kernel, bias = nnx.nn.dtypes.promote_dtype(
+            (x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype
+        )
+        y = upsampled_conv(x, kernel, self.factors, precision=conv.precision)
+        return y + bias
 
 
 def maybe_remat(module: nnx.Module, *args: jax.Array, remat: bool) -> jax.Array:

@@ -16,8 +16,10 @@ DOWN = [(0, 1)] * 3  # the Downsample convolution's asymmetric padding
 
 CASES = [  # (input shape, kernel shape, strides, padding, the form the dispatcher picks)
     ((2, 5, 8, 6, 16), (3, 3, 3, 16, 12), (1, 1, 1), SAME, "temporal_taps"),
-    ((1, 6, 9, 8, 12), (3, 3, 3, 12, 12), (2, 2, 2), DOWN, "temporal_taps"),
-    ((1, 4, 8, 8, 12), (1, 3, 3, 12, 12), (1, 2, 2), [(0, 0), (0, 1), (0, 1)], "temporal_taps"),
+    ((1, 6, 11, 10, 12), (3, 3, 3, 12, 12), (2, 2, 2), DOWN, "temporal_taps"),
+    ((1, 6, 9, 8, 12), (3, 3, 3, 12, 12), (2, 2, 2), DOWN, "patches_matmul"),  # 4x4 out
+    ((1, 4, 8, 10, 12), (1, 3, 3, 12, 12), (1, 2, 2), [(0, 0), (0, 1), (0, 1)], "temporal_taps"),
+    ((2, 4, 2, 2, 16), (3, 3, 3, 16, 16), (1, 1, 1), SAME, "patches_matmul"),  # a latent level
     ((1, 4, 6, 6, 16), (1, 1, 1, 16, 24), (1, 1, 1), [(0, 0)] * 3, "matmul"),
     ((2, 5, 8, 6, 3), (3, 3, 3, 3, 16), (1, 1, 1), SAME, "taps_as_channels"),
     ((2, 5, 8, 6, 16), (3, 3, 3, 16, 3), (1, 1, 1), SAME, "output_taps"),
@@ -50,7 +52,7 @@ def test_cpu_forms_match_xla(x_shape, w_shape, strides, padding, form, monkeypat
         return convolution.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
 
     chosen = []
-    for name in ("temporal_taps", "taps_as_channels", "output_taps"):
+    for name in ("temporal_taps", "taps_as_channels", "output_taps", "patches_matmul"):
         monkeypatch.setattr(convolution, name, _spy(getattr(convolution, name), name, chosen))
     np.testing.assert_allclose(ours(x, w), ref(x, w), atol=2e-5, rtol=1e-5)
     assert chosen == ([] if form == "matmul" else [form])
@@ -75,3 +77,37 @@ def test_switch_off_keeps_the_plain_convolution(monkeypatch):
     )(x, w)
     (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert len(eqn.params["dimension_numbers"].lhs_spec) == 5
+
+
+@pytest.mark.parametrize("factors", [(1, 2, 2), (2, 2, 2), (2, 1, 1), (2, 2)])
+def test_upsampled_conv_matches_upsample_then_conv(factors):
+    spatial = len(factors)
+    x, w = _inputs((2, *(3, 4, 5)[:spatial], 6), (3,) * spatial + (6, 5))
+    dims = DN if spatial == 3 else ("NHWC", "HWIO", "NHWC")
+
+    def ref(x, w):
+        for axis, factor in enumerate(factors, start=1):
+            x = jnp.repeat(x, factor, axis=axis)
+        return lax.conv_general_dilated(
+            x, w, (1,) * spatial, [(1, 1)] * spatial, dimension_numbers=dims
+        )
+
+    def ours(x, w):
+        return convolution.upsampled_conv(x, w, factors)
+
+    assert convolution.phases_apply(factors, w.shape)
+    want = ref(x, w)
+    assert want.shape == (2, *(s * f for s, f in zip((3, 4, 5)[:spatial], factors, strict=True)), 5)
+    np.testing.assert_allclose(ours(x, w), want, atol=2e-5, rtol=1e-5)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for got, exp in zip(
+        jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        np.testing.assert_allclose(got, exp, atol=5e-5, rtol=1e-4)
+
+
+def test_upsampled_conv_is_cpu_only_and_switchable(monkeypatch):
+    assert not convolution.phases_apply((1, 1, 1), (3, 3, 3, 4, 4))  # nothing to upsample
+    assert not convolution.phases_apply((1, 3, 3), (3, 3, 3, 4, 4))  # only factors 1 and 2
+    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0")
+    assert not convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4))
