@@ -13,7 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reducio_jax.models.convolution import conv_general_dilated, phases_apply, upsampled_conv
+from reducio_jax.models.convolution import (
+    conv_general_dilated,
+    cpu_forms_enabled,
+    phases_apply,
+    upsampled_conv,
+)
 
 Dtype = jnp.dtype | type
 Padding = Sequence[tuple[int, int]]
@@ -142,12 +147,35 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
         shape = x.shape  # (B, *spatial, C)
-        grouped = x.reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
-        normed = standardize(grouped, (1, 3), self.epsilon).reshape(shape)
-        out = normed * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        bias = self.bias[...].astype(jnp.float32)
+        if cpu_forms_enabled():
+            out = self._channel_sums(x, scale, bias).reshape(shape)
+        else:
+            grouped = x.reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+            out = standardize(grouped, (1, 3), self.epsilon).reshape(shape) * scale + bias
         if silu:
             out = jax.nn.silu(out)
         return out.astype(self.dtype)
+
+    def _channel_sums(self, x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+        """The same statistics from per-channel sums over positions (a reduction that keeps the
+        channels minor, which XLA:CPU vectorises: forward 1.6-2.4x faster), then one fused
+        `x * a + b` per channel. Returns (B, positions, C) float32."""
+        b, c = x.shape[0], x.shape[-1]
+        x32 = x.astype(jnp.float32).reshape(b, -1, c)  # (B, P, C)
+        per_group = c // self.num_groups
+        count = x32.shape[1] * per_group
+
+        def group_mean(channel_sums: jax.Array) -> jax.Array:  # (B, C) -> (B, C)
+            sums = channel_sums.reshape(b, self.num_groups, per_group).sum(-1)
+            return jnp.repeat(sums / count, per_group, axis=-1)
+
+        mean = group_mean(jnp.sum(x32, axis=1))
+        centred = x32 - mean[:, None]
+        var = group_mean(jnp.sum(centred * centred, axis=1))
+        a = scale * jax.lax.rsqrt(var + self.epsilon)  # (B, C)
+        return x32 * a[:, None] + (bias - mean * a)[:, None]
 
 
 class LayerNorm(nnx.Module):
