@@ -38,16 +38,6 @@ from reducio_jax.data import video_to_float
 from reducio_jax.data.errors import BadVideoError
 from reducio_jax.data.sources import ClipSource, make_source
 from reducio_jax.data.video import ClipSpec, parse_resolution
-from reducio_jax.latents.runtime import (
-    InputError,
-    batch_size_for,
-    clip_count,
-    data_config_for,
-    load_vae,
-    local_mesh,
-    resolve_config,
-    to_host,
-)
 from reducio_jax.latents.store import (
     CLIPS_FILE,
     FORMAT,
@@ -66,6 +56,17 @@ from reducio_jax.latents.store import (
 )
 from reducio_jax.models import content_frame_index
 from reducio_jax.preemption import StopOnSigterm
+from reducio_jax.runtime import (
+    InputError,
+    RunOptions,
+    batch_size_for,
+    clip_count,
+    data_config_for,
+    load_vae,
+    local_mesh,
+    resolve_config,
+    to_host,
+)
 from reducio_jax.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
@@ -74,27 +75,14 @@ MAX_REASON = 300  # bytes of a skip reason kept
 LATENT_DOC = "LayerNorm over (t, h, w, z) of the posterior mean: the decoder's input"
 
 
-@dataclasses.dataclass
-class EncodeOptions:
-    """The `encode` command line (see `reducio_jax.__main__`)."""
+@dataclasses.dataclass(kw_only=True)
+class EncodeOptions(RunOptions):
+    """`encode`: the shared `RunOptions` and the store's own (flags in `reducio_jax.cli`)."""
 
-    checkpoint: str
-    out: str
-    config: str | None = None
-    data: str = "synthetic"
-    data_dir: str = ""
-    split: str = "train"
-    num_clips: int | None = None
-    batch_size: int | None = None
-    resolution: int | tuple[int, int] | None = None
-    num_frames: int | None = None
-    fps: float | None = None
-    num_workers: int = 0
-    devices: int | None = None
-    num_shards: int | None = None
-    save_moments: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    out: str  # store directory (created, or resumed)
+    num_shards: int | None = None  # shard directories (None: 256 clips each)
+    save_moments: bool = False  # also store the posterior mean and logvar
+    overwrite: bool = False  # discard an existing store at `out`
 
 
 # -- clips ----------------------------------------------------------------------------------------
