@@ -20,7 +20,7 @@ in `result["unavailable"]`. Unreadable files are skipped (one warning each) and 
 file with its reason in `skipped.jsonl`. SIGTERM stops after the batch in flight: the reports
 are written for the clips done so far (`"preempted": true`, marked in metrics.md), the progress
 is kept in `OUT/eval_state.json` (+ `.npz` with the FVD statistics) and `eval.py` exits with
-143; running the same command again continues from there (single-process runs).
+143 (`reducio_jax/cli/eval.py`); running the same command again continues from there (single-process runs).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ PER_CLIP = ("psnr", "ssim", "lpips")
 LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "rfvd": "rFVD ↓"}
 NO_LPIPS = (
     "the checkpoint has no LPIPS weights (no loss.perceptual_loss.* keys); use a training "
-    "checkpoint or a pretrained directory converted without --vae-only"
+    "checkpoint or a pretrained directory converted without --vae_only"
 )
 STATE_FILE = "eval_state.json"  # progress of a run stopped by SIGTERM (resumed by a rerun)
 NO_I3D = "no --i3d weights given; pass a pytorch-i3d InceptionI3d state dict (.pt, .safetensors)"

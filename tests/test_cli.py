@@ -148,3 +148,48 @@ def test_console_script_runs_the_same_main():
     assert help_text.returncode == 0 and help_text.stdout.startswith("usage: reducio-jax COMMAND")
     unknown = _python("-c", launcher, "frobnicate")
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: unknown command")
+
+
+def _documented_commands() -> list[list[str]]:
+    """Every command line in the code blocks of README.md and docs/*.md that runs one of the
+    commands (continuation lines joined, `[...]` optional parts kept, comments dropped)."""
+    import re
+    import shlex
+
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        blocks, inside = [""], False
+        for line in doc.read_text().splitlines(keepends=True):
+            if line.startswith("```"):
+                inside = not inside
+                blocks.append("")
+            elif inside:
+                blocks[-1] += line
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                if not re.match(
+                    r"python (train|eval|convert_torch_weights)\.py|python -m reducio_jax ", line
+                ):
+                    continue
+                words = shlex.split(line.replace("[", " ").replace("]", " "), comments=True)
+                if words[:2] in (["python", "train.py"], ["python", "eval.py"]):
+                    found.append([words[1].removesuffix(".py"), *words[2:]])
+                elif words[:2] == ["python", "convert_torch_weights.py"]:
+                    found.append(["convert", *words[2:]])
+                elif words[:3] == ["python", "-m", "reducio_jax"]:
+                    found.append(words[3:])
+    return found
+
+
+def test_documented_commands_parse():
+    """The commands README.md and docs/ show are commands with flags that exist and parse."""
+    documented = _documented_commands()
+    assert {argv[0] for argv in documented} >= {"train", "eval", "convert", "encode", "decode"}
+    for command, *args in documented:
+        if command == "--help" or "--help" in args:
+            continue
+        assert command in cli.COMMANDS, command
+        fv = flags.FlagValues()
+        argv = [command, *[cli.OLD_SPELLINGS.get(a, a) for a in args]]
+        importlib.import_module(f"reducio_jax.cli.{command}").define(fv, argv)
+        fv(argv)  # raises on an unknown flag or a bad value
