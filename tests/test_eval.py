@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     """`python -m reducio_jax eval ARGV` (= `python eval.py ARGV`), in this process."""
     return cli.main(["eval", *argv])
 
+
 TINY = str(ROOT / "configs" / "tiny.py")
 RUN = ["--data", "synthetic", "--resolution", "64", "--batch_size", "2", "--devices", "2"]
 
