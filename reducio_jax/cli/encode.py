@@ -46,19 +46,7 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         "is given.",
         flag_values=fv,
     )
-    flags.DEFINE_bool(
-        "keep_fps", False, "--whole_videos: keep each video's frame rate.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "overlap", 4, "--whole_videos: frames shared by neighbour windows.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "window_batch",
-        None,
-        "--whole_videos: windows per compiled call (default: 4, rounded up to a multiple of "
-        "the devices).",
-        flag_values=fv,
-    )
+    shared.define_windows(fv, window_batch=None, prefix="--whole_videos: ")
 
 
 def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:

@@ -21,16 +21,9 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     shared.define_checkpoint(fv)
     shared.define_config(fv, argv, shared.CONFIG_HELP + " Optional for pretrained dirs.")
     flags.DEFINE_bool(
-        "keep_fps",
-        False,
-        "Keep the source frame rate (default: resample to the config's data.fps).",
-        flag_values=fv,
-    )
-    flags.DEFINE_bool(
         "side_by_side", False, "Write input | reconstruction side by side.", flag_values=fv
     )
-    flags.DEFINE_integer("overlap", 4, "Frames cross-faded between windows.", flag_values=fv)
-    flags.DEFINE_integer("window_batch", 4, "Windows per compiled call.", flag_values=fv)
+    shared.define_windows(fv, window_batch=4)
     flags.DEFINE_integer(
         "crf", 18, "H.264 quality (lower: better, larger).", lower_bound=0, flag_values=fv
     )

@@ -122,6 +122,27 @@ def define_data(fv: flags.FlagValues) -> None:
     define_devices(fv)
 
 
+def define_windows(fv: flags.FlagValues, window_batch: int | None, prefix: str = "") -> None:
+    """--keep_fps / --overlap / --window_batch: how a video of any length is cut into 16-frame
+    windows (`reconstruct`, `encode --whole_videos`; docs/video.md)."""
+    flags.DEFINE_bool(
+        "keep_fps",
+        False,
+        prefix + "Keep each video's frame rate (default: resample to the config's data.fps).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "overlap", 4, prefix + "Frames cross-faded between neighbour windows.", flag_values=fv
+    )
+    default = "" if window_batch else " (default: 4, rounded up to a multiple of the devices)"
+    flags.DEFINE_integer(
+        "window_batch",
+        window_batch,
+        prefix + "Windows per compiled call" + default + ".",
+        flag_values=fv,
+    )
+
+
 def define_distributed(fv: flags.FlagValues) -> None:
     """--distributed / --coordinator_address / --num_processes / --process_id."""
     flags.DEFINE_bool(
@@ -182,6 +203,7 @@ __all__ = [
     "define_out",
     "define_progress",
     "define_resolution",
+    "define_windows",
     "init_distributed",
     "options",
     "require",
