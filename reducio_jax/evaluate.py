@@ -55,15 +55,13 @@ from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
 from reducio_jax.preemption import StopOnSigterm
 from reducio_jax.runtime import (
     RunOptions,
-    batch_size_for,
     clip_count,
     config_label,
-    data_config_for,
     describe_devices,
     global_mesh,
     load_vae,
+    prepare,
     replicate,
-    resolve_config,
     to_host,
 )
 
@@ -265,9 +263,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """Runs the evaluation; returns the result dict that `write_reports` writes."""
     start = time.perf_counter()
     mesh = global_mesh(opts.devices)
-    batch_size = batch_size_for(mesh, opts.batch_size)
-    cfg = resolve_config(opts.checkpoint, opts.config)
-    data_cfg = data_config_for(opts, cfg, batch_size)
+    batch_size, cfg, data_cfg = prepare(opts, mesh)
     with make_loader(data_cfg, mesh=mesh, train=False) as loader:  # checks the data first
         num_clips = clip_count(len(loader.source), opts.num_clips)
         i3d = None

@@ -4,6 +4,7 @@
   `EvalOptions` and `EncodeOptions` add their own.
 * `load_vae(checkpoint, config, mesh)`: a released torch file (.ckpt/.pt/.pth/.safetensors) or an
   Orbax pretrained directory, with its parameters placed (replicated) on `mesh`.
+* `prepare(opts, mesh)`: the global batch, the model config and the data block of a run.
 * `data_config(spec, ...)`: the data block for `--data` (`synthetic`, `tfds:NAME`, or a folder /
   list file / single video), read by the `data/` pipeline.
 * `global_mesh(devices)` / `local_mesh(devices)`: a ("data", "fsdp"=1) mesh; the batch is split
@@ -214,6 +215,15 @@ def _set_source(
         cfg.source, cfg.path = "folder", spec
 
 
+def prepare(
+    opts: RunOptions, mesh: Mesh
+) -> tuple[int, ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """(global batch, model config, data block) of `opts` on `mesh`; checks them, loads nothing."""
+    batch_size = batch_size_for(mesh, opts.batch_size)
+    model_cfg = resolve_config(opts.checkpoint, opts.config)
+    return batch_size, model_cfg, data_config_for(opts, model_cfg, batch_size)
+
+
 def clip_count(num_records: int, num_clips: int | None) -> int:
     """How many clips a run covers: all records, or the first `num_clips` of them."""
     if num_clips is not None and num_clips <= 0:
@@ -233,6 +243,7 @@ __all__ = [
     "global_mesh",
     "load_vae",
     "local_mesh",
+    "prepare",
     "replicate",
     "resolve_config",
     "to_host",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 import shutil
 import time
@@ -57,17 +56,14 @@ from reducio_jax.preemption import StopOnSigterm
 from reducio_jax.runtime import (
     InputError,
     RunOptions,
-    batch_size_for,
     clip_count,
-    data_config_for,
     load_vae,
     local_mesh,
-    resolve_config,
+    prepare,
     to_host,
 )
 from reducio_jax.sharding import batch_sharding
 
-log = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped.jsonl"
 LATENT_DOC = "LayerNorm over (t, h, w, z) of the posterior mean: the decoder's input"
 
@@ -225,9 +221,7 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
     """Encodes the clips into `opts.out`; returns which shards were encoded and skipped."""
     began = time.perf_counter()
     mesh = local_mesh(opts.devices)
-    batch = batch_size_for(mesh, opts.batch_size)
-    model_cfg = resolve_config(opts.checkpoint, opts.config)
-    cfg = data_config_for(opts, model_cfg, batch)
+    batch, model_cfg, cfg = prepare(opts, mesh)
     h, w = parse_resolution(cfg.resolution)
     spec = ClipSpec(num_frames=int(cfg.num_frames), fps=float(cfg.fps), height=h, width=w)
     source = make_source(cfg, spec)
