@@ -1,6 +1,6 @@
-"""Train Reducio-VAE: `python train.py --config configs/demo.py` (see docs/training.md)."""
+"""Train Reducio-VAE: `python train.py --config configs/demo.py` (= `python -m reducio_jax train`)."""
 
-from reducio_jax.train.cli import main
+from reducio_jax.cli import script
 
 if __name__ == "__main__":
-    main()
+    script("train")

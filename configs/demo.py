@@ -9,7 +9,7 @@ and skips rematerialisation (nothing to save at 32 px).
 
 import pathlib
 
-from reducio_jax.api import load_config
+from reducio_jax.config import load_config
 
 
 def get_config():

@@ -5,7 +5,7 @@ The released `_1024px` config: configs/reducio_ft2.py with `use_tiling` on and 1
 
 import pathlib
 
-from reducio_jax.api import load_config
+from reducio_jax.config import load_config
 
 
 def get_config():

@@ -5,7 +5,7 @@ The parity tests use it as is; the CPU training demo is configs/demo.py.
 
 import pathlib
 
-from reducio_jax.api import load_config
+from reducio_jax.config import load_config
 
 
 def get_config():

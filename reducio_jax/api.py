@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import pathlib
 from typing import Any
 
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from reducio_jax.config import ConfigError, config_from_yaml
+from reducio_jax.config import load_config
 from reducio_jax.convert.checkpoint import (
     ReducioWeights,
     convert_torch_checkpoint,
@@ -81,23 +80,6 @@ class VideoLatent:
     @property
     def plan(self) -> WindowPlan:
         return WindowPlan(self.num_frames, self.window, self.overlap, self.starts)
-
-
-def load_config(cfg: ConfigLike) -> ml_collections.ConfigDict:
-    """A ConfigDict, a `configs/*.py` file with `get_config()`, or an official YAML/JSON file."""
-    if isinstance(cfg, ml_collections.ConfigDict):
-        return cfg
-    path = pathlib.Path(cfg)
-    if path.suffix != ".py":
-        return config_from_yaml(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_reducio_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} has no get_config() function")
-    return module.get_config()
 
 
 def _check_video(video: jax.Array, factor: int) -> None:

@@ -5,6 +5,8 @@
 `make_config(params)` overrides it with an official Lightning `model.params` mapping (the same
 keys: `ddconfig`, `ddconfig_2d`, `embed_dim`, `lossconfig`, ...); `config_from_yaml(path)` does
 the same from an official YAML file (whole file or just its `model.params`; JSON accepted).
+`load_config(spec)` is the one loader of the API and the command line (`--config`): a
+`configs/*.py` file (`get_config()`, `file.py:ARG` passes ARG), an official YAML, or JSON.
 `derived(cfg)` gives every quantity that follows from the model (spatial and temporal factor,
 clip length, latent shape, content frame).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import re
@@ -276,6 +279,40 @@ def _block(params: Mapping[str, Any], key: str) -> dict[str, Any]:
     block = dict(_params_of(params.get(key) or {}))
     block.pop("target", None)
     return block
+
+
+def load_config(spec: ml_collections.ConfigDict | str | pathlib.Path) -> ml_collections.ConfigDict:
+    """A ConfigDict as given, a `configs/*.py` file with `get_config()` (`FILE.py:ARG` calls
+    `get_config("ARG")`), or an official Lightning YAML / JSON file (`config_from_yaml`)."""
+    if isinstance(spec, ml_collections.ConfigDict):
+        return spec
+    text = str(spec)
+    path, arg = pathlib.Path(text), ()
+    if ".py:" in text and not path.is_file():
+        head, tail = text.split(".py:", 1)
+        path, arg = pathlib.Path(head + ".py"), (tail,)
+    if path.suffix != ".py":
+        return config_from_yaml(path)
+    return _config_from_python(path, arg)
+
+
+def _config_from_python(path: pathlib.Path, arg: tuple[str, ...]) -> ml_collections.ConfigDict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_reducio_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} has no get_config() function")
+        cfg = module.get_config(*arg)
+    except ConfigError:
+        raise
+    except Exception as err:  # a config file can raise anything while it runs
+        raise ConfigError(f"{path}: {type(err).__name__}: {err}") from err
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not a ConfigDict")
+    return cfg
 
 
 def config_from_yaml(path: str | pathlib.Path) -> ml_collections.ConfigDict:

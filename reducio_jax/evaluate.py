@@ -20,12 +20,11 @@ in `result["unavailable"]`. Unreadable files are skipped (one warning each) and 
 file with its reason in `skipped.jsonl`. SIGTERM stops after the batch in flight: the reports
 are written for the clips done so far (`"preempted": true`, marked in metrics.md), the progress
 is kept in `OUT/eval_state.json` (+ `.npz` with the FVD statistics) and `eval.py` exits with
-143; running the same command again continues from there (single-process runs).
+143 (`reducio_jax/cli/eval.py`); running the same command again continues from there (single-process runs).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -34,13 +33,13 @@ import logging
 import math
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -49,28 +48,22 @@ from tqdm import tqdm
 from reducio_jax.convert.torch_format import load_state_dict
 from reducio_jax.data import make_loader
 from reducio_jax.data.skips import SKIPPED_FILE
-from reducio_jax.data.video import parse_resolution
-from reducio_jax.latents.runtime import (
-    USER_ERRORS,
-    InputError,
-    add_data_flags,
-    batch_size_for,
-    clip_count,
-    data_config_for,
-    describe_devices,
-    error_line,
-    eval_mesh,
-    load_vae,
-    replicate,
-    resolve_config,
-    safe_stem,
-    to_host,
-    to_uint8,
-    write_mp4,
-)
+from reducio_jax.data.video import parse_resolution, safe_stem, to_uint8, write_mp4
+from reducio_jax.errors import InputError
 from reducio_jax.metrics import FVDAccumulator, InceptionI3d, load_i3d, resize_video
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
-from reducio_jax.preemption import PREEMPTED_STATUS, StopOnSigterm
+from reducio_jax.preemption import StopOnSigterm
+from reducio_jax.runtime import (
+    RunOptions,
+    clip_count,
+    config_label,
+    describe_devices,
+    global_mesh,
+    load_vae,
+    prepare,
+    replicate,
+    to_host,
+)
 
 log = logging.getLogger(__name__)
 METRICS = ("psnr", "ssim", "lpips", "rfvd")
@@ -78,36 +71,23 @@ PER_CLIP = ("psnr", "ssim", "lpips")
 LABELS = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "rfvd": "rFVD ↓"}
 NO_LPIPS = (
     "the checkpoint has no LPIPS weights (no loss.perceptual_loss.* keys); use a training "
-    "checkpoint or a pretrained directory converted without --vae-only"
+    "checkpoint or a pretrained directory converted without --vae_only"
 )
 STATE_FILE = "eval_state.json"  # progress of a run stopped by SIGTERM (resumed by a rerun)
 NO_I3D = "no --i3d weights given; pass a pytorch-i3d InceptionI3d state dict (.pt, .safetensors)"
 
 
-@dataclasses.dataclass
-class EvalOptions:
-    """What `eval.py` takes on its command line (see `parse_args` for the meaning of each)."""
+@dataclasses.dataclass(kw_only=True)
+class EvalOptions(RunOptions):
+    """`eval`: the shared `RunOptions` and the metrics' own (flags in `reducio_jax.cli.eval`)."""
 
-    checkpoint: str
-    config: str | None = None
-    data: str = "synthetic"
-    data_dir: str = ""
-    split: str = "train"
-    num_clips: int | None = None
-    batch_size: int | None = None
-    resolution: int | tuple[int, int] | None = None
-    num_frames: int | None = None
-    fps: float | None = None
-    num_workers: int = 0
-    devices: int | None = None
-    save_videos: int = 4
-    out: str | None = None
-    i3d: str | None = None
-    i3d_resolution: int = 224
-    sample_posterior: bool = False
-    seed: int = 0
-    lpips_unit_range: bool = False
-    progress: bool = True
+    out: str | None = None  # reports, sample videos and the progress of a stopped run
+    save_videos: int = 4  # input | reconstruction mp4s to write
+    i3d: str | None = None  # pytorch-i3d state dict for rFVD (None: rFVD unavailable)
+    i3d_resolution: int = 224  # I3D input size
+    sample_posterior: bool = False  # sample z instead of taking the posterior mean
+    seed: int = 0  # posterior sampling seed
+    lpips_unit_range: bool = False  # LPIPS on [0, 1] frames, as the reference validation_step
 
 
 # -- jitted metric kernels ------------------------------------------------------------------------
@@ -282,10 +262,8 @@ def _batch_values(
 def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """Runs the evaluation; returns the result dict that `write_reports` writes."""
     start = time.perf_counter()
-    mesh = eval_mesh(opts.devices)
-    batch_size = batch_size_for(mesh, opts.batch_size)
-    cfg = resolve_config(opts.checkpoint, opts.config)
-    data_cfg = data_config_for(opts, cfg, batch_size)
+    mesh = global_mesh(opts.devices)
+    batch_size, cfg, data_cfg = prepare(opts, mesh)
     with make_loader(data_cfg, mesh=mesh, train=False) as loader:  # checks the data first
         num_clips = clip_count(len(loader.source), opts.num_clips)
         i3d = None
@@ -355,7 +333,11 @@ def _progress_paths(opts: EvalOptions) -> tuple[pathlib.Path, pathlib.Path] | No
 
 
 def _fingerprint(opts: EvalOptions) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
+    values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    if isinstance(opts.config, ml_collections.ConfigDict):
+        values["config"] = json.loads(opts.config.to_json_best_effort())
+    values.pop("progress")
+    return values
 
 
 def _save_progress(opts, batches: int, totals: MetricTotals, saver, loader) -> None:
@@ -425,7 +407,7 @@ def _result(opts, totals, data_cfg, mesh, batch_size, seconds, videos, lpips) ->
         "resolution": [h, w],
         "fps": float(data_cfg.fps),
         "checkpoint": str(opts.checkpoint),
-        "config": None if opts.config is None else str(opts.config),
+        "config": config_label(opts.config),
         "data": opts.data,
         "split": opts.split if opts.data.startswith("tfds:") else None,
         "settings": {
@@ -503,62 +485,6 @@ def write_reports(result: dict[str, Any], out: str | pathlib.Path) -> pathlib.Pa
     return out
 
 
-# -- command line ---------------------------------------------------------------------------------
-
-
-def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
-    parser = argparse.ArgumentParser(
-        prog="eval.py",
-        description="PSNR, SSIM, LPIPS and rFVD of Reducio-VAE reconstructions.",
-        epilog=(
-            "Exit status 0 on success, 2 on bad input (one line on stderr says what), 143 when "
-            "SIGTERM stopped it (partial reports written)."
-        ),
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, help="torch .ckpt/.pt/.safetensors or Orbax pretrained dir"
-    )
-    parser.add_argument("--config", help="configs/*.py or official YAML (optional for Orbax dirs)")
-    add_data_flags(parser)
-    parser.add_argument("--out", default="eval_out", help="output folder")
-    parser.add_argument("--save_videos", type=int, default=4, help="input|recon mp4s to write")
-    parser.add_argument("--i3d", help="pytorch-i3d state dict for rFVD (else rFVD unavailable)")
-    parser.add_argument("--i3d_resolution", type=int, default=224, help="I3D input size")
-    parser.add_argument("--sample_posterior", action="store_true", help="sample z, not the mean")
-    parser.add_argument("--seed", type=int, default=0, help="posterior sampling seed")
-    parser.add_argument(
-        "--lpips_unit_range",
-        action="store_true",
-        help="LPIPS on [0, 1] frames, as the reference validation_step (default [-1, 1])",
-    )
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(EvalOptions)}
-    kwargs = {k: v for k, v in vars(args).items() if k in fields}
-    return EvalOptions(**kwargs, progress=not args.no_progress)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`eval.py` entry point; returns the exit status."""
-    opts = parse_args(argv)
-    try:
-        result = evaluate(opts)
-        out = write_reports(result, opts.out)
-    except USER_ERRORS as err:
-        print(error_line(err), file=sys.stderr)
-        return 2
-    if jax.process_index() == 0:
-        print(format_markdown(result))
-        print(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
-    if result.get("preempted"):
-        print(
-            f"preempted: SIGTERM after {result['clips_used']} clips; partial reports in {out}",
-            file=sys.stderr,
-        )
-        return PREEMPTED_STATUS
-    return 0
-
-
 __all__ = [
     "EvalOptions",
     "MetricTotals",
@@ -569,7 +495,5 @@ __all__ = [
     "image_metrics",
     "load_i3d_file",
     "lpips_per_clip",
-    "main",
-    "parse_args",
     "write_reports",
 ]

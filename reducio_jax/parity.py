@@ -347,14 +347,14 @@ def _report(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from reducio_jax.latents.runtime import USER_ERRORS, error_line
+    from reducio_jax.errors import BAD_INPUT, bad_input_types, error_line
 
     args = parse_args(argv)
     try:
         print(_report(args))
-    except (ParityError, *USER_ERRORS) as err:
+    except (ParityError, *bad_input_types()) as err:
         print(error_line(err), file=sys.stderr)
-        return 2
+        return BAD_INPUT
     return 0
 
 

@@ -35,7 +35,6 @@ from tqdm import tqdm
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
 from reducio_jax.config import derived
 from reducio_jax.data.video import list_videos, to_uint8
-from reducio_jax.latents.runtime import InputError, load_vae, resolve_config
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
 from reducio_jax.models.windows import (
     Stitcher,
@@ -44,6 +43,7 @@ from reducio_jax.models.windows import (
     pad_frames,
     plan_windows,
 )
+from reducio_jax.runtime import ConfigSpec, InputError, load_vae, resolve_config
 
 MIN_SIZE = 32  # pixels: the model's spatial compression
 OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")
@@ -52,12 +52,12 @@ _TOL = 0.1  # as data/video.py: timestamps within 10% of a frame period count as
 
 @dataclasses.dataclass
 class ReconstructOptions:
-    """The `reconstruct` command line (see `reducio_jax.__main__`)."""
+    """`reconstruct` (flags in `reducio_jax.cli`)."""
 
     input: str
     output: str
     checkpoint: str
-    config: str | None = None
+    config: ConfigSpec = None
     keep_fps: bool = False
     side_by_side: bool = False
     overlap: int = DEFAULT_OVERLAP

@@ -22,17 +22,18 @@ import pytest
 from helpers import recipe_checkpoint
 from torch_writer import save_torch_checkpoint
 
-from reducio_jax import ReducioVAE, load_config
-from reducio_jax.evaluate import (
-    MetricTotals,
-    i3d_pool_window,
-    image_metrics,
-    lpips_per_clip,
-    main,
-)
+from reducio_jax import ReducioVAE, cli, load_config
+from reducio_jax.evaluate import MetricTotals, i3d_pool_window, image_metrics, lpips_per_clip
 from reducio_jax.metrics import i3d_state_dict_shapes, psnr, ssim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m reducio_jax eval ARGV` (= `python eval.py ARGV`), in this process."""
+    return cli.main(["eval", *argv])
+
+
 TINY = str(ROOT / "configs" / "tiny.py")
 RUN = ["--data", "synthetic", "--resolution", "64", "--batch_size", "2", "--devices", "2"]
 
@@ -68,7 +69,7 @@ def first_run(ckpt, tmp_path_factory) -> pathlib.Path:
     """3 clips in 2 batches (the second padded), LPIPS from the checkpoint, no I3D."""
     out = tmp_path_factory.mktemp("eval")
     args = ["--checkpoint", str(ckpt), "--config", TINY, *RUN, "--num_clips", "3"]
-    assert main([*args, "--out", str(out), "--save_videos", "2", "--no_progress"]) == 0
+    assert main([*args, "--out", str(out), "--save_videos", "2", "--noprogress"]) == 0
     return out
 
 
@@ -102,7 +103,7 @@ def test_markdown_and_videos(first_run):
 def test_unreadable_files_are_counted_and_listed(ckpt, tmp_path):
     """A folder with 2 readable and 2 unreadable files: counts in metrics.json and metrics.md,
     one line per skipped file (with the reason) in skipped.jsonl."""
-    from reducio_jax.latents.runtime import write_mp4
+    from reducio_jax.data.video import write_mp4
 
     folder = tmp_path / "videos"
     rng = np.random.default_rng(0)
@@ -112,7 +113,7 @@ def test_unreadable_files_are_counted_and_listed(ckpt, tmp_path):
     (folder / "d.mp4").write_bytes(b"")
     out = tmp_path / "eval"
     args = ["--checkpoint", str(ckpt), "--config", TINY, *RUN, "--data", str(folder)]
-    assert main([*args, "--out", str(out), "--save_videos", "0", "--no_progress"]) == 0
+    assert main([*args, "--out", str(out), "--save_videos", "0", "--noprogress"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["files_read"], m["clips_used"], m["files_skipped"]) == (4, 2, 2)
     assert m["num_clips"] == 2 and m["preempted"] is False
@@ -235,7 +236,7 @@ def test_script_exit_status(tmp_path):
 
 
 def test_data_specs():
-    from reducio_jax.latents.runtime import data_config
+    from reducio_jax.runtime import data_config
 
     cfg = load_config(TINY)
     tfds_cfg = data_config("tfds:ucf101_16f:1.0.0", cfg, data_dir="/d", split="validation")

@@ -63,7 +63,7 @@ def read_video(path: pathlib.Path) -> tuple[np.ndarray, float]:
 
 def run_cli(*args: str, capsys) -> tuple[int, list[str], list[str]]:
     try:
-        status = main(["reconstruct", *args, "--no_progress"])
+        status = main(["reconstruct", *args, "--noprogress"])
     except SystemExit as exit_:  # argparse
         status = exit_.code
     out, err = capsys.readouterr()
@@ -185,7 +185,7 @@ def test_interrupted_run_leaves_no_output(ckpt, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "reducio_jax", "reconstruct", str(source), str(out),
-           "--checkpoint", ckpt, "--config", TINY, "--window_batch", "1", "--no_progress"]  # fmt: skip
+           "--checkpoint", ckpt, "--config", TINY, "--window_batch", "1", "--noprogress"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     partial = tmp_path / ".out.partial.mp4"
     deadline = time.monotonic() + 240

@@ -17,6 +17,8 @@ Public API::
     make_host_dataset(cfg, train=False, process_index=0, process_count=1)
         # -> grain.IterDataset of numpy batches ("video" uint8 (B/P, T, H, W, 3), "index",
         #    "mask", "skipped"), for tools that do not need devices
+    record_batches(source, spec, start, stop, batch)   # records in order, one row each,
+        # unreadable ones kept as invalid zero rows with the reason (the latent store)
     video_to_float(video_uint8)             # jitted uint8 -> float32 [-1, 1] on device
     build_tfds_dataset(folder, data_dir, name="my_videos")  # pack videos as TFDS once
     DataError                               # missing / empty / misconfigured dataset
@@ -30,7 +32,13 @@ docs/data.md for the whole picture and throughput numbers.
 
 from reducio_jax.data.config import get_config
 from reducio_jax.data.errors import DataError
-from reducio_jax.data.pipeline import Loader, make_host_dataset, make_loader, video_to_float
+from reducio_jax.data.pipeline import (
+    Loader,
+    make_host_dataset,
+    make_loader,
+    record_batches,
+    video_to_float,
+)
 from reducio_jax.data.tfds_builder import build_tfds_dataset
 
 __all__ = [
@@ -40,5 +48,6 @@ __all__ = [
     "get_config",
     "make_host_dataset",
     "make_loader",
+    "record_batches",
     "video_to_float",
 ]

@@ -1,4 +1,5 @@
-"""Grain pipeline: sharded, shuffled, checkpointable clip batches, on host and on device.
+"""Grain pipelines: sharded, shuffled, checkpointable clip batches, on host and on device;
+and `record_batches`, every record in order with unreadable ones kept as invalid rows.
 
 Host pipeline (per JAX process ``p`` of ``P``), over record indices ``0..N-1``::
 
@@ -18,6 +19,7 @@ file, whichever worker decoded it, and keeps a :class:`SkipReport` of them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -42,6 +44,7 @@ from reducio_jax.sharding import batch_axes as batch_axes_of
 log = logging.getLogger(__name__)
 _MAX_REPLACEMENTS = 64  # consecutive unreadable records tolerated before giving up
 _REASON_BYTES = 160  # of a skip reason carried in the batch (fixed width, so batches stack)
+_MAX_REASON_BYTES = 300  # of the reason of an unreadable record in `record_batches`
 
 
 class _LoadClip:
@@ -79,6 +82,42 @@ class _LoadClip:
             f"{min(n, _MAX_REPLACEMENTS)} consecutive records from {self.source.name(index)} "
             "on are unreadable: check the dataset (PyAV must decode the files)."
         )
+
+
+def _load_record(source: ClipSource, spec: ClipSpec, index: int) -> dict[str, Any]:
+    """Record -> {"video" uint8 (T, H, W, 3), "index", "valid", "reason"}; an unreadable record
+    is a zero clip with the reason (bytes)."""
+    try:
+        video, valid, reason = source.load(index, None), True, ""
+    except BadVideoError as err:
+        log.warning("Skipping unreadable video %s (%s)", source.name(index), err)
+        video = np.zeros((spec.num_frames, spec.height, spec.width, 3), np.uint8)
+        valid, reason = False, str(err)
+    return {
+        "video": video,
+        "index": np.int64(index),
+        "valid": np.bool_(valid),
+        "reason": np.bytes_(reason.encode()[:_MAX_REASON_BYTES]),
+    }
+
+
+def record_batches(
+    source: ClipSource, spec: ClipSpec, start: int, stop: int, batch: int, *, threads: int = 1
+) -> grain.IterDataset:
+    """Records [start, stop) in order, one row each, batched (the last batch may be short) and
+    decoded `threads` at a time ahead: ``video`` (b, T, H, W, 3) uint8, ``index`` (b,) int64,
+    ``valid`` (b,) bool, ``reason`` (b,) bytes. Nothing is replaced: an unreadable record is a
+    zero clip with ``valid`` False and the reason (for tools that keep a row per record, such
+    as the latent store)."""
+    ds = grain.MapDataset.range(start, stop).map(functools.partial(_load_record, source, spec))
+    return _batched(ds, batch, threads=threads, prefetch=2 * batch, drop_remainder=False)
+
+
+def _batched(
+    ds: grain.MapDataset, batch: int, *, threads: int, prefetch: int, drop_remainder: bool
+) -> grain.IterDataset:
+    read = grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=prefetch)
+    return ds.to_iter_dataset(read).batch(batch, drop_remainder=drop_remainder)
 
 
 def as_config(cfg: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
@@ -181,8 +220,7 @@ def _build(cfg: Any, train: bool, p: int, count: int) -> tuple[grain.IterDataset
         ds = ds.random_map(load, seed=seed)
     else:
         ds = ds.map(load)
-    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=local_batch)
-    it_ds = ds.to_iter_dataset(read).batch(local_batch, drop_remainder=True)
+    it_ds = _batched(ds, local_batch, threads=1, prefetch=local_batch, drop_remainder=True)
     if cfg.num_workers > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))

@@ -1,4 +1,4 @@
-"""Video files: listing, decoding with PyAV, fps resampling, resize and crop.
+"""Video files: listing, decoding with PyAV, fps resampling, resize and crop; writing mp4s.
 
 Frame-rate rule ("sample and hold"): output frame ``k`` shows the source frame that is on
 screen at time ``start + k / fps``, i.e. the last source frame whose timestamp is
@@ -21,6 +21,7 @@ import dataclasses
 import os
 import pathlib
 from collections.abc import Sequence
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -267,3 +268,30 @@ def _to_rgb(frame, spec: ClipSpec, geom: list, rng) -> np.ndarray:
     if turns:
         arr = np.rot90(arr, turns)
     return arr[y : y + spec.height, x : x + spec.width]
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> None:
+    """uint8 (T, H, W, 3) -> H.264 mp4 (yuv420p; odd sizes are padded by one pixel)."""
+    frames = np.asarray(frames, np.uint8)
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def safe_stem(name: str) -> str:
+    """A file-name-safe short stem of a clip name (file path, TFDS id, synthetic/i)."""
+    stem = pathlib.PurePath(name.split("#", 1)[0]).stem or "clip"
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
+    return keep[:60]

@@ -23,17 +23,9 @@ from tqdm import tqdm
 from reducio_jax.api import ReducioVAE
 from reducio_jax.config import config_from_dict
 from reducio_jax.data import video_to_float
-from reducio_jax.latents.runtime import (
-    InputError,
-    batch_size_for,
-    load_vae,
-    local_mesh,
-    safe_stem,
-    to_host,
-    to_uint8,
-    write_mp4,
-)
+from reducio_jax.data.video import safe_stem, to_uint8, write_mp4
 from reducio_jax.latents.store import VIDEOS, LatentStore, StoreError
+from reducio_jax.runtime import InputError, batch_size_for, load_vae, local_mesh, to_host
 from reducio_jax.sharding import batch_sharding
 
 Entry = tuple[int, int, dict[str, Any]]  # (shard, row, clip info)
@@ -41,7 +33,7 @@ Entry = tuple[int, int, dict[str, Any]]  # (shard, row, clip info)
 
 @dataclasses.dataclass
 class DecodeOptions:
-    """The `decode` command line (see `reducio_jax.__main__`)."""
+    """`decode` (flags in `reducio_jax.cli`)."""
 
     store: str
     checkpoint: str

@@ -18,15 +18,12 @@ summary counts files read, clips used and files skipped over the finished shards
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import logging
 import pathlib
 import shutil
 import time
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -35,19 +32,9 @@ from tqdm import tqdm
 
 from reducio_jax.api import ReducioVAE
 from reducio_jax.data import video_to_float
-from reducio_jax.data.errors import BadVideoError
+from reducio_jax.data.pipeline import record_batches
 from reducio_jax.data.sources import ClipSource, make_source
 from reducio_jax.data.video import ClipSpec, parse_resolution
-from reducio_jax.latents.runtime import (
-    InputError,
-    batch_size_for,
-    clip_count,
-    data_config_for,
-    load_vae,
-    local_mesh,
-    resolve_config,
-    to_host,
-)
 from reducio_jax.latents.store import (
     CLIPS_FILE,
     FORMAT,
@@ -66,64 +53,32 @@ from reducio_jax.latents.store import (
 )
 from reducio_jax.models import content_frame_index
 from reducio_jax.preemption import StopOnSigterm
+from reducio_jax.runtime import (
+    InputError,
+    RunOptions,
+    clip_count,
+    load_vae,
+    local_mesh,
+    prepare,
+    to_host,
+)
 from reducio_jax.sharding import batch_sharding
 
-log = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped.jsonl"
-MAX_REASON = 300  # bytes of a skip reason kept
 LATENT_DOC = "LayerNorm over (t, h, w, z) of the posterior mean: the decoder's input"
 
 
-@dataclasses.dataclass
-class EncodeOptions:
-    """The `encode` command line (see `reducio_jax.__main__`)."""
+@dataclasses.dataclass(kw_only=True)
+class EncodeOptions(RunOptions):
+    """`encode`: the shared `RunOptions` and the store's own (flags in `reducio_jax.cli`)."""
 
-    checkpoint: str
-    out: str
-    config: str | None = None
-    data: str = "synthetic"
-    data_dir: str = ""
-    split: str = "train"
-    num_clips: int | None = None
-    batch_size: int | None = None
-    resolution: int | tuple[int, int] | None = None
-    num_frames: int | None = None
-    fps: float | None = None
-    num_workers: int = 0
-    devices: int | None = None
-    num_shards: int | None = None
-    save_moments: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    out: str  # store directory (created, or resumed)
+    num_shards: int | None = None  # shard directories (None: 256 clips each)
+    save_moments: bool = False  # also store the posterior mean and logvar
+    overwrite: bool = False  # discard an existing store at `out`
 
 
 # -- clips ----------------------------------------------------------------------------------------
-
-
-def _load_clip(source: ClipSource, spec: ClipSpec, index: int) -> dict[str, Any]:
-    """Record -> {"video" uint8 (T, H, W, 3), "index", "valid", "reason"}; unreadable clips are
-    zeros with the reason (bytes)."""
-    try:
-        video, valid, reason = source.load(index, None), True, ""
-    except BadVideoError as err:
-        log.warning("Skipping unreadable video %s (%s)", source.name(index), err)
-        video = np.zeros((spec.num_frames, spec.height, spec.width, 3), np.uint8)
-        valid, reason = False, str(err)
-    return {
-        "video": video,
-        "index": np.int64(index),
-        "valid": np.bool_(valid),
-        "reason": np.bytes_(reason.encode()[:MAX_REASON]),
-    }
-
-
-def clip_batches(
-    source: ClipSource, spec: ClipSpec, start: int, stop: int, batch: int, threads: int
-) -> grain.IterDataset:
-    """Clips [start, stop) in order, batched (the last batch may be short), decoded ahead."""
-    ds = grain.MapDataset.range(start, stop).map(functools.partial(_load_clip, source, spec))
-    read = grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=2 * batch)
-    return ds.to_iter_dataset(read).batch(batch, drop_remainder=False)
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -231,7 +186,7 @@ def _encode_shard(vae, source, spec, root, shard, clips, arrays, mesh, batch, th
     writer = ShardWriter(root, shard, end - start, arrays)
     began, valid = time.perf_counter(), 0
     row = 0
-    for b in clip_batches(source, spec, start, end, batch, threads):
+    for b in record_batches(source, spec, start, end, batch, threads=threads):
         values = encode_batch(vae, b["video"], mesh, batch, "mean" in arrays)
         rows = [_row(source, *r) for r in zip(b["index"], b["valid"], b["reason"], strict=True)]
         writer.write(row, values, rows)
@@ -266,9 +221,7 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
     """Encodes the clips into `opts.out`; returns which shards were encoded and skipped."""
     began = time.perf_counter()
     mesh = local_mesh(opts.devices)
-    batch = batch_size_for(mesh, opts.batch_size)
-    model_cfg = resolve_config(opts.checkpoint, opts.config)
-    cfg = data_config_for(opts, model_cfg, batch)
+    batch, model_cfg, cfg = prepare(opts, mesh)
     h, w = parse_resolution(cfg.resolution)
     spec = ClipSpec(num_frames=int(cfg.num_frames), fps=float(cfg.fps), height=h, width=w)
     source = make_source(cfg, spec)
@@ -319,7 +272,6 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
 __all__ = [
     "EncodeOptions",
     "array_specs",
-    "clip_batches",
     "encode_batch",
     "encode_to_store",
     "prepare_store",

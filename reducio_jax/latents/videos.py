@@ -37,18 +37,10 @@ from reducio_jax.data.video import (
     list_videos,
     parse_resolution,
     resize_and_crop,
+    safe_stem,
     to_uint8,
 )
-from reducio_jax.latents.encode import LATENT_DOC, prepare_store
-from reducio_jax.latents.runtime import (
-    InputError,
-    clip_count,
-    load_vae,
-    local_mesh,
-    resolve_config,
-    safe_stem,
-    to_host,
-)
+from reducio_jax.latents.encode import LATENT_DOC, EncodeOptions, prepare_store
 from reducio_jax.latents.store import (
     DONE_FILE,
     FORMAT,
@@ -77,33 +69,28 @@ from reducio_jax.reconstruct import (
     temporary_path,
     warn,
 )
+from reducio_jax.runtime import (
+    InputError,
+    clip_count,
+    load_vae,
+    local_mesh,
+    resolve_config,
+    to_host,
+)
 from reducio_jax.sharding import batch_sharding
 
 DEFAULT_WINDOW_BATCH = 4
 VIDEOS_PER_SHARD = 16
 
 
-@dataclasses.dataclass
-class VideoEncodeOptions:
-    """`encode --whole_videos` (see `reducio_jax.__main__`)."""
+@dataclasses.dataclass(kw_only=True)
+class VideoEncodeOptions(EncodeOptions):
+    """`encode --whole_videos`: `num_clips` counts videos, `resolution` None keeps each
+    video's size; `num_frames`, `batch_size` and `save_moments` are refused."""
 
-    checkpoint: str
-    out: str
-    data: str
-    config: str | None = None
-    num_clips: int | None = None  # the first N videos
-    resolution: int | tuple[int, int] | None = None  # None: each video's own size
-    fps: float | None = None  # None: the config's data.fps
-    keep_fps: bool = False
-    overlap: int = DEFAULT_OVERLAP
+    keep_fps: bool = False  # keep each video's frame rate (default: `fps` or the config's)
+    overlap: int = DEFAULT_OVERLAP  # frames shared by neighbouring windows
     window_batch: int | None = None  # None: 4, rounded up to a multiple of the devices
-    devices: int | None = None
-    num_shards: int | None = None
-    overwrite: bool = False
-    progress: bool = True
-    num_frames: int | None = None  # refused: windows are the model's clip length
-    batch_size: int | None = None  # refused: the batch is --window_batch
-    save_moments: bool = False  # refused: the store holds the latents only
 
 
 # -- options ----------------------------------------------------------------------------------

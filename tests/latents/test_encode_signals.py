@@ -38,7 +38,7 @@ def _start(ckpt, out: pathlib.Path, env: dict) -> subprocess.Popen:
         sys.executable, "-m", "reducio_jax", "encode", "--checkpoint", str(ckpt), "--config",
         TINY, "--out", str(out), "--data", "synthetic", "--num_clips", str(CLIPS),
         "--num_shards", str(SHARDS), "--resolution", "32", "--batch_size", "2", "--devices", "2",
-        "--no_progress",
+        "--noprogress",
     ]  # fmt: skip
     return subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

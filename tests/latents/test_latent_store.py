@@ -15,12 +15,13 @@ from helpers import recipe_checkpoint
 
 from reducio_jax.__main__ import main
 from reducio_jax.data import make_loader
+from reducio_jax.data.video import write_mp4
 from reducio_jax.latents import LatentSource, LatentStore, StoreError, decode_store
-from reducio_jax.latents.runtime import data_config, load_vae, local_mesh, write_mp4
+from reducio_jax.runtime import data_config, load_vae, local_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.py")
-SIZE = ["--resolution", "32", "--batch_size", "2", "--devices", "2", "--no_progress"]
+SIZE = ["--resolution", "32", "--batch_size", "2", "--devices", "2", "--noprogress"]
 
 
 def _encode(ckpt, out, *extra) -> int:
@@ -134,7 +135,7 @@ def test_resume_with_other_settings_refused(ckpt, store, tmp_path, capsys):
 def test_decode_cli_writes_mp4(ckpt, store, tmp_path, capsys):
     out = tmp_path / "videos"
     args = ["decode", "--store", str(store), "--checkpoint", str(ckpt), "--out", str(out)]
-    assert main([*args, "--devices", "2", "--num_clips", "2", "--no_progress"]) == 0
+    assert main([*args, "--devices", "2", "--num_clips", "2", "--noprogress"]) == 0
     files = sorted(out.glob("*.mp4"))
     assert [f.name[:6] for f in files] == ["000000", "000001"]
     with av.open(str(files[0])) as container:

@@ -21,14 +21,14 @@ from helpers import recipe_checkpoint
 from reducio_jax.__main__ import main
 from reducio_jax.data import video_to_float
 from reducio_jax.latents import LatentSource, LatentStore, StoreError
-from reducio_jax.latents.runtime import load_vae, local_mesh
 from reducio_jax.latents.videos import decode_video_frames
+from reducio_jax.runtime import load_vae, local_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.py")
 LENGTHS = {"1_long.mp4": 40, "2_short.mp4": 20}  # 3 and 2 windows at overlap 4
 HEIGHT, WIDTH = 32, 40
-FLAGS = ["--devices", "2", "--window_batch", "2", "--no_progress"]
+FLAGS = ["--devices", "2", "--window_batch", "2", "--noprogress"]
 
 
 def _frames(num_frames: int, seed: int) -> np.ndarray:
@@ -168,7 +168,7 @@ def test_streamed_decode_equals_decode_video(encoded, vae, mesh):
 def test_decode_cli_writes_original_length_and_size(encoded, ckpt, tmp_path, capsys):
     out = tmp_path / "decoded"
     args = ["decode", "--store", str(encoded[0]), "--checkpoint", str(ckpt), "--out", str(out)]
-    flags = ["--devices", "2", "--batch_size", "2", "--num_clips", "2", "--no_progress"]
+    flags = ["--devices", "2", "--batch_size", "2", "--num_clips", "2", "--noprogress"]
     assert main([*args, *flags]) == 0  # the first two stored videos
     assert _summary(capsys)["videos"] == 2
     files = sorted(out.iterdir())
@@ -229,11 +229,11 @@ def test_bad_input_and_wrong_readers(encoded, ckpt, folder, tmp_path, capsys):
     ]
     for extra, message in cases:
         args = ["encode", "--checkpoint", str(ckpt), "--config", TINY, "--out", str(tmp_path / "s")]
-        assert main([*args, "--whole_videos", *extra, "--devices", "2", "--no_progress"]) == 2
+        assert main([*args, "--whole_videos", *extra, "--devices", "2", "--noprogress"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     args = ["encode", "--checkpoint", str(ckpt), "--config", TINY, "--out", str(tmp_path / "c")]
-    assert main([*args, "--data", "synthetic", "--overlap", "2", "--no_progress"]) == 2
+    assert main([*args, "--data", "synthetic", "--overlap", "2", "--noprogress"]) == 2
     assert "only apply with --whole_videos" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
     with pytest.raises(StoreError, match="whole_videos"):

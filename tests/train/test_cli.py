@@ -1,4 +1,4 @@
-"""`python train.py` reports bad input in one `error:` line, non-zero exit, no traceback."""
+"""`python train.py` reports bad input in one `error:` line, exit status 2, no traceback."""
 
 from __future__ import annotations
 
@@ -26,22 +26,22 @@ def _train(args: list[str], env: dict, cwd: pathlib.Path) -> subprocess.Complete
         ([], 2, "--config is required"),
         (
             ["--config", MICRO, "--init_from", "missing.ckpt"],
-            1,
+            2,
             "--init_from missing.ckpt: no such file",
         ),
         (
             ["--config", MICRO, "--init_from", MICRO],
-            1,
+            2,
             "neither a torch.save zip archive nor a safetensors",
         ),
         (
             ["--config", MICRO, "--lpips_weights", "nope.pt"],
-            1,
+            2,
             "--lpips_weights nope.pt: no such file",
         ),
         (
             ["--config", MICRO, "--config.data.source=folder", "--config.data.path=no_videos"],
-            1,
+            2,
             "data:",
         ),
     ],

@@ -11,7 +11,7 @@ import pytest
 from test_sharded_step import _tensorboard
 
 from reducio_jax.data import make_loader
-from reducio_jax.latents.runtime import write_mp4
+from reducio_jax.data.video import write_mp4
 from reducio_jax.train import TrainingError, run
 from reducio_jax.train.checkpoint import Checkpointer
 

@@ -11,7 +11,7 @@ from flax import nnx
 from reducio_jax import ReducioVAE
 from reducio_jax.__main__ import main
 from reducio_jax.convert.checkpoint import load_pretrained
-from reducio_jax.latents.runtime import InputError, resolve_config
+from reducio_jax.runtime import InputError, resolve_config
 from reducio_jax.train.errors import TrainingError
 from reducio_jax.train.export import export_run
 

@@ -1,25 +1,24 @@
-"""Plumbing shared by `eval.py` and the `encode` / `decode` CLI: model, mesh, data, mp4 files.
+"""What `eval`, `encode`, `decode` and `reconstruct` share: a model on a mesh and a data block.
 
+* `RunOptions`: the options every dataset command takes (checkpoint, config, data, devices, ...);
+  `EvalOptions` and `EncodeOptions` add their own.
 * `load_vae(checkpoint, config, mesh)`: a released torch file (.ckpt/.pt/.pth/.safetensors) or an
   Orbax pretrained directory, with its parameters placed (replicated) on `mesh`.
+* `prepare(opts, mesh)`: the global batch, the model config and the data block of a run.
 * `data_config(spec, ...)`: the data block for `--data` (`synthetic`, `tfds:NAME`, or a folder /
-  list file / single video).
-* `eval_mesh(devices)`: a ("data", "fsdp"=1) mesh; the batch is split over "data".
-* `write_mp4(path, frames, fps)`: uint8 (T, H, W, 3) frames -> H.264 mp4 (PyAV).
-* `to_uint8`, `to_host`: [-1, 1] floats -> uint8; (sharded) jax arrays -> numpy.
-* `USER_ERRORS`: the exception types that mean "bad input": CLIs print one line and exit 2.
+  list file / single video), read by the `data/` pipeline.
+* `global_mesh(devices)` / `local_mesh(devices)`: a ("data", "fsdp"=1) mesh; the batch is split
+  over "data".
+* `to_host`: (sharded, multi-host) jax arrays -> numpy.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import pathlib
 from collections.abc import Sequence
-from fractions import Fraction
-from typing import Any
 
-import av
 import jax
 import ml_collections
 import numpy as np
@@ -27,48 +26,40 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reducio_jax.api import ReducioVAE, load_config
-from reducio_jax.config import ConfigError
+from reducio_jax.api import ReducioVAE
+from reducio_jax.config import load_config
 from reducio_jax.convert.checkpoint import load_pretrained_config
-from reducio_jax.convert.mapping import ConversionError
-from reducio_jax.convert.torch_format import CheckpointFormatError
-from reducio_jax.data import DataError
 from reducio_jax.data.pipeline import as_config
-from reducio_jax.data.video import to_uint8
-from reducio_jax.latents.store import StoreError
+from reducio_jax.errors import InputError
 from reducio_jax.sharding import make_mesh
 
 DEFAULT_SYNTHETIC_CLIPS = 16
-MAX_ERROR_CHARS = 600
+ConfigSpec = str | os.PathLike | ml_collections.ConfigDict | None
 
 
-class InputError(ValueError):
-    """A command-line input that cannot be used (missing file, inconsistent sizes, ...)."""
+@dataclasses.dataclass(kw_only=True)
+class RunOptions:
+    """A model and a dataset on devices: the options `eval` and `encode` share."""
 
-
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    ConversionError,
-    CheckpointFormatError,
-    DataError,
-    InputError,
-    StoreError,
-    FileNotFoundError,
-)
-
-
-def error_line(err: BaseException) -> str:
-    """One line for stderr: the first line of the message, shortened if it is very long."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[:MAX_ERROR_CHARS] + " ... (truncated)"
-    return f"error: {text}"
+    checkpoint: str  # torch .ckpt/.pt/.safetensors or an Orbax pretrained directory
+    config: ConfigSpec = None  # configs/*.py, official YAML, a ConfigDict; None: the stored one
+    data: str = "synthetic"  # 'synthetic', 'tfds:NAME[:VERSION]', or a folder / list / video
+    data_dir: str = ""  # TFDS data_dir (for tfds:NAME)
+    split: str = "train"  # TFDS split
+    num_clips: int | None = None  # the first N clips (None: all; synthetic: 16)
+    batch_size: int | None = None  # global batch (None: one per device)
+    resolution: int | tuple[int, int] | None = None  # N or (H, W) (None: the config's)
+    num_frames: int | None = None  # frames per clip (None: the config's)
+    fps: float | None = None  # clip frame rate (None: the config's)
+    num_workers: int = 0  # Grain decode processes
+    devices: int | None = None  # the first N devices (None: all)
+    progress: bool = True  # a progress bar
 
 
 # -- devices ------------------------------------------------------------------------------------
 
 
-def eval_mesh(devices: int | None = None) -> Mesh:
+def global_mesh(devices: int | None = None) -> Mesh:
     """Mesh ("data", "fsdp") = (n, 1) over the first `devices` devices (default: all)."""
     available = jax.devices()
     n = len(available) if devices is None else devices
@@ -80,7 +71,7 @@ def eval_mesh(devices: int | None = None) -> Mesh:
 
 
 def local_mesh(devices: int | None = None) -> Mesh:
-    """Like `eval_mesh` over this process's devices only (each host works on its own shards)."""
+    """Like `global_mesh` over this process's devices only (each host works on its own shards)."""
     local = jax.local_devices()
     n = len(local) if devices is None else devices
     if not 1 <= n <= len(local):
@@ -111,13 +102,15 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def describe_devices(mesh: Mesh) -> str:
+    d = mesh.devices.flat[0]
+    return f"{mesh.devices.size} x {d.platform}:{getattr(d, 'device_kind', '')}"
+
+
 # -- model --------------------------------------------------------------------------------------
 
 
-def resolve_config(
-    checkpoint: str | os.PathLike,
-    config: str | os.PathLike | ml_collections.ConfigDict | None,
-) -> ml_collections.ConfigDict:
+def resolve_config(checkpoint: str | os.PathLike, config: ConfigSpec) -> ml_collections.ConfigDict:
     """The run config: `config` if given, else the one stored in an Orbax pretrained dir."""
     path = pathlib.Path(checkpoint)
     if not path.exists():
@@ -134,17 +127,20 @@ def resolve_config(
     raise InputError(f"--config is needed to convert the torch checkpoint {path}")
 
 
-def load_vae(
-    checkpoint: str | os.PathLike,
-    config: str | os.PathLike | ml_collections.ConfigDict | None,
-    mesh: Mesh,
-) -> ReducioVAE:
+def load_vae(checkpoint: str | os.PathLike, config: ConfigSpec, mesh: Mesh | None) -> ReducioVAE:
     """A torch checkpoint file (needs `config`) or an Orbax pretrained directory, on `mesh`."""
     cfg = resolve_config(checkpoint, config)
     path = pathlib.Path(checkpoint)
     if path.is_dir():
         return ReducioVAE.from_pretrained(path, cfg, mesh=mesh)
     return ReducioVAE.from_torch_checkpoint(path, cfg, mesh=mesh)
+
+
+def config_label(config: ConfigSpec) -> str | None:
+    """How a report names the config: its file, or "given" for an in-memory ConfigDict."""
+    if config is None:
+        return None
+    return "given" if isinstance(config, ml_collections.ConfigDict) else str(config)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -185,10 +181,9 @@ def data_config(
 
 
 def data_config_for(
-    opts: Any, model_cfg: ml_collections.ConfigDict, batch_size: int
+    opts: RunOptions, model_cfg: ml_collections.ConfigDict, batch_size: int
 ) -> ml_collections.ConfigDict:
-    """`data_config` from a CLI options object with the usual data fields (`data`, `data_dir`,
-    `split`, `num_clips`, `resolution`, `num_frames`, `fps`, `num_workers`)."""
+    """`data_config` from the data fields of `opts`."""
     return data_config(
         opts.data,
         model_cfg,
@@ -220,6 +215,15 @@ def _set_source(
         cfg.source, cfg.path = "folder", spec
 
 
+def prepare(
+    opts: RunOptions, mesh: Mesh
+) -> tuple[int, ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """(global batch, model config, data block) of `opts` on `mesh`; checks them, loads nothing."""
+    batch_size = batch_size_for(mesh, opts.batch_size)
+    model_cfg = resolve_config(opts.checkpoint, opts.config)
+    return batch_size, model_cfg, data_config_for(opts, model_cfg, batch_size)
+
+
 def clip_count(num_records: int, num_clips: int | None) -> int:
     """How many clips a run covers: all records, or the first `num_clips` of them."""
     if num_clips is not None and num_clips <= 0:
@@ -227,88 +231,20 @@ def clip_count(num_records: int, num_clips: int | None) -> int:
     return num_records if num_clips is None else min(num_records, num_clips)
 
 
-# -- command line -------------------------------------------------------------------------------
-
-
-def _resolution(text: str) -> int | tuple[int, int]:
-    parts = text.lower().split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution '{text}' is not N or HxW") from None
-    if len(sizes) == 1:
-        return sizes[0]
-    if len(sizes) == 2:
-        return sizes[0], sizes[1]
-    raise argparse.ArgumentTypeError(f"resolution '{text}' is not N or HxW")
-
-
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """--data/--data_dir/--split/--num_clips/--batch_size/... shared with the encode CLI."""
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="'synthetic', 'tfds:NAME[:VERSION]' (with --data_dir), or a folder / list file / video",
-    )
-    parser.add_argument("--data_dir", default="", help="TFDS data_dir (for --data tfds:NAME)")
-    parser.add_argument("--split", default="train", help="TFDS split, e.g. validation[:10%%]")
-    parser.add_argument("--num_clips", type=int, help="first N clips (default: all; synthetic 16)")
-    parser.add_argument("--batch_size", type=int, help="global batch (default: one per device)")
-    parser.add_argument("--resolution", type=_resolution, help="N or HxW (default: config)")
-    parser.add_argument("--num_frames", type=int, help="frames per clip (default: config, 16)")
-    parser.add_argument("--fps", type=float, help="clip frame rate (default: config, 16)")
-    parser.add_argument("--num_workers", type=int, default=0, help="Grain decode processes")
-    parser.add_argument("--devices", type=int, help="use the first N devices (default: all)")
-
-
-# -- videos -------------------------------------------------------------------------------------
-
-
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> None:
-    """uint8 (T, H, W, 3) -> H.264 mp4 (yuv420p; odd sizes are padded by one pixel)."""
-    frames = np.asarray(frames, np.uint8)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
-
-
-def safe_stem(name: str) -> str:
-    """A file-name-safe short stem of a clip name (file path, TFDS id, synthetic/i)."""
-    stem = pathlib.PurePath(name.split("#", 1)[0]).stem or "clip"
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
-    return keep[:60]
-
-
-def describe_devices(mesh: Mesh) -> str:
-    d = mesh.devices.flat[0]
-    return f"{mesh.devices.size} x {d.platform}:{getattr(d, 'device_kind', '')}"
-
-
 __all__ = [
-    "USER_ERRORS",
     "InputError",
-    "add_data_flags",
+    "RunOptions",
     "batch_size_for",
     "clip_count",
+    "config_label",
     "data_config",
+    "data_config_for",
     "describe_devices",
-    "error_line",
-    "eval_mesh",
+    "global_mesh",
     "load_vae",
     "local_mesh",
+    "prepare",
     "replicate",
     "resolve_config",
-    "safe_stem",
     "to_host",
-    "to_uint8",
-    "write_mp4",
 ]
