@@ -24,9 +24,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
-from reducio_jax import losses
+from reducio_jax import checkpoints, losses
 from reducio_jax import sharding as shard_lib
 from reducio_jax.config import derived
 from reducio_jax.data import make_loader
@@ -34,23 +35,17 @@ from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
 from reducio_jax.preemption import Preempted, StopOnSigterm
 from reducio_jax.train import state as state_lib
-from reducio_jax.train.checkpoint import Checkpointer
+from reducio_jax.train.checkpoint import restore_step, save_step
 from reducio_jax.train.errors import NonFiniteLossError, TrainingError
 from reducio_jax.train.monitor import Monitor, step_flops
 from reducio_jax.train.step import batch_spec, jit_first_clip, jit_reconstruct, jit_train_step
-from reducio_jax.train.weights import (
-    load_init_weights,
-    load_lpips_weights,
-    restore_lpips,
-    save_state,
-)
+from reducio_jax.train.weights import load_init_weights, load_lpips_weights
 
 log = logging.getLogger(__name__)
 LOOP_ONLY_KEYS = (
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "preview_every",
     "workdir", "async_checkpointing", "lpips_weights",
 )  # fmt: skip
-META_FILE = "run_meta.json"
 _COMPILED: dict[str, Any] = {}  # compiled steps of this process, keyed by program
 
 
@@ -121,9 +116,7 @@ class Trainer:
         self.progress = progress and self.is_main
         self.mesh = shard_lib.make_mesh(cfg.mesh, devices)
         check_config(cfg, self.mesh)
-        self.rules = cfg.mesh.rules
-        self.sharding_for = shard_lib.sharding_fn(self.mesh, self.rules)
-        self.ckpt = Checkpointer(
+        self.ckpt = checkpoints.RunCheckpoints(
             self.workdir / "checkpoints",
             keep=int(cfg.train.keep_checkpoints),
             async_save=bool(cfg.train.async_checkpointing),
@@ -202,71 +195,64 @@ class Trainer:
             self._skips_written = len(self.skips)
 
     def _init_state(self, init_from: str | None, lpips_path: str | None) -> None:
+        """The train state, LPIPS and the run's config item: from the resumed step, else from
+        `init_from` / `lpips_path`, else random."""
         cfg = self.cfg
-        meta_path = self.workdir / META_FILE
-        weights = None
-        if self.resume_step is None and init_from:
-            weights = load_init_weights(init_from, cfg, self.sharding_for)
-        lpips_graph, lpips_state = self._lpips(
-            weights, lpips_path or cfg.train.get("lpips_weights") or None
-        )
-        if self.resume_step is not None and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            self._check_same_model(meta)
-            logvar = float(meta.get("logvar", cfg.loss.logvar_init))
-        else:
-            logvar = (
-                weights.logvar
-                if weights is not None and weights.logvar is not None
-                else float(cfg.loss.logvar_init)
-            )
-        perceptual = float(cfg.loss.perceptual_weight) if lpips_state is not None else 0.0
-        self.weights = losses.LossWeights.from_config(
-            cfg.loss, logvar=logvar, perceptual_weight=perceptual
-        )
-        vae_graph, disc_graph = state_lib.graphdefs(cfg)
-        self.nets = state_lib.Networks(vae_graph, disc_graph, lpips_graph, lpips_state)
-        self.state_shardings = state_lib.state_shardings(cfg, self.mesh)
         if self.resume_step is not None:
-            target = shard_lib.abstract_with_shardings(
-                state_lib.abstract_state(cfg), self.mesh, self.rules
-            )
+            self.config_item = self._resumed_config()
             iterator = getattr(self.loader, "iterator", None)
-            self.state = self.ckpt.restore(self.resume_step, target, iterator)
+            self.state, lpips_state = restore_step(
+                self.ckpt, self.resume_step, cfg, self.mesh, iterator
+            )
             log.info(
                 "Resumed from step %d (%s), the latest complete checkpoint.",
                 self.resume_step,
-                self.ckpt.directory / str(self.resume_step),
+                self.ckpt.step_dir(self.resume_step),
             )
-        elif weights is not None:
-            self.state = state_lib.state_from_modules(
-                cfg, self.mesh, weights.vae, weights.discriminator
-            )
-            log.info("Initialised from %s.", init_from)
         else:
-            self.state = state_lib.init_state(cfg, self.mesh)
-        if self.resume_step is None and self.is_main:
-            meta = {"logvar": logvar, "perceptual": lpips_state is not None, "init_from": init_from,
-                    "config": json.loads(cfg.to_json_best_effort())}  # fmt: skip
-            meta_path.write_text(json.dumps(meta, indent=1))
+            weights = load_init_weights(init_from, cfg, self.mesh) if init_from else None
+            lpips_state = self._lpips(weights, lpips_path or cfg.train.get("lpips_weights"))
+            logvar = weights.logvar if weights is not None else None
+            self.config_item = checkpoints.config_item(
+                cfg,
+                logvar=cfg.loss.logvar_init if logvar is None else logvar,
+                init_from=init_from,
+            )
+            if weights is not None:
+                self.state = state_lib.state_from_modules(
+                    cfg, self.mesh, weights.vae, weights.discriminator
+                )
+                log.info("Initialised from %s.", init_from)
+            else:
+                self.state = state_lib.init_state(cfg, self.mesh)
+        perceptual = float(cfg.loss.perceptual_weight) if lpips_state is not None else 0.0
+        self.weights = losses.LossWeights.from_config(
+            cfg.loss, logvar=self.config_item["logvar"], perceptual_weight=perceptual
+        )
+        vae_graph, disc_graph = state_lib.graphdefs(cfg)
+        lpips_graph = state_lib.lpips_graph(cfg) if lpips_state is not None else None
+        self.nets = state_lib.Networks(vae_graph, disc_graph, lpips_graph, lpips_state)
+        self.state_shardings = state_lib.state_shardings(cfg, self.mesh)
 
-    def _check_same_model(self, meta: dict) -> None:
-        saved = meta.get("config", {}).get("model")
-        now = json.loads(self.cfg.to_json_best_effort())["model"]
-        if saved is not None and saved != now:
+    def _resumed_config(self) -> dict:
+        """The config item of the resumed step (logvar, init_from), checked against `cfg`."""
+        try:
+            item = checkpoints.read_config(self.ckpt.step_dir(self.resume_step))
+        except checkpoints.CheckpointError as err:
+            raise TrainingError(f"--resume: {err}") from None
+        now = json.loads(self.cfg.to_json_best_effort())
+        if item["config"].get("model") != now["model"]:
             raise TrainingError(
                 f"the config's model block differs from the one {self.workdir} was trained with; "
                 "resume with the same config"
             )
+        return dict(item, config=now)
 
-    def _lpips(self, weights: Any, path: str | None) -> tuple[Any, Any]:
-        saved = self.workdir / "lpips"
-        graph = state_lib.lpips_graph(self.cfg)
-        if self.resume_step is not None and saved.is_dir():
-            return graph, restore_lpips(saved, self.cfg, self.mesh)
+    def _lpips(self, weights: Any, path: str | None) -> Any:
+        """The frozen LPIPS state of a new run (None: no perceptual loss)."""
         module = weights.lpips if weights is not None else None
         if module is None and path:
-            module = load_lpips_weights(path, self.cfg, self.sharding_for)
+            module = load_lpips_weights(path, self.cfg, self.mesh)
         if module is None:
             if float(self.cfg.loss.perceptual_weight) > 0:
                 log.warning(
@@ -274,11 +260,8 @@ class Trainer:
                     "--lpips_weights): training with perceptual_weight 0 instead of %s.",
                     self.cfg.loss.perceptual_weight,
                 )
-            return None, None
-        _, lpips_state = state_lib.lpips_from_module(module)
-        if self.resume_step is None:
-            save_state(saved, lpips_state)
-        return graph, lpips_state
+            return None
+        return nnx.state(module)
 
     def _compile(self) -> None:
         cfg = self.cfg
@@ -441,11 +424,18 @@ class Trainer:
                 data_state = self.loader.get_state()
             except Exception as err:
                 log.warning("No data-iterator state in checkpoint %d (%s).", self.step, err)
-        self.ckpt.save(self.step, self.state, data_state)
+        save_step(
+            self.ckpt,
+            self.step,
+            self.state,
+            config=self.config_item,
+            lpips_state=self.nets.lpips_state,
+            data_state=data_state,
+        )
         self.last_saved = self.step
 
     def _checkpoint_path(self) -> pathlib.Path | None:
-        return None if self.last_saved is None else self.ckpt.directory / str(self.last_saved)
+        return None if self.last_saved is None else self.ckpt.step_dir(self.last_saved)
 
     def _cached(self, name: str, make: Callable[[], Any]) -> Any:
         """The jitted function `name` of this run's program, made once per process."""

@@ -19,7 +19,8 @@ from reducio_jax.convert.checkpoint import (
     convert_torch_checkpoint,
     load_pretrained,
 )
-from reducio_jax.convert.load import abstract_model, target_shapes
+from reducio_jax.convert.load import target_shapes
+from reducio_jax.sharding import abstract_model
 from reducio_jax.convert.mapping import (
     ConversionError,
     convert_state_dict,

@@ -13,7 +13,7 @@ from test_sharded_step import _tensorboard
 from reducio_jax.data import make_loader
 from reducio_jax.latents.runtime import write_mp4
 from reducio_jax.train import TrainingError, run
-from reducio_jax.train.checkpoint import Checkpointer
+from reducio_jax.checkpoints import RunCheckpoints
 
 
 def test_skipped_files_counted_in_tensorboard_and_listed(micro, tmp_path):
@@ -68,7 +68,7 @@ def test_failing_data_pipeline_checkpoints_last_step(micro, tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(TrainingError, match="consecutive records") as info:
         run(micro, workdir, progress=False, devices=jax.devices()[:2], loader_factory=factory)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=3)
+    ckpt = RunCheckpoints(workdir / "checkpoints", keep=3)
     step = ckpt.latest_step()
     ckpt.close()
     assert step is not None and 1 <= step < 6  # batches decoded ahead of the deletion are used
