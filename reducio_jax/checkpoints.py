@@ -45,10 +45,12 @@ class CheckpointError(ValueError):
     """A directory that is not a checkpoint of this layout (one line, says what to do)."""
 
 
-def config_item(cfg: ml_collections.ConfigDict, *, logvar: float, **extra: Any) -> dict:
-    """The JSON config item: the whole config, logvar and any `extra` keys."""
+def config_item(cfg: ml_collections.ConfigDict, *, logvar: float | None, **extra: Any) -> dict:
+    """The JSON config item: the whole config, logvar (None: a VAE-only directory) and any
+    `extra` keys."""
     config = json.loads(cfg.to_json_best_effort())
-    return {"format": FORMAT, "config": config, "logvar": float(logvar), **extra}
+    logvar = None if logvar is None else float(logvar)
+    return {"format": FORMAT, "config": config, "logvar": logvar, **extra}
 
 
 class _IteratorSnapshot:

@@ -125,8 +125,7 @@ def save_pretrained(
 ) -> pathlib.Path:
     """Writes the modules and the config (with logvar) as one checkpoint directory."""
     items: dict[str, Any] = {name: nnx.state(m) for name, m in weights.modules().items()}
-    logvar = weights.logvar if weights.logvar is not None else float(cfg.loss.logvar_init)
-    items[checkpoints.CONFIG] = checkpoints.config_item(cfg, logvar=logvar)
+    items[checkpoints.CONFIG] = checkpoints.config_item(cfg, logvar=weights.logvar)
     return checkpoints.save(directory, items)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_sharded_step import _tensorboard
 
+from reducio_jax.checkpoints import RunCheckpoints
 from reducio_jax.data import make_loader
 from reducio_jax.latents.runtime import write_mp4
 from reducio_jax.train import TrainingError, run
-from reducio_jax.checkpoints import RunCheckpoints
 
 
 def test_skipped_files_counted_in_tensorboard_and_listed(micro, tmp_path):

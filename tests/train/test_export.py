@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reducio_jax import ReducioVAE
+from reducio_jax import ReducioVAE, checkpoints
 from reducio_jax.__main__ import main
 from reducio_jax.convert.checkpoint import load_pretrained
 from reducio_jax.latents.runtime import InputError, resolve_config
@@ -37,6 +37,9 @@ def test_export_holds_the_trained_networks(eight_device_run, tmp_path):
     summary = export_run(trainer.workdir, out)
     assert summary["step"] == result.end_step == 2
     assert summary["parts"] == ["discriminator", "vae"]  # the run had no LPIPS weights
+    assert checkpoints.items_in(out) == {"vae", "discriminator", "config"}  # a copy of those
+    side = [p.name for p in trainer.workdir.iterdir() if p.name in ("run_meta.json", "lpips")]
+    assert side == []  # the run keeps everything in its steps
     vae = ReducioVAE.from_pretrained(out)
     assert vae.config.model.to_dict() == trainer.cfg.model.to_dict()
     state = trainer.state
@@ -46,6 +49,9 @@ def test_export_holds_the_trained_networks(eight_device_run, tmp_path):
         _by_path(nnx.state(disc, nnx.Param), nnx.state(disc, nnx.BatchStat)),
         _by_path(state.disc_params, state.disc_stats),
     )
+    # the run's step reads as it is, the same as its export
+    step_vae = ReducioVAE.from_pretrained(trainer.workdir / "checkpoints" / "2")
+    _assert_same(_by_path(nnx.state(step_vae.model)), _by_path(nnx.state(vae.model)))
     # the exported model runs
     video = np.zeros((1, trainer.cfg.data.num_frames, 32, 32, 3), np.float32)
     assert vae.reconstruct(video).shape == video.shape

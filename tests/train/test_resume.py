@@ -12,9 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from reducio_jax.checkpoints import DISCRIMINATOR, OPTIMIZER, VAE, RunCheckpoints
 from reducio_jax.data import make_loader
 from reducio_jax.train import NonFiniteLossError, TrainingError, run
-from reducio_jax.checkpoints import DISCRIMINATOR, OPTIMIZER, VAE, RunCheckpoints
 
 DEVICES = 2
 
