@@ -260,7 +260,7 @@ def train_program(cfg: ml_collections.ConfigDict, video: np.ndarray) -> Program:
 
     mesh = make_mesh(cfg.mesh, jax.local_devices()[:1])
     with nnx.use_eager_sharding(False):
-        lpips_graph, lpips_state = state_lib.lpips_from_module(state_lib.make_lpips(cfg))
+        lpips_graph, lpips_state = nnx.split(state_lib.make_lpips(cfg))
     weights = losses.LossWeights.from_config(
         cfg.loss, perceptual_weight=float(cfg.loss.perceptual_weight)
     )

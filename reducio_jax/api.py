@@ -45,7 +45,7 @@ from reducio_jax.models import VideoVAE, build_vae, latent_layer_norm
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.models.windows import WindowPlan, cut_windows, pad_spatial, plan_windows, stitch
-from reducio_jax.sharding import make_mesh, sharding_fn
+from reducio_jax.sharding import make_mesh
 
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path
 DEFAULT_OVERLAP = 4  # frames shared by neighbouring 16-frame windows (docs/video.md)
@@ -160,7 +160,7 @@ class ReducioVAE:
     ) -> ReducioVAE:
         """Converts a released `.ckpt` / `.pt` / `.safetensors` file (no torch needed)."""
         cfg = load_config(cfg)
-        weights = convert_torch_checkpoint(path, cfg, sharding_for=_sharding_for(cfg, mesh))
+        weights = convert_torch_checkpoint(path, cfg, mesh=mesh)
         return cls(weights.vae, cfg, weights)
 
     @classmethod
@@ -171,9 +171,10 @@ class ReducioVAE:
         *,
         mesh: jax.sharding.Mesh | None = None,
     ) -> ReducioVAE:
-        """Restores an Orbax directory written by `save_pretrained` / `convert_torch_weights.py`."""
+        """Restores a checkpoint directory: one written by `save_pretrained`,
+        `convert_torch_weights.py` or `export`, or a training run's `checkpoints/<step>`."""
         cfg = load_config(cfg) if cfg is not None else load_pretrained_config(directory)
-        weights = load_pretrained(directory, cfg, sharding_for=_sharding_for(cfg, mesh))
+        weights = load_pretrained(directory, cfg, mesh=mesh)
         return cls(weights.vae, cfg, weights)
 
     def save_pretrained(self, directory: str | pathlib.Path) -> pathlib.Path:
@@ -310,12 +311,6 @@ def _check_long_video(video: jax.Array) -> None:
         raise ValueError(f"expected a video batch (B, N, H, W, 3), got shape {tuple(video.shape)}")
     if video.shape[1] < 1:
         raise ValueError("the video has no frames")
-
-
-def _sharding_for(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
-    if mesh is None:
-        return None
-    return sharding_fn(mesh, cfg.mesh.rules)
 
 
 __all__ = ["ReducioVAE", "VideoLatent", "load_config", "make_mesh"]

@@ -4,7 +4,8 @@
   that does not fit): exit 2. Code that checks input raises `InputError`; the library's own
   input errors (`ConfigError`, `ConversionError`, `CheckpointFormatError`, `DataError`,
   `StoreError`, a `TrainingError` of the set-up) count the same.
-* a run that failed (a non-finite loss, a disk error, anything unexpected): exit 1.
+* a run that failed (`RunFailure`: a non-finite loss, data that broke mid-run; a disk error,
+  anything unexpected): exit 1.
 * Ctrl-C: exit 130; SIGTERM (preemption, `reducio_jax.preemption`): exit 143.
 """
 
@@ -44,9 +45,9 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
 
 def exit_status(err: BaseException) -> int:
     """2 for bad input, 1 for a run that failed."""
-    from reducio_jax.train.errors import NonFiniteLossError, TrainingError
+    from reducio_jax.train.errors import RunFailure, TrainingError
 
-    if isinstance(err, NonFiniteLossError):
+    if isinstance(err, RunFailure):
         return RUN_FAILED
     if isinstance(err, (*bad_input_types(), TrainingError)):
         return BAD_INPUT

@@ -111,14 +111,16 @@ def describe_devices(mesh: Mesh) -> str:
 
 
 def resolve_config(checkpoint: str | os.PathLike, config: ConfigSpec) -> ml_collections.ConfigDict:
-    """The run config: `config` if given, else the one stored in an Orbax pretrained dir."""
+    """The run config: `config` if given, else the one stored in a pretrained directory (or a
+    training run's `checkpoints/<step>`, the same layout)."""
     path = pathlib.Path(checkpoint)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
-    if path.is_dir() and ((path / "checkpoints").is_dir() or path.parent.name == "checkpoints"):
+    if path.is_dir() and (path / "checkpoints").is_dir():
         raise InputError(
-            f"{path} is a training run (or one of its checkpoints); export its weights first: "
-            f"python -m reducio_jax export --run {path} --out DIR, then pass --checkpoint DIR"
+            f"{path} is a training run; pass one of its steps (--checkpoint {path}/checkpoints/N, "
+            f"the same layout as a pretrained directory) or export it: "
+            f"python -m reducio_jax export --run {path} --out DIR"
         )
     if config is not None:
         return load_config(config)

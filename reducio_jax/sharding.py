@@ -8,6 +8,8 @@ mesh axis is used at most once per array. Optimizer moments inherit the metadata
 parameter, so they are sharded the same way. Everything without axis metadata (BatchNorm
 statistics, buffers, step, rng) is replicated. Batches are split over ("data", "fsdp").
 
+`abstract_model` is the one way a model is built without allocating it, with these
+shardings attached: the target that checkpoints are restored into and converted weights fill.
 Used by the API (`ReducioVAE.from_pretrained(mesh=...)`), the latent store and training.
 """
 
@@ -61,67 +63,69 @@ def make_mesh(spec: Mapping[str, Any], devices: Sequence[jax.Device] | None = No
     )
 
 
-def logical_to_spec(
-    logical: Sequence[str | None] | None, shape: Sequence[int], rules: Rules, mesh: Mesh
-) -> PartitionSpec:
-    """Logical axis names of one array -> its PartitionSpec under `rules`."""
-    if not logical:
-        return PartitionSpec()
-    table = {name: axis for name, axis in rules}
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """`spec` with every entry the array cannot take replaced by None (replicated): a name that
+    is not a mesh axis, a mesh axis already used by an earlier dimension, or one whose size
+    does not divide the dimension."""
     used: set[str] = set()
-    spec: list[str | None] = []
-    for name, size in zip(logical, shape, strict=True):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"logical axis {name!r} has no rule in mesh.rules {dict(table)}")
-        axis = table[name]
-        ok = (
-            axis is not None
-            and axis in mesh.shape
-            and axis not in used
-            and size % mesh.shape[axis] == 0
-        )
-        spec.append(axis if ok else None)
+    fitted: list[str | None] = []
+    for axis, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape, strict=True):
+        ok = isinstance(axis, str) and axis in mesh.shape and axis not in used
+        ok = ok and size % mesh.shape[axis] == 0
+        fitted.append(axis if ok else None)
         used.update([axis] if ok else [])
-    return PartitionSpec(*spec)
+    return PartitionSpec(*fitted)
 
 
-def variable_sharding(variable: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
-    """The NamedSharding of one (abstract) nnx.Variable or array."""
-    if isinstance(variable, nnx.Variable):
-        meta = variable.get_metadata()
-        logical = meta.get("out_sharding") or meta.get("sharding")
-        return NamedSharding(mesh, logical_to_spec(logical, variable.shape, rules, mesh))
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
+def partition_specs(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """`nnx.get_partition_spec` of any pytree (nnx.Variables, arrays or ShapeDtypeStructs) with
+    the logical axes mapped by `rules`, each spec fitted to its array and `mesh` (`fit_spec`)."""
+    with nnx.logical_axis_rules(tuple(tuple(rule) for rule in rules)):
+        specs = nnx.get_partition_spec(tree)
+    return jax.tree.map(lambda x, spec: fit_spec(spec, x.shape, mesh), tree, specs)
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
-    """A prefix tree of NamedShardings for any pytree holding nnx.Variables and arrays."""
-    return jax.tree.map(lambda v: variable_sharding(v, mesh, rules), tree, is_leaf=is_variable)
-
-
-def sharding_fn(mesh: Mesh, rules: Rules) -> Callable[[tuple, nnx.Variable], NamedSharding]:
-    """`sharding_for(path, variable)` as the converters and loaders take it."""
-    return lambda path, variable: variable_sharding(variable, mesh, rules)
+    """The NamedSharding of every array of `tree` (same structure, Variables kept)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs(tree, mesh, rules))
 
 
 def abstract_with_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """Abstract pytree (ShapeDtypeStruct leaves, possibly inside nnx.Variables) with each leaf's
     NamedSharding attached: the restore target of a checkpoint."""
+    return jax.tree.map(
+        lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+        tree,
+        partition_specs(tree, mesh, rules),
+    )
 
-    def attach(v: Any) -> Any:
-        sharding = variable_sharding(v, mesh, rules)
-        if isinstance(v, nnx.Variable):
-            return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding))
-        return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
 
-    return jax.tree.map(attach, tree, is_leaf=is_variable)
+def single_device_mesh() -> Mesh:
+    """The default placement: a 1-device mesh on the first device."""
+    return make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+
+
+def abstract_model(
+    make: Callable[[], nnx.Module], mesh: Mesh | None = None, rules: Rules = ()
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """The module `make()` builds, nothing allocated: its graph definition and its state as
+    ShapeDtypeStructs carrying the shardings `rules` give on `mesh` (default: one device).
+
+    Like `nnx.get_abstract_model`, except that an axis the array cannot take (not in the mesh,
+    repeated, not dividing the dimension) leaves that dimension replicated."""
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(make))
+    return graphdef, abstract_with_shardings(state, mesh or single_device_mesh(), rules)
+
+
+def materialize(abstract: nnx.State, values: Mapping[tuple, Any]) -> nnx.State:
+    """The state with each variable set from `values` (keyed by state path), placed with the
+    sharding of its ShapeDtypeStruct in `abstract` (from `abstract_model`)."""
+    flat = [
+        (path, var.replace(jax.device_put(values[path], var.get_value().sharding)))
+        for path, var in nnx.to_flat_state(abstract)
+    ]
+    return nnx.from_flat_state(flat)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

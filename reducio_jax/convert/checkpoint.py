@@ -3,25 +3,25 @@
 `convert_torch_checkpoint` reads a checkpoint without torch, renames and transposes every
 tensor, and fills the VAE (and the discriminator, LPIPS and logvar when the file has `loss.*`
 keys), failing with one message that names every missing, unused or mis-shaped key.
-`save_pretrained` / `load_pretrained` keep the result as an Orbax checkpoint directory.
+`save_pretrained` / `load_pretrained` keep the result as a checkpoint directory of the one
+layout (`reducio_jax.checkpoints`): the layout of a training step, which they read too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
+from reducio_jax import checkpoints
 from reducio_jax.config import config_from_dict
-from reducio_jax.convert.load import Shardings, abstract_model, load_converted
+from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import (
     ConversionError,
     convert_state_dict,
@@ -37,8 +37,7 @@ from reducio_jax.models import (
     build_lpips,
     build_vae,
 )
-
-CONFIG_ITEM = "config"
+from reducio_jax.sharding import abstract_model
 
 
 @dataclasses.dataclass
@@ -51,7 +50,11 @@ class ReducioWeights:
     logvar: float | None = None
 
     def modules(self) -> dict[str, nnx.Module]:
-        named = {"vae": self.vae, "discriminator": self.discriminator, "lpips": self.lpips}
+        named = {
+            checkpoints.VAE: self.vae,
+            checkpoints.DISCRIMINATOR: self.discriminator,
+            checkpoints.LPIPS: self.lpips,
+        }
         return {name: module for name, module in named.items() if module is not None}
 
 
@@ -68,9 +71,10 @@ def convert_state_dict_to_modules(
     state_dict: Mapping[str, np.ndarray],
     cfg: ml_collections.ConfigDict,
     *,
-    sharding_for: Shardings | None = None,
+    mesh: Mesh | None = None,
 ) -> ReducioWeights:
-    """A torch state_dict (numpy arrays) -> filled Flax modules for `cfg`."""
+    """A torch state_dict (numpy arrays) -> Flax modules for `cfg`, placed on `mesh` (default:
+    one device) per `cfg.mesh.rules`."""
     groups = split_groups(convert_state_dict(state_dict))
     sources = split_groups(source_keys(state_dict))
     if "unknown" in groups:
@@ -90,7 +94,8 @@ def convert_state_dict_to_modules(
             factories[name],
             groups[name],
             what=name,
-            sharding_for=sharding_for,
+            mesh=mesh,
+            rules=cfg.mesh.rules,
             source_keys=sources[name],
         )
         for name in ("vae", "discriminator", "lpips")
@@ -109,96 +114,55 @@ def convert_torch_checkpoint(
     path: str | pathlib.Path,
     cfg: ml_collections.ConfigDict,
     *,
-    sharding_for: Shardings | None = None,
+    mesh: Mesh | None = None,
 ) -> ReducioWeights:
     """Reads a released checkpoint file (no torch needed) and fills the modules of `cfg`."""
-    return convert_state_dict_to_modules(load_state_dict(path), cfg, sharding_for=sharding_for)
+    return convert_state_dict_to_modules(load_state_dict(path), cfg, mesh=mesh)
 
 
 def save_pretrained(
     weights: ReducioWeights, directory: str | pathlib.Path, cfg: ml_collections.ConfigDict
 ) -> pathlib.Path:
-    """Writes the modules and the config as one Orbax checkpoint directory."""
-    directory = pathlib.Path(directory).absolute()
-    items: dict[str, Any] = {
-        name: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(module)))
-        for name, module in weights.modules().items()
-    }
-    meta = {"config": json.loads(cfg.to_json_best_effort()), "logvar": weights.logvar}
-    items[CONFIG_ITEM] = ocp.args.JsonSave(meta)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(directory, ocp.args.Composite(**items), force=True)
-    return directory
+    """Writes the modules and the config (with logvar) as one checkpoint directory."""
+    items: dict[str, Any] = {name: nnx.state(m) for name, m in weights.modules().items()}
+    items[checkpoints.CONFIG] = checkpoints.config_item(cfg, logvar=weights.logvar)
+    return checkpoints.save(directory, items)
 
 
 def load_pretrained_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The config stored beside the weights by `save_pretrained`."""
-    meta = _read_meta(pathlib.Path(directory).absolute())
-    return config_from_dict(meta["config"])
+    """The config stored in a pretrained directory or a training step."""
+    return config_from_dict(_read_config(directory)["config"])
 
 
-def _read_meta(directory: pathlib.Path) -> dict[str, Any]:
-    meta_dir = directory / CONFIG_ITEM
-    if not meta_dir.is_dir():
-        raise ConversionError(
-            f"{directory} is not a reducio-jax pretrained directory (no '{CONFIG_ITEM}' item); "
-            "create one with convert_torch_weights.py"
-        )
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            directory, ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
-        )
-    return dict(restored[CONFIG_ITEM])
+def _read_config(directory: str | pathlib.Path) -> dict[str, Any]:
+    try:
+        return checkpoints.read_config(directory)
+    except checkpoints.CheckpointError as err:
+        raise ConversionError(str(err)) from None
 
 
 def load_pretrained(
     directory: str | pathlib.Path,
     cfg: ml_collections.ConfigDict | None = None,
     *,
-    sharding_for: Shardings | None = None,
-    parts: tuple[str, ...] = ("vae", "discriminator", "lpips"),
+    mesh: Mesh | None = None,
+    parts: tuple[str, ...] = checkpoints.NETWORKS,
 ) -> ReducioWeights:
-    """Restores modules saved by `save_pretrained` straight into (sharded) arrays."""
+    """Restores the networks `parts` of a pretrained directory (or of a training step) straight
+    into their shards on `mesh` (default: one device), per `cfg.mesh.rules`."""
     directory = pathlib.Path(directory).absolute()
-    meta = _read_meta(directory)
-    cfg = cfg if cfg is not None else config_from_dict(meta["config"])
-    factories = _factories(cfg)
-    present = [name for name in parts if (directory / name).is_dir()]
-    if "vae" not in present:
+    item = _read_config(directory)
+    cfg = cfg if cfg is not None else config_from_dict(item["config"])
+    present = [name for name in parts if name in checkpoints.items_in(directory)]
+    if checkpoints.VAE not in present:
         raise ConversionError(f"{directory} holds no VAE weights")
-    abstract = {name: abstract_model(factories[name]) for name in present}
-    targets = {name: _restore_target(state, sharding_for) for name, (_, state) in abstract.items()}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            directory,
-            ocp.args.Composite(
-                **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}
-            ),
-        )
-    modules = {}
-    for name, (graphdef, state) in abstract.items():
-        nnx.replace_by_pure_dict(state, restored[name])
-        modules[name] = nnx.merge(graphdef, state)
+    factories = _factories(cfg)
+    abstract = {name: abstract_model(factories[name], mesh, cfg.mesh.rules) for name in present}
+    restored = checkpoints.restore(directory, {name: a[1] for name, a in abstract.items()})
+    modules = {name: nnx.merge(abstract[name][0], restored[name]) for name in present}
     return ReducioWeights(
-        vae=modules["vae"],
-        discriminator=modules.get("discriminator"),
-        lpips=modules.get("lpips"),
-        logvar=meta.get("logvar"),
+        vae=modules[checkpoints.VAE],
+        discriminator=modules.get(checkpoints.DISCRIMINATOR),
+        lpips=modules.get(checkpoints.LPIPS),
+        logvar=item.get("logvar"),
     )
-
-
-def _restore_target(state: nnx.State, sharding_for: Shardings | None) -> dict:
-    """Abstract pure dict whose leaves carry the shardings the arrays should be restored with."""
-    flat = []
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    for path, variable in nnx.to_flat_state(state):
-        sharding = (sharding_for(path, variable) if sharding_for else None) or default
-        flat.append(
-            (
-                path,
-                variable.replace(
-                    jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)
-                ),
-            )
-        )
-    return nnx.to_pure_dict(nnx.from_flat_state(flat))

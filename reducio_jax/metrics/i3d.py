@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reducio_jax.sharding import abstract_model, materialize
+
 __all__ = [
     "I3D_FEATURE_DIM",
     "I3D_INPUT_SIZE",
@@ -294,13 +296,13 @@ def _clean_state_dict(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def _abstract_model(**kwargs: Any) -> InceptionI3d:
-    return nnx.eval_shape(lambda: InceptionI3d(rngs=nnx.Rngs(0), **kwargs))
+def _abstract(**kwargs: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    return abstract_model(lambda: InceptionI3d(rngs=nnx.Rngs(0), **kwargs))
 
 
 def i3d_state_dict_shapes(num_classes: int = I3D_FEATURE_DIM) -> dict[str, tuple[int, ...]]:
     """Every pytorch-i3d key this model loads -> its torch shape (conv: (O, I, T, H, W))."""
-    state = nnx.state(_abstract_model(num_classes=num_classes))
+    _, state = _abstract(num_classes=num_classes)
     return {
         (key := i3d_torch_key(path)): _expected_shape(key, tuple(var.shape))
         for path, var in nnx.to_flat_state(state)
@@ -317,7 +319,7 @@ def convert_i3d_state_dict(
     with ``nnx.update(model, state)``.
     """
     src = _clean_state_dict(sd)
-    state = nnx.state(_abstract_model(num_classes=num_classes))
+    _, state = _abstract(num_classes=num_classes)
     missing, bad_shape, used = [], [], set()
     values: dict[tuple[Any, ...], np.ndarray] = {}
     for path, var in nnx.to_flat_state(state):
@@ -338,26 +340,12 @@ def convert_i3d_state_dict(
         lines += [f"  unused: {k}" for k in unused]
         lines += [f"  mis-shaped: {k}" for k in bad_shape]
         raise ValueError("\n".join(lines))
-    nnx.replace_by_pure_dict(state, _unflatten(values))
-    return state
-
-
-def _unflatten(flat: Mapping[tuple[Any, ...], Any]) -> dict[Any, Any]:
-    """``{('a', 'b'): v} -> {'a': {'b': v}}``."""
-    out: dict[Any, Any] = {}
-    for path, value in flat.items():
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
+    return materialize(state, values)
 
 
 def load_i3d(
     sd: Mapping[str, Any], num_classes: int = I3D_FEATURE_DIM, **kwargs: Any
 ) -> InceptionI3d:
     """Build an ``InceptionI3d`` holding a pytorch-i3d state dict (no random init is run)."""
-    state = convert_i3d_state_dict(sd, num_classes=num_classes)
-    model = _abstract_model(num_classes=num_classes, **kwargs)
-    nnx.update(model, state)
-    return model
+    graphdef, _ = _abstract(num_classes=num_classes, **kwargs)
+    return nnx.merge(graphdef, convert_i3d_state_dict(sd, num_classes=num_classes))

@@ -5,5 +5,10 @@ class TrainingError(RuntimeError):
     """A run that cannot start or continue: bad workdir, weights, config or data."""
 
 
-class NonFiniteLossError(TrainingError):
+class RunFailure(TrainingError):
+    """A run that started and then failed (exit status 1, not 2): the data pipeline broke
+    mid-run, a NaN/inf loss, ..."""
+
+
+class NonFiniteLossError(RunFailure):
     """A NaN/inf loss or gradient: the run stops, naming the step and the last good checkpoint."""

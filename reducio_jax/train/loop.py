@@ -1,4 +1,4 @@
-"""The training run: set-up (mesh, weights, data, compiled step), the loop, checkpoints, logs.
+"""The training run: set-up (mesh, checkpoints, data, state, compiled step), then one loop.
 
 `run(cfg, workdir, resume=..., init_from=..., lpips_weights=...)` trains from the state's step
 to `cfg.train.num_steps`. Metrics are fetched one step late (the next step is already queued)
@@ -24,9 +24,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from reducio_jax import losses
+from reducio_jax import checkpoints, losses
 from reducio_jax import sharding as shard_lib
 from reducio_jax.config import derived
 from reducio_jax.data import make_loader
@@ -34,24 +36,19 @@ from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
 from reducio_jax.preemption import Preempted, StopOnSigterm
 from reducio_jax.train import state as state_lib
-from reducio_jax.train.checkpoint import Checkpointer
-from reducio_jax.train.errors import NonFiniteLossError, TrainingError
+from reducio_jax.train.checkpoint import restore_step, save_step
+from reducio_jax.train.errors import NonFiniteLossError, RunFailure, TrainingError
 from reducio_jax.train.monitor import Monitor, step_flops
+from reducio_jax.train.state import TrainState
 from reducio_jax.train.step import batch_spec, jit_first_clip, jit_reconstruct, jit_train_step
-from reducio_jax.train.weights import (
-    load_init_weights,
-    load_lpips_weights,
-    restore_lpips,
-    save_state,
-)
+from reducio_jax.train.weights import load_init_weights, load_lpips_weights
 
 log = logging.getLogger(__name__)
 LOOP_ONLY_KEYS = (
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "preview_every",
     "workdir", "async_checkpointing", "lpips_weights",
 )  # fmt: skip
-META_FILE = "run_meta.json"
-_COMPILED: dict[str, Any] = {}  # compiled steps of this process, keyed by program
+_COMPILED: dict[Any, Any] = {}  # compiled steps and helpers of this process, keyed by program
 
 
 @dataclasses.dataclass
@@ -66,17 +63,7 @@ class RunResult:
     preview_l1: list[tuple[int, float]]  # (step, L1 of the fixed preview clip's reconstruction)
 
 
-def _program_key(
-    cfg: ml_collections.ConfigDict, w: losses.LossWeights, mesh: Any, lpips: bool
-) -> str:
-    d = json.loads(cfg.to_json_best_effort())
-    for key in LOOP_ONLY_KEYS:
-        d.get("train", {}).pop(key, None)
-    devices = [int(x.id) for x in np.asarray(mesh.devices).reshape(-1)]
-    return json.dumps([d, repr(w), dict(mesh.shape), devices, lpips], sort_keys=True)
-
-
-def check_config(cfg: ml_collections.ConfigDict, mesh: Any) -> None:
+def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """Fails early, in one line, on a batch or clip shape the model or the mesh cannot take."""
     sizes = derived(cfg)
     if int(cfg.data.num_frames) != sizes.num_frames:
@@ -99,8 +86,190 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: Any) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------ set-up
+def resume_point(ckpt: checkpoints.RunCheckpoints, workdir: pathlib.Path, resume: bool):
+    """The step to resume from (None: a fresh run); refuses to overwrite an existing run."""
+    if ckpt.incomplete:
+        log.warning(
+            "Ignoring (and deleting) interrupted, uncommitted checkpoint save(s) in %s: %s",
+            ckpt.directory,
+            ", ".join(ckpt.incomplete),
+        )
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        raise TrainingError(
+            f"{workdir} already has checkpoints (latest step {latest}): pass --resume to "
+            "continue that run, or choose another --workdir"
+        )
+    return latest if resume else None
+
+
+def open_loader(cfg: ml_collections.ConfigDict, mesh: Mesh, factory: Callable | None) -> Iterator:
+    try:
+        return (factory or make_loader)(cfg.data, mesh=mesh, train=True)
+    except (DataError, ValueError) as err:
+        raise TrainingError(f"data: {err}") from err
+
+
+def fresh_start(
+    cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    init_from: str | None,
+    lpips_path: str | None,
+) -> tuple[TrainState, nnx.State | None, dict]:
+    """(state, LPIPS state or None, config item) of a new run: from `init_from` (and
+    `lpips_path` for LPIPS) or random."""
+    weights = load_init_weights(init_from, cfg, mesh) if init_from else None
+    lpips = weights.lpips if weights is not None else None
+    if lpips is None and lpips_path:
+        lpips = load_lpips_weights(lpips_path, cfg, mesh)
+    if lpips is None and float(cfg.loss.perceptual_weight) > 0:
+        log.warning(
+            "No LPIPS weights (no --init_from with loss.perceptual_loss.* keys, no "
+            "--lpips_weights): training with perceptual_weight 0 instead of %s.",
+            cfg.loss.perceptual_weight,
+        )
+    logvar = weights.logvar if weights is not None else None
+    logvar = float(cfg.loss.logvar_init) if logvar is None else logvar
+    config = checkpoints.config_item(cfg, logvar=logvar, init_from=init_from)
+    if weights is None:
+        return state_lib.init_state(cfg, mesh), None if lpips is None else nnx.state(lpips), config
+    log.info("Initialised from %s.", init_from)
+    state = state_lib.state_from_modules(cfg, mesh, weights.vae, weights.discriminator)
+    return state, None if lpips is None else nnx.state(lpips), config
+
+
+def resumed_start(
+    cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    ckpt: checkpoints.RunCheckpoints,
+    step: int,
+    loader: Iterator,
+) -> tuple[TrainState, nnx.State | None, dict]:
+    """(state, LPIPS state or None, config item) of the checkpoint of `step`; the loader's
+    position is restored in place. Refuses a config whose model block differs."""
+    try:
+        saved = checkpoints.read_config(ckpt.step_dir(step))
+    except checkpoints.CheckpointError as err:
+        raise TrainingError(f"--resume: {err}") from None
+    now = json.loads(cfg.to_json_best_effort())
+    if saved["config"].get("model") != now["model"]:
+        raise TrainingError(
+            f"the config's model block differs from the one {ckpt.directory.parent} was trained "
+            "with; resume with the same config"
+        )
+    iterator = getattr(loader, "iterator", None)  # a Grain iterator (None: a test's loader)
+    state, lpips = restore_step(ckpt, step, cfg, mesh, iterator)
+    log.info(
+        "Resumed from step %d (%s), the latest complete checkpoint.", step, ckpt.step_dir(step)
+    )
+    return state, lpips, dict(saved, config=now)
+
+
+def compiled_step(
+    cfg: ml_collections.ConfigDict,
+    nets: state_lib.Networks,
+    weights: losses.LossWeights,
+    mesh: Mesh,
+    state: TrainState,
+) -> tuple[Any, float | None, str]:
+    """(compiled train step, its FLOPs per device, program key), compiled once per process."""
+    key = program_key(cfg, weights, mesh, nets.lpips is not None)
+    if key not in _COMPILED:
+        t0 = time.perf_counter()
+        shardings = state_lib.state_shardings(cfg, mesh)
+        fn = jit_train_step(cfg, nets, weights, mesh, shardings)
+        options = state_lib.FAST_COMPILE if cfg.train.get("fast_compile", False) else None
+        lowered = fn.lower(state, batch_spec(cfg.data, mesh), nets.lpips_state)
+        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+        _COMPILED[key] = (compiled, step_flops(compiled))
+        log.info("Compiled the train step in %.1f s.", time.perf_counter() - t0)
+    return (*_COMPILED[key], key)
+
+
+def program_key(
+    cfg: ml_collections.ConfigDict, w: losses.LossWeights, mesh: Mesh, lpips: bool
+) -> str:
+    d = json.loads(cfg.to_json_best_effort())
+    for key in LOOP_ONLY_KEYS:
+        d.get("train", {}).pop(key, None)
+    devices = [int(x.id) for x in np.asarray(mesh.devices).reshape(-1)]
+    return json.dumps([d, repr(w), dict(mesh.shape), devices, lpips], sort_keys=True)
+
+
+def cached(name: str, program: str, make: Callable[[], Any]) -> Any:
+    """The jitted helper `name` of a program, made once per process."""
+    if (name, program) not in _COMPILED:
+        _COMPILED[name, program] = make()
+    return _COMPILED[name, program]
+
+
+class SkipList:
+    """skipped.jsonl (process p > 0: skipped.p<p>.jsonl): the unreadable files this process's
+    loader passed over, with the `data/*` counters; a resumed run continues its list."""
+
+    def __init__(self, workdir: pathlib.Path, loader: Iterator, resume: bool):
+        p = jax.process_index()
+        self.path = workdir / (SKIPPED_FILE if p == 0 else f"skipped.p{p}.jsonl")
+        self.report = getattr(loader, "skip_report", None)  # None: a test's loader
+        self.stats = getattr(loader, "stats", None)
+        if self.report is not None and resume:
+            self.report.load(self.path)
+        self.written = -1
+
+    def write(self, monitor: Monitor, step: int) -> None:
+        if self.report is None or self.stats is None:
+            return
+        counts = self.stats()
+        monitor.counters(
+            step,
+            {"skipped": counts["files_skipped"], "files_read": counts["files_read"],
+             "skip_events": counts["skipped"]},
+        )  # fmt: skip
+        if len(self.report) != self.written:
+            self.report.write(self.path)
+            self.written = len(self.report)
+
+
+# ------------------------------------------------------------------------------ loop helpers
+def fetch(pending: tuple[int, Any] | None, last_good: pathlib.Path | None) -> list[dict]:
+    """The host metrics of the pending step ([] when none); stops on a non-finite value."""
+    if pending is None:
+        return []
+    step, metrics = pending
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if host.pop("finite") != 1.0 or not all(math.isfinite(v) for v in host.values()):
+        bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({bad or 'loss'}); stopped. Last good checkpoint: "
+            f"{last_good if last_good else 'none (no checkpoint saved yet)'}"
+        )
+    return [host]
+
+
+def data_state(loader: Iterator, step: int) -> Any | None:
+    """The loader's position for a checkpoint (None: it has none)."""
+    if not hasattr(loader, "get_state"):
+        return None
+    try:
+        return loader.get_state()
+    except Exception as err:
+        log.warning("No data-iterator state in checkpoint %d (%s).", step, err)
+        return None
+
+
+def preview(
+    reconstruct: Callable, state: TrainState, clip: jax.Array, monitor: Monitor, step: int
+) -> tuple[float, pathlib.Path | None]:
+    """Reconstructs the preview clip from the posterior mean, writes the preview: (L1, png)."""
+    recon = reconstruct(state.vae_params, state.vae_buffers, clip)
+    clip, recon = np.asarray(clip[0]), np.asarray(recon[0])  # (T, H, W, 3)
+    l1 = float(np.mean(np.abs(clip - recon)))
+    return l1, monitor.preview(step, clip, recon, l1)
+
+
 class Trainer:
-    """One run in `workdir`; construct, then `run()`."""
+    """One run in `workdir`: the constructor sets it up, `run()` is the loop."""
 
     def __init__(
         self,
@@ -117,356 +286,180 @@ class Trainer:
         self.cfg = cfg
         self.workdir = pathlib.Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.is_main = jax.process_index() == 0
-        self.progress = progress and self.is_main
+        self.progress = progress and jax.process_index() == 0
         self.mesh = shard_lib.make_mesh(cfg.mesh, devices)
         check_config(cfg, self.mesh)
-        self.rules = cfg.mesh.rules
-        self.sharding_for = shard_lib.sharding_fn(self.mesh, self.rules)
-        self.ckpt = Checkpointer(
+        self.ckpt = checkpoints.RunCheckpoints(
             self.workdir / "checkpoints",
             keep=int(cfg.train.keep_checkpoints),
             async_save=bool(cfg.train.async_checkpointing),
             cleanup=True,
         )
         try:
-            self._set_up(resume, init_from, lpips_weights, loader_factory)
+            t0 = time.perf_counter()
+            self.resume_step = resume_point(self.ckpt, self.workdir, resume)
+            self.loader = open_loader(cfg, self.mesh, loader_factory)
+            self.skips = SkipList(self.workdir, self.loader, resume)
+            t1 = time.perf_counter()
+            if self.resume_step is None:
+                lpips_path = lpips_weights or cfg.train.get("lpips_weights") or None
+                start = fresh_start(cfg, self.mesh, init_from, lpips_path)
+            else:
+                start = resumed_start(cfg, self.mesh, self.ckpt, self.resume_step, self.loader)
+            self.state, lpips_state, self.config_item = start
+            perceptual = float(cfg.loss.perceptual_weight) if lpips_state is not None else 0.0
+            self.weights = losses.LossWeights.from_config(
+                cfg.loss, logvar=self.config_item["logvar"], perceptual_weight=perceptual
+            )
+            lpips_graph = state_lib.lpips_graph(cfg) if lpips_state is not None else None
+            self.nets = state_lib.Networks(*state_lib.graphdefs(cfg), lpips_graph, lpips_state)
+            t2 = time.perf_counter()
+            self.monitor = Monitor(
+                self.workdir, enabled=jax.process_index() == 0,
+                device_kind=jax.devices()[0].device_kind,
+            )  # fmt: skip
+            self.step_fn, self.monitor.flops_per_step, self.program = compiled_step(
+                cfg, self.nets, self.weights, self.mesh, self.state
+            )
         except BaseException:
             self.ckpt.close()  # lets Orbax's background clean-up finish before the process exits
             raise
-        log.info("Set-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.setup_seconds.items()))
-
-    # ---------------------------------------------------------------- set-up
-    def _set_up(self, resume, init_from, lpips_weights, loader_factory) -> None:
-        """Everything after the checkpointer: resume point, data, state, monitor, compile."""
-        if self.ckpt.incomplete:
-            log.warning(
-                "Ignoring (and deleting) interrupted, uncommitted checkpoint save(s) in %s: %s",
-                self.ckpt.directory,
-                ", ".join(self.ckpt.incomplete),
-            )
-        latest = self.ckpt.latest_step()
-        if latest is not None and not resume:
-            raise TrainingError(
-                f"{self.workdir} already has checkpoints (latest step {latest}): pass --resume to "
-                "continue that run, or choose another --workdir"
-            )
-        self.resume_step = latest if resume else None
-        self.last_saved: int | None = latest
-        t0 = time.perf_counter()
-        self.loader = self._make_loader(loader_factory)
-        self._init_skips(resume)
-        t1 = time.perf_counter()
-        self._init_state(init_from, lpips_weights)
-        t2 = time.perf_counter()
-        self.monitor = Monitor(
-            self.workdir, enabled=self.is_main, device_kind=jax.devices()[0].device_kind
-        )
-        self._compile()
-        self.setup_seconds = {
-            "data": t1 - t0,
-            "state": t2 - t1,
-            "compile": time.perf_counter() - t2,
-        }
-
-    def _make_loader(self, factory: Callable[..., Iterator] | None) -> Iterator:
-        make = factory or make_loader
-        try:
-            return make(self.cfg.data, mesh=self.mesh, train=True)
-        except (DataError, ValueError) as err:
-            raise TrainingError(f"data: {err}") from err
-
-    def _init_skips(self, resume: bool) -> None:
-        """skipped.jsonl (process p > 0: skipped.p<p>.jsonl) lists this process's unreadable
-        files; a resumed run starts from the list it left."""
-        p = jax.process_index()
-        self.skipped_path = self.workdir / (SKIPPED_FILE if p == 0 else f"skipped.p{p}.jsonl")
-        self.skips = getattr(self.loader, "skip_report", None)
-        if self.skips is not None and resume:
-            self.skips.load(self.skipped_path)
-        self._skips_written = -1
-
-    def _data_counts(self) -> None:
-        """TensorBoard `data/*` counters and skipped.jsonl, at each log point."""
-        stats = getattr(self.loader, "stats", None)
-        if self.skips is None or stats is None:
-            return
-        counts = stats()
-        self.monitor.counters(
-            self.step,
-            {"skipped": counts["files_skipped"], "files_read": counts["files_read"],
-             "skip_events": counts["skipped"]},
+        log.info(
+            "Set-up: data %.1f s, state %.1f s, compile %.1f s",
+            t1 - t0, t2 - t1, time.perf_counter() - t2,
         )  # fmt: skip
-        if len(self.skips) != self._skips_written:
-            self.skips.write(self.skipped_path)
-            self._skips_written = len(self.skips)
 
-    def _init_state(self, init_from: str | None, lpips_path: str | None) -> None:
-        cfg = self.cfg
-        meta_path = self.workdir / META_FILE
-        weights = None
-        if self.resume_step is None and init_from:
-            weights = load_init_weights(init_from, cfg, self.sharding_for)
-        lpips_graph, lpips_state = self._lpips(
-            weights, lpips_path or cfg.train.get("lpips_weights") or None
-        )
-        if self.resume_step is not None and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            self._check_same_model(meta)
-            logvar = float(meta.get("logvar", cfg.loss.logvar_init))
-        else:
-            logvar = (
-                weights.logvar
-                if weights is not None and weights.logvar is not None
-                else float(cfg.loss.logvar_init)
-            )
-        perceptual = float(cfg.loss.perceptual_weight) if lpips_state is not None else 0.0
-        self.weights = losses.LossWeights.from_config(
-            cfg.loss, logvar=logvar, perceptual_weight=perceptual
-        )
-        vae_graph, disc_graph = state_lib.graphdefs(cfg)
-        self.nets = state_lib.Networks(vae_graph, disc_graph, lpips_graph, lpips_state)
-        self.state_shardings = state_lib.state_shardings(cfg, self.mesh)
-        if self.resume_step is not None:
-            target = shard_lib.abstract_with_shardings(
-                state_lib.abstract_state(cfg), self.mesh, self.rules
-            )
-            iterator = getattr(self.loader, "iterator", None)
-            self.state = self.ckpt.restore(self.resume_step, target, iterator)
-            log.info(
-                "Resumed from step %d (%s), the latest complete checkpoint.",
-                self.resume_step,
-                self.ckpt.directory / str(self.resume_step),
-            )
-        elif weights is not None:
-            self.state = state_lib.state_from_modules(
-                cfg, self.mesh, weights.vae, weights.discriminator
-            )
-            log.info("Initialised from %s.", init_from)
-        else:
-            self.state = state_lib.init_state(cfg, self.mesh)
-        if self.resume_step is None and self.is_main:
-            meta = {"logvar": logvar, "perceptual": lpips_state is not None, "init_from": init_from,
-                    "config": json.loads(cfg.to_json_best_effort())}  # fmt: skip
-            meta_path.write_text(json.dumps(meta, indent=1))
-
-    def _check_same_model(self, meta: dict) -> None:
-        saved = meta.get("config", {}).get("model")
-        now = json.loads(self.cfg.to_json_best_effort())["model"]
-        if saved is not None and saved != now:
-            raise TrainingError(
-                f"the config's model block differs from the one {self.workdir} was trained with; "
-                "resume with the same config"
-            )
-
-    def _lpips(self, weights: Any, path: str | None) -> tuple[Any, Any]:
-        saved = self.workdir / "lpips"
-        graph = state_lib.lpips_graph(self.cfg)
-        if self.resume_step is not None and saved.is_dir():
-            return graph, restore_lpips(saved, self.cfg, self.mesh)
-        module = weights.lpips if weights is not None else None
-        if module is None and path:
-            module = load_lpips_weights(path, self.cfg, self.sharding_for)
-        if module is None:
-            if float(self.cfg.loss.perceptual_weight) > 0:
-                log.warning(
-                    "No LPIPS weights (no --init_from with loss.perceptual_loss.* keys, no "
-                    "--lpips_weights): training with perceptual_weight 0 instead of %s.",
-                    self.cfg.loss.perceptual_weight,
-                )
-            return None, None
-        _, lpips_state = state_lib.lpips_from_module(module)
-        if self.resume_step is None:
-            save_state(saved, lpips_state)
-        return graph, lpips_state
-
-    def _compile(self) -> None:
-        cfg = self.cfg
-        batch = batch_spec(cfg.data, self.mesh)
-        key = self._program = _program_key(
-            cfg, self.weights, self.mesh, self.nets.lpips is not None
-        )
-        if key not in _COMPILED:
-            t0 = time.perf_counter()
-            fn = jit_train_step(cfg, self.nets, self.weights, self.mesh, self.state_shardings)
-            options = state_lib.FAST_COMPILE if cfg.train.get("fast_compile", False) else None
-            lowered = fn.lower(self.state, batch, self.nets.lpips_state)
-            compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
-            _COMPILED[key] = (compiled, step_flops(compiled), time.perf_counter() - t0)
-            log.info("Compiled the train step in %.1f s.", _COMPILED[key][2])
-        self.step_fn, self.monitor.flops_per_step, self.compile_seconds = _COMPILED[key]
-
-    # ---------------------------------------------------------------- loop
     def run(self) -> RunResult:
-        cfg = self.cfg.train
-        num_steps, start = int(cfg.num_steps), int(jax.device_get(self.state.step))
-        self.step, self.window, self.logs = start, [], []
-        self._pending, self._preview_path, self._clip = None, None, None
-        self.preview_l1: list[tuple[int, float]] = []
-        self._describe(start, num_steps)
-        bar = tqdm(
-            total=num_steps,
-            initial=start,
-            disable=not self.progress,
-            unit="step",
-            dynamic_ncols=True,
+        """Steps until `train.num_steps`, a SIGTERM, Ctrl-C or a failed data pipeline; each way
+        ends with the last metrics, a checkpoint of the last step and a last preview."""
+        every = self.cfg.train  # periods: log_every, checkpoint_every, preview_every
+        num_steps = int(every.num_steps)
+        state, lpips_state = self.state, self.nets.lpips_state
+        step = start = int(jax.device_get(state.step))
+        last_saved = self.resume_step  # the newest committed checkpoint's step
+        logs, window, preview_l1 = [], [], []  # log points; metrics since the last; previews
+        pending = None  # (step, metrics) of the last step run, fetched one step late
+        clip = None  # the fixed preview clip (1, T, H, W, 3): this invocation's first
+        previews: list[pathlib.Path | None] = []  # the preview images written (None: process > 0)
+        preempted = interrupted = False
+        data_failure: DataError | None = None
+        first_clip = cached("first_clip", self.program, lambda: jit_first_clip(self.mesh))
+        reconstruct = cached(
+            "reconstruct", self.program, lambda: jit_reconstruct(self.nets, self.mesh)
         )
-        t_start = self._t_window = time.perf_counter()
-        with StopOnSigterm() as stop:
-            stopped = self._loop(bar, num_steps, stop)
-            self._finish(bar)
-        if stopped:
-            raise Preempted(
-                f"SIGTERM: stopped at step {self.step}; checkpoint {self._checkpoint_path()} "
-                "is committed; run the same command with --resume to continue"
-            )
-        return RunResult(
-            workdir=self.workdir, start_step=start, end_step=self.step,
-            seconds=time.perf_counter() - t_start, logs=self.logs,
-            checkpoint=self._checkpoint_path(), preview=self._preview_path,
-            preview_l1=self.preview_l1,
-        )  # fmt: skip
 
-    def _loop(self, bar: tqdm, num_steps: int, stop: StopOnSigterm) -> bool:
-        """Steps until `num_steps` (False) or a stop request (True, after the step in flight)."""
-        cfg = self.cfg.train
+        def at(period: int) -> bool:
+            return int(period) > 0 and step % int(period) == 0
+
+        def last_good() -> pathlib.Path | None:
+            return None if last_saved is None else self.ckpt.step_dir(last_saved)
+
+        def save() -> None:
+            data = data_state(self.loader, step)
+            save_step(self.ckpt, step, state, config=self.config_item,
+                      lpips_state=lpips_state, data_state=data)  # fmt: skip
+
+        def write_preview() -> None:
+            l1, png = preview(reconstruct, state, clip, self.monitor, step)
+            preview_l1.append((step, l1))
+            previews.append(png)
+
+        def write_logs() -> None:
+            if not window:
+                return
+            clips = len(window) * int(self.cfg.data.batch_size)
+            means = self.monitor.scalars(step, window, time.perf_counter() - t_window, clips)
+            self.skips.write(self.monitor, step)
+            logs.append({"step": step, **means})
+            bar.set_postfix(l1=f"{means['l1']:.4f}", loss=f"{means['total_loss_ae']:.4f}",
+                            clips_s=f"{means['clips_per_second']:.2f}")  # fmt: skip
+
+        self._describe(start, num_steps)
+        bar = tqdm(total=num_steps, initial=start, disable=not self.progress, unit="step",
+                   dynamic_ncols=True)  # fmt: skip
+        t_start = t_window = time.perf_counter()
         try:
-            while self.step < num_steps:
-                batch = self._next_batch(bar, stop)
-                if batch is None:
-                    return True  # SIGTERM also ended the decode workers
-                if self._clip is None and int(cfg.preview_every) > 0:
-                    first_clip = self._cached("first_clip", lambda: jit_first_clip(self.mesh))
-                    self._clip = first_clip(batch["video"])  # (1, T, H, W, 3), replicated
-                    if self.step == 0:
-                        self._preview()  # the untrained reconstruction
-                self.state, metrics = self.step_fn(self.state, batch, self.nets.lpips_state)
-                self._drain()
-                self._pending = (self.step, metrics)
-                self.step += 1
-                bar.update(1)
-                self._periodic(bar, num_steps)
-                if stop.should_stop(self.step):
-                    log.warning("Stopping at step %d (SIGTERM): saving a checkpoint.", self.step)
-                    return True
-        except KeyboardInterrupt:
-            log.warning("Interrupted at step %d: saving a checkpoint.", self.step)
-            self._finish(bar)
-            raise
+            with StopOnSigterm() as stop:
+                try:
+                    while step < num_steps:
+                        try:
+                            batch = next(self.loader)
+                        except DataError as err:
+                            preempted = stop.signal_received  # it reached the decode workers too
+                            if not preempted and jax.process_count() > 1:
+                                raise RunFailure(f"data: {err}") from err  # nobody else saves
+                            log.warning("Data pipeline ended at step %d (%s).", step, err)
+                            data_failure = None if preempted else err
+                            break
+                        if clip is None and int(every.preview_every) > 0:
+                            clip = first_clip(batch["video"])  # (1, T, H, W, 3), replicated
+                            if step == 0:
+                                write_preview()  # the untrained reconstruction
+
+                        batch = {"video": batch["video"], "index": batch["index"]}
+                        state, metrics = self.step_fn(state, batch, lpips_state)
+                        window += fetch(pending, last_good())  # the step before, while this runs
+                        pending = (step, metrics)
+                        step += 1
+                        bar.update(1)
+
+                        if at(every.log_every) or at(every.checkpoint_every):
+                            window += fetch(pending, last_good())  # a NaN is never saved
+                            pending = None
+                        if at(every.log_every):
+                            write_logs()
+                            window, t_window = [], time.perf_counter()
+                        if at(every.checkpoint_every):
+                            save()
+                            last_saved = step
+                        if at(every.preview_every) and step < num_steps:
+                            write_preview()
+                        if stop.should_stop(step):
+                            log.warning("Stopping at step %d (SIGTERM): saving a checkpoint.", step)
+                            preempted = True
+                            break
+                except KeyboardInterrupt:
+                    log.warning("Interrupted at step %d: saving a checkpoint.", step)
+                    interrupted = True
+
+                # every way out: the last metrics, a checkpoint of the last step, a preview
+                window += fetch(pending, last_good())
+                write_logs()
+                if last_saved != step:
+                    save()
+                    last_saved = step
+                if clip is not None:
+                    write_preview()
+                bar.close()
+                self.ckpt.close()  # waits for the last save to commit, still under StopOnSigterm
+                self.monitor.close()
+                if hasattr(self.loader, "close"):
+                    self.loader.close()
         except NonFiniteLossError:
             bar.close()
             self.ckpt.wait()
             raise
-        return False
-
-    def _next_batch(self, bar: tqdm, stop: StopOnSigterm) -> dict | None:
-        """The next batch; a failing data pipeline checkpoints the last step (single process),
-        then stops. None: the pipeline failed after a SIGTERM (a scheduler signals the decode
-        workers too)."""
-        try:
-            batch = next(self.loader)
-        except DataError as err:
-            if stop.signal_received:
-                log.warning("Data pipeline ended after SIGTERM (%s).", err)
-                return None
-            if jax.process_count() > 1:  # the other processes are not saving: no collective
-                raise TrainingError(f"data: {err}") from err
-            log.error("Data pipeline failed at step %d: saving a checkpoint.", self.step)
-            self._finish(bar)
-            raise TrainingError(
-                f"data: {err}; checkpoint {self._checkpoint_path()} is committed: fix the "
-                "cause, then rerun with --resume"
-            ) from err
-        return {"video": batch["video"], "index": batch["index"]}
-
-    def _periodic(self, bar: tqdm, num_steps: int) -> None:
-        cfg = self.cfg.train
-        at = lambda every: every > 0 and self.step % int(every) == 0  # noqa: E731
-        save = at(cfg.checkpoint_every)
-        if at(cfg.log_every) or save:
-            self._drain()
-        if at(cfg.log_every):
-            self._write_window(bar)
-        if save:
-            self._save()
-        if at(cfg.preview_every) and self.step < num_steps:
-            self._preview()
-
-    def _finish(self, bar: tqdm) -> None:
-        self._drain()
-        self._write_window(bar)
-        if self.last_saved != self.step:
-            self._save()
-        if self._clip is not None:
-            self._preview()
-        bar.close()
-        self.ckpt.close()
-        self.monitor.close()
-        close = getattr(self.loader, "close", None)
-        if close is not None:
-            close()
-
-    def _drain(self) -> None:
-        """Fetches the pending step's metrics; stops on a non-finite value."""
-        if self._pending is None:
-            return
-        step, metrics = self._pending
-        self._pending = None
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if host.pop("finite") != 1.0 or not all(math.isfinite(v) for v in host.values()):
-            bad = ", ".join(f"{k}={v}" for k, v in host.items() if not math.isfinite(v))
-            good = self._checkpoint_path()
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({bad or 'loss'}); stopped. Last good checkpoint: "
-                f"{good if good else 'none (no checkpoint saved yet)'}"
+        self.state = state
+        if interrupted:
+            raise KeyboardInterrupt
+        if preempted:
+            raise Preempted(
+                f"SIGTERM: stopped at step {step}; checkpoint {last_good()} is committed; run "
+                "the same command with --resume to continue"
             )
-        self.window.append(host)
-
-    def _write_window(self, bar: tqdm) -> None:
-        if not self.window:
-            return
-        now = time.perf_counter()
-        clips = len(self.window) * int(self.cfg.data.batch_size)
-        means = self.monitor.scalars(self.step, self.window, now - self._t_window, clips)
-        self._data_counts()
-        self.logs.append({"step": self.step, **means})
-        bar.set_postfix(l1=f"{means['l1']:.4f}", loss=f"{means['total_loss_ae']:.4f}",
-                        clips_s=f"{means['clips_per_second']:.2f}")  # fmt: skip
-        self.window, self._t_window = [], now
-
-    def _save(self) -> None:
-        data_state = None
-        if hasattr(self.loader, "get_state"):
-            try:
-                data_state = self.loader.get_state()
-            except Exception as err:
-                log.warning("No data-iterator state in checkpoint %d (%s).", self.step, err)
-        self.ckpt.save(self.step, self.state, data_state)
-        self.last_saved = self.step
-
-    def _checkpoint_path(self) -> pathlib.Path | None:
-        return None if self.last_saved is None else self.ckpt.directory / str(self.last_saved)
-
-    def _cached(self, name: str, make: Callable[[], Any]) -> Any:
-        """The jitted function `name` of this run's program, made once per process."""
-        key = (name, self._program)
-        if key not in _COMPILED:
-            _COMPILED[key] = make()
-        return _COMPILED[key]
-
-    def _preview(self) -> None:
-        """Reconstructs the fixed preview clip (this invocation's first) from the posterior
-        mean; writes the preview and records its L1."""
-        reconstruct = self._cached("reconstruct", lambda: jit_reconstruct(self.nets, self.mesh))
-        recon = reconstruct(self.state.vae_params, self.state.vae_buffers, self._clip)
-        clip, recon = np.asarray(self._clip[0]), np.asarray(recon[0])  # (T, H, W, 3)
-        l1 = float(np.mean(np.abs(clip - recon)))
-        self.preview_l1.append((self.step, l1))
-        path = self.monitor.preview(self.step, clip, recon, l1)
-        self._preview_path = path or self._preview_path
+        if data_failure is not None:
+            raise RunFailure(
+                f"data: {data_failure}; checkpoint {last_good()} is committed: fix the cause, "
+                "then rerun with --resume"
+            ) from data_failure
+        return RunResult(
+            workdir=self.workdir, start_step=start, end_step=step,
+            seconds=time.perf_counter() - t_start, logs=logs, checkpoint=last_good(),
+            preview=next((p for p in reversed(previews) if p), None), preview_l1=preview_l1,
+        )  # fmt: skip
 
     def _describe(self, start: int, num_steps: int) -> None:
-        if not self.is_main:
+        if jax.process_index() != 0:
             return
         n_vae = state_lib.param_count(self.state.vae_params)
         n_disc = state_lib.param_count(self.state.disc_params)

@@ -22,7 +22,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from reducio_jax.models import LPIPS, build_discriminator, build_lpips, build_vae
-from reducio_jax.sharding import tree_shardings
+from reducio_jax.sharding import abstract_model, tree_shardings
 from reducio_jax.train import schedules
 
 log = logging.getLogger(__name__)
@@ -203,17 +203,9 @@ def state_from_modules(
     )
 
 
-def lpips_from_module(module: LPIPS | None) -> tuple[nnx.GraphDef | None, nnx.State | None]:
-    if module is None:
-        return None, None
-    graph, state = nnx.split(module)
-    return graph, state
-
-
 def lpips_graph(cfg: ml_collections.ConfigDict) -> nnx.GraphDef:
     """LPIPS graph in the compute dtype (weights come from elsewhere)."""
-    with nnx.use_eager_sharding(False):
-        return nnx.split(nnx.eval_shape(lambda: make_lpips(cfg)))[0]
+    return abstract_model(lambda: make_lpips(cfg))[0]
 
 
 def param_count(tree: Any) -> int:
@@ -223,9 +215,3 @@ def param_count(tree: Any) -> int:
 def module_apply(graph: nnx.GraphDef, *states: Any) -> Callable[..., Any]:
     """A fresh module from states (copied Variables, safe inside any trace level)."""
     return nnx.merge(graph, *states, copy=True)
-
-
-def abstract_module_state(make: Callable[[], nnx.Module]) -> nnx.State:
-    """The state of the module `make()` builds, as ShapeDtypeStructs (nothing allocated)."""
-    with nnx.use_eager_sharding(False):
-        return nnx.split(nnx.eval_shape(make))[1]

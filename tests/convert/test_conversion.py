@@ -19,7 +19,7 @@ from reducio_jax.convert.checkpoint import (
     convert_torch_checkpoint,
     load_pretrained,
 )
-from reducio_jax.convert.load import abstract_model, target_shapes
+from reducio_jax.convert.load import target_shapes
 from reducio_jax.convert.mapping import (
     ConversionError,
     convert_state_dict,
@@ -28,6 +28,7 @@ from reducio_jax.convert.mapping import (
 )
 from reducio_jax.convert.torch_format import CheckpointFormatError
 from reducio_jax.models import build_discriminator, build_lpips, build_vae
+from reducio_jax.sharding import abstract_model
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from test_sharded_step import _tensorboard
 
+from reducio_jax.checkpoints import RunCheckpoints
 from reducio_jax.data import make_loader
 from reducio_jax.data.video import write_mp4
+from reducio_jax.errors import RUN_FAILED, exit_status
 from reducio_jax.train import TrainingError, run
-from reducio_jax.train.checkpoint import Checkpointer
 
 
 def test_skipped_files_counted_in_tensorboard_and_listed(micro, tmp_path):
@@ -68,9 +69,10 @@ def test_failing_data_pipeline_checkpoints_last_step(micro, tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(TrainingError, match="consecutive records") as info:
         run(micro, workdir, progress=False, devices=jax.devices()[:2], loader_factory=factory)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=3)
+    ckpt = RunCheckpoints(workdir / "checkpoints", keep=3)
     step = ckpt.latest_step()
     ckpt.close()
     assert step is not None and 1 <= step < 6  # batches decoded ahead of the deletion are used
     assert f"checkpoint {workdir / 'checkpoints' / str(step)} is committed" in str(info.value)
     assert "--resume" in str(info.value)
+    assert exit_status(info.value) == RUN_FAILED  # a run that failed, not bad input

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reducio_jax import ReducioVAE
+from reducio_jax import ReducioVAE, checkpoints
 from reducio_jax.__main__ import main
 from reducio_jax.convert.checkpoint import load_pretrained
 from reducio_jax.runtime import InputError, resolve_config
@@ -37,6 +37,9 @@ def test_export_holds_the_trained_networks(eight_device_run, tmp_path):
     summary = export_run(trainer.workdir, out)
     assert summary["step"] == result.end_step == 2
     assert summary["parts"] == ["discriminator", "vae"]  # the run had no LPIPS weights
+    assert checkpoints.items_in(out) == {"vae", "discriminator", "config"}  # a copy of those
+    side = [p.name for p in trainer.workdir.iterdir() if p.name in ("run_meta.json", "lpips")]
+    assert side == []  # the run keeps everything in its steps
     vae = ReducioVAE.from_pretrained(out)
     assert vae.config.model.to_dict() == trainer.cfg.model.to_dict()
     state = trainer.state
@@ -46,6 +49,9 @@ def test_export_holds_the_trained_networks(eight_device_run, tmp_path):
         _by_path(nnx.state(disc, nnx.Param), nnx.state(disc, nnx.BatchStat)),
         _by_path(state.disc_params, state.disc_stats),
     )
+    # the run's step reads as it is, the same as its export
+    step_vae = ReducioVAE.from_pretrained(trainer.workdir / "checkpoints" / "2")
+    _assert_same(_by_path(nnx.state(step_vae.model)), _by_path(nnx.state(vae.model)))
     # the exported model runs
     video = np.zeros((1, trainer.cfg.data.num_frames, 32, 32, 3), np.float32)
     assert vae.reconstruct(video).shape == video.shape
@@ -63,6 +69,8 @@ def test_export_errors(eight_device_run, tmp_path, capsys):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "neither a training run" in capsys.readouterr().err
-    # eval.py / encode point users at the export when given a run directory
+    # eval.py / encode: a run directory is refused with the way out; one of its steps is a
+    # pretrained directory already
     with pytest.raises(InputError, match="export"):
-        resolve_config(trainer.workdir / "checkpoints" / "2", None)
+        resolve_config(trainer.workdir, None)
+    assert resolve_config(trainer.workdir / "checkpoints" / "2", None).model == trainer.cfg.model

@@ -12,9 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from reducio_jax.checkpoints import DISCRIMINATOR, OPTIMIZER, VAE, RunCheckpoints
 from reducio_jax.data import make_loader
 from reducio_jax.train import NonFiniteLossError, TrainingError, run
-from reducio_jax.train.checkpoint import Checkpointer
 
 DEVICES = 2
 
@@ -38,10 +38,10 @@ def _curve(workdir) -> dict[int, dict]:
 
 
 def _final_state(workdir, step):
-    ckpt = Checkpointer(workdir / "checkpoints", keep=3)
+    ckpt = RunCheckpoints(workdir / "checkpoints", keep=3)
     try:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore())
-        return ckpt.manager.restore(step, args=args)  # the saved tree, as saved
+        items = {name: ocp.args.StandardRestore() for name in (VAE, DISCRIMINATOR, OPTIMIZER)}
+        return ckpt.manager.restore(step, args=ocp.args.Composite(**items))  # trees as saved
     finally:
         ckpt.close()
 
@@ -59,13 +59,12 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert sorted(want) == sorted(got) == [1, 2, 3]
     assert want == got  # every logged loss part, bit for bit
     a, b = _final_state(straight, 3), _final_state(split, 3)
-    leaves_a, leaves_b = jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])
+    leaves_a, leaves_b = jax.tree.leaves(dict(a)), jax.tree.leaves(dict(b))
     assert len(leaves_a) == len(leaves_b) > 100
     for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # micro_config computes in bfloat16; parameters and Adam moments stay float32
-    state = a["state"]
-    floats = jax.tree.leaves([state["vae_params"], state["disc_params"], state["opt_vae"]])
+    floats = jax.tree.leaves([a[VAE], a[DISCRIMINATOR], a[OPTIMIZER]["vae"]])
     kinds = {np.asarray(x).dtype for x in floats if np.asarray(x).dtype.kind == "f"}
     assert kinds == {np.dtype(np.float32)}
 
@@ -100,6 +99,6 @@ def test_nan_stops_with_step_and_last_checkpoint(tmp_path):
     assert "step 2" in message
     assert str(tmp_path / "checkpoints" / "2") in message
     assert "\n" not in message
-    ckpt = Checkpointer(tmp_path / "checkpoints", keep=3)
+    ckpt = RunCheckpoints(tmp_path / "checkpoints", keep=3)
     assert ckpt.latest_step() == 2  # the poisoned state was never saved
     ckpt.close()
