@@ -12,8 +12,9 @@ XLA:CPU runs well:
 - `output_taps`: one matmul into every tap's output channels, then shifted sums (few output
   channels, e.g. RGB out);
 - `patches_matmul`: every tap's input slice stacked into channels, one matmul (frames of at
-  most 16 output positions, e.g. the 2x2 and 4x4 latent levels, where XLA:CPU's convolution
-  runs at ~1 GFLOP/s: 300 ms against 5 ms for 4x2x2x512 -> 512).
+  most 16 output positions with large kernels, e.g. the 2x2 and 4x4 latent levels of the
+  released models, where XLA:CPU's convolution runs at ~1 GFLOP/s: 300 ms against 5 ms for
+  4x2x2x512 -> 512; smaller kernels keep `temporal_taps`, whose graph compiles faster).
 
 A 1x1x1 convolution is the matmul it is. On the CPU, `upsampled_conv` also computes the
 decoder's "nearest upsampling by 2, then a 3x3(x3) convolution" on the low-resolution grid, one
@@ -36,7 +37,8 @@ import jax.numpy as jnp
 from jax import lax
 
 FEW_CHANNELS = 8  # at most this many input (output) channels: taps_as_channels (output_taps)
-SMALL_FRAME = 16  # at most this many output positions per frame (H_out * W_out): patches_matmul
+SMALL_FRAME = 16  # at most this many output positions per frame (H_out * W_out) ...
+BIG_KERNEL = 256 * 256  # ... and at least this many C_in * C_out: patches_matmul
 OUTPUT_TAPS_MAX_BYTES = 1 << 28  # the per-tap outputs of output_taps stay below 256 MiB
 DN_2D = ("NHWC", "HWIO", "NHWC")
 
@@ -91,7 +93,8 @@ def conv_general_dilated(
     c_in, c_out = rhs.shape[-2], rhs.shape[-1]
     if rhs.shape[:3] == (1, 1, 1) and all(s == 1 for s in strides) and not any(map(any, pads)):
         return lax.dot_general(lhs, rhs[0, 0, 0], (((4,), (0,)), ((), ())), **kw)
-    if _frame_positions(lhs.shape, rhs.shape, strides, pads) <= SMALL_FRAME:
+    small_frame = _frame_positions(lhs.shape, rhs.shape, strides, pads) <= SMALL_FRAME
+    if small_frame and c_in * c_out >= BIG_KERNEL:
         return patches_matmul(lhs, rhs, strides, pads, **kw)
     if c_out <= FEW_CHANNELS and all(s == 1 for s in strides):
         taps = math.prod(rhs.shape[:3]) * c_out  # output channels of the one matmul

@@ -17,9 +17,10 @@ DOWN = [(0, 1)] * 3  # the Downsample convolution's asymmetric padding
 CASES = [  # (input shape, kernel shape, strides, padding, the form the dispatcher picks)
     ((2, 5, 8, 6, 16), (3, 3, 3, 16, 12), (1, 1, 1), SAME, "temporal_taps"),
     ((1, 6, 11, 10, 12), (3, 3, 3, 12, 12), (2, 2, 2), DOWN, "temporal_taps"),
-    ((1, 6, 9, 8, 12), (3, 3, 3, 12, 12), (2, 2, 2), DOWN, "patches_matmul"),  # 4x4 out
+    ((1, 4, 9, 8, 256), (3, 3, 3, 256, 256), (2, 2, 2), DOWN, "patches_matmul"),  # 4x4 out
+    ((1, 6, 9, 8, 12), (3, 3, 3, 12, 12), (2, 2, 2), DOWN, "temporal_taps"),  # small kernel
     ((1, 4, 8, 10, 12), (1, 3, 3, 12, 12), (1, 2, 2), [(0, 0), (0, 1), (0, 1)], "temporal_taps"),
-    ((2, 4, 2, 2, 16), (3, 3, 3, 16, 16), (1, 1, 1), SAME, "patches_matmul"),  # a latent level
+    ((2, 4, 2, 2, 256), (3, 3, 3, 256, 256), (1, 1, 1), SAME, "patches_matmul"),  # latent level
     ((1, 4, 6, 6, 16), (1, 1, 1, 16, 24), (1, 1, 1), [(0, 0)] * 3, "matmul"),
     ((2, 5, 8, 6, 3), (3, 3, 3, 3, 16), (1, 1, 1), SAME, "taps_as_channels"),
     ((2, 5, 8, 6, 16), (3, 3, 3, 16, 3), (1, 1, 1), SAME, "output_taps"),
