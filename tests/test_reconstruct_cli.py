@@ -186,7 +186,11 @@ def test_interrupted_run_leaves_no_output(ckpt, tmp_path):
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "reducio_jax", "reconstruct", str(source), str(out),
            "--checkpoint", ckpt, "--config", TINY, "--window_batch", "1", "--noprogress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell that runs pytest in the background hands its children SIGINT ignored; Ctrl-C
+    # reaches a foreground command with the default disposition, so the child gets that.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)  # fmt: skip
     partial = tmp_path / ".out.partial.mp4"
     deadline = time.monotonic() + 240
     while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:

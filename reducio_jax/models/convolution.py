@@ -39,6 +39,9 @@ from jax import lax
 FEW_CHANNELS = 8  # at most this many input (output) channels: taps_as_channels (output_taps)
 SMALL_FRAME = 16  # at most this many output positions per frame (H_out * W_out) ...
 BIG_KERNEL = 256 * 256  # ... and at least this many C_in * C_out: patches_matmul
+# upsampled frames of at least this many positions (H * W): upsampled_conv. Smaller ones keep
+# upsample-then-convolve, whose graph compiles faster where the FLOPs saved are few.
+PHASES_MIN_POSITIONS = 32 * 32
 OUTPUT_TAPS_MAX_BYTES = 1 << 28  # the per-tap outputs of output_taps stay below 256 MiB
 DN_2D = ("NHWC", "HWIO", "NHWC")
 
@@ -194,10 +197,15 @@ def patches_matmul(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Array
 _PHASE_TAPS = {0: (((1, 0, 0), (0, 1, 1)), (1, 0)), 1: (((1, 1, 0), (0, 0, 1)), (0, 1))}
 
 
-def phases_apply(factors: Sequence[int], kernel_shape: Sequence[int]) -> bool:
-    """Whether `upsampled_conv` computes this upsampling + convolution (CPU, 3-tap kernels)."""
+def phases_apply(
+    factors: Sequence[int], kernel_shape: Sequence[int], x_shape: Sequence[int]
+) -> bool:
+    """Whether `upsampled_conv` computes this upsampling + convolution: on the CPU, 3-tap
+    kernels, factors 1 or 2, and upsampled frames of at least `PHASES_MIN_POSITIONS`."""
+    upsampled_hw = x_shape[-3] * factors[-2] * x_shape[-2] * factors[-1]
     return (
         cpu_forms_enabled()
+        and upsampled_hw >= PHASES_MIN_POSITIONS
         and all(f in (1, 2) for f in factors)
         and any(f == 2 for f in factors)
         and all(k == 3 for k in kernel_shape[: len(factors)])

@@ -7,6 +7,7 @@ config map onto mesh axes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -117,6 +118,11 @@ def standardize(x: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Arra
     return (x32 - mean) * jax.lax.rsqrt(var + epsilon)
 
 
+# Elements per sample from which GroupNorm takes the CPU's channel-sum form (forward 1.6-2.4x
+# faster at 4-16M elements); smaller inputs keep the plain form, whose graph compiles faster.
+CHANNEL_SUMS_MIN_SIZE = 1 << 20
+
+
 class GroupNorm(nnx.Module):
     """GroupNorm over channels-last inputs, statistics in float32, optional fused SiLU.
 
@@ -149,7 +155,7 @@ class GroupNorm(nnx.Module):
         shape = x.shape  # (B, *spatial, C)
         scale = self.scale[...].astype(jnp.float32)
         bias = self.bias[...].astype(jnp.float32)
-        if cpu_forms_enabled():
+        if cpu_forms_enabled() and math.prod(shape[1:]) >= CHANNEL_SUMS_MIN_SIZE:
             out = self._channel_sums(x, scale, bias).reshape(shape)
         else:
             grouped = x.reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
@@ -293,7 +299,7 @@ class Upsample(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if phases_apply(self.factors, self.conv.kernel_size):
+        if phases_apply(self.factors, self.conv.kernel_size, x.shape):
             return self._phases(x)
         return self.conv(upsample_nearest(x, self.factors))
 

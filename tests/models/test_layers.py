@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from reducio_jax.models import layers
 from reducio_jax.models.layers import GroupNorm
 
 SHAPE = (2, 3, 5, 4, 64)  # (B, T, H, W, C), 32 groups of 2 channels
@@ -33,10 +34,16 @@ def _norm():
     return norm, x
 
 
-@pytest.mark.parametrize("cpu_form", ["1", "0"])
+def _use_form(form, monkeypatch):
+    """ "sums": the CPU's channel-sum form (at any size); "plain": the grouped reduction."""
+    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "1" if form == "sums" else "0")
+    monkeypatch.setattr(layers, "CHANNEL_SUMS_MIN_SIZE", 0)
+
+
+@pytest.mark.parametrize("form", ["sums", "plain"])
 @pytest.mark.parametrize("silu", [False, True])
-def test_group_norm_matches_numpy(cpu_form, silu, monkeypatch):
-    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", cpu_form)
+def test_group_norm_matches_numpy(form, silu, monkeypatch):
+    _use_form(form, monkeypatch)
     norm, x = _norm()
     want = _numpy_group_norm(
         np.asarray(x), np.asarray(norm.scale[...]), np.asarray(norm.bias[...]), 32, 1e-6, silu
@@ -57,9 +64,9 @@ def test_group_norm_forms_have_the_same_gradients(monkeypatch):
         dx, dparams = jax.grad(loss, (0, 1))(x, params)
         return [dx, dparams["scale"][...], dparams["bias"][...]]
 
-    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "1")
+    _use_form("sums", monkeypatch)
     cpu = grads()
-    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0")
+    _use_form("plain", monkeypatch)
     plain = grads()
     for got, want in zip(cpu, plain, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
