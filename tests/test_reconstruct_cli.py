@@ -180,7 +180,9 @@ def test_truncated_file_keeps_what_decodes(ckpt, tmp_path, capsys):
 
 
 def test_interrupted_run_leaves_no_output(ckpt, tmp_path):
-    source = write_video(tmp_path / "in.mp4", pattern(64))
+    # long enough that the run is still going when SIGINT lands (the partial file can appear
+    # with the first window written, and the rest of a short video then takes under 50 ms)
+    source = write_video(tmp_path / "in.mp4", pattern(256))
     out = tmp_path / "out.mp4"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
@@ -198,6 +200,6 @@ def test_interrupted_run_leaves_no_output(ckpt, tmp_path):
     assert partial.exists(), "the run never started writing"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr.decode()[-3000:]
     assert stderr.decode().strip().splitlines()[-1].startswith("error: interrupted")
     assert not out.exists() and leftovers(tmp_path) == []
