@@ -41,7 +41,7 @@ SMALL_FRAME = 16  # at most this many output positions per frame (H_out * W_out)
 BIG_KERNEL = 256 * 256  # ... and at least this many C_in * C_out: patches_matmul
 # upsampled frames of at least this many positions (H * W): upsampled_conv. Smaller ones keep
 # upsample-then-convolve, whose graph compiles faster where the FLOPs saved are few.
-PHASES_MIN_POSITIONS = 32 * 32
+PHASES_MIN_POSITIONS = 64 * 64
 OUTPUT_TAPS_MAX_BYTES = 1 << 28  # the per-tap outputs of output_taps stay below 256 MiB
 DN_2D = ("NHWC", "HWIO", "NHWC")
 

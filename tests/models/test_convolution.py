@@ -96,7 +96,7 @@ def test_upsampled_conv_matches_upsample_then_conv(factors):
     def ours(x, w):
         return convolution.upsampled_conv(x, w, factors)
 
-    assert convolution.phases_apply(factors, w.shape, (1, 32, 32, 6))  # 64x64 upsampled
+    assert convolution.phases_apply(factors, w.shape, (1, 64, 64, 6))  # >= 64x64 upsampled
     want = ref(x, w)
     assert want.shape == (2, *(s * f for s, f in zip((3, 4, 5)[:spatial], factors, strict=True)), 5)
     np.testing.assert_allclose(ours(x, w), want, atol=2e-5, rtol=1e-5)
@@ -108,10 +108,10 @@ def test_upsampled_conv_matches_upsample_then_conv(factors):
 
 
 def test_upsampled_conv_is_cpu_only_and_switchable(monkeypatch):
-    x_shape = (1, 4, 32, 32, 4)
+    x_shape = (1, 4, 32, 32, 4)  # upsampled to 64x64
     assert convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4), x_shape)
     assert not convolution.phases_apply((1, 1, 1), (3, 3, 3, 4, 4), x_shape)  # no upsampling
     assert not convolution.phases_apply((1, 3, 3), (3, 3, 3, 4, 4), x_shape)  # only 1 and 2
-    assert not convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4), (1, 4, 8, 8, 4))  # small
+    assert not convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4), (1, 4, 16, 16, 4))  # small
     monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0")
     assert not convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4), x_shape)
