@@ -1,5 +1,5 @@
-"""Shared set-up of the training tests: the micro config, a persistent compilation cache for
-subprocesses, and device subsets of the 8 simulated CPU devices (tests/conftest.py)."""
+"""Shared set-up of the training tests: the micro config, the environment of subprocesses,
+and device subsets of the 8 simulated CPU devices (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ def micro():
 
 
 @pytest.fixture(scope="session")
-def subprocess_env(tmp_path_factory) -> dict[str, str]:
-    """Environment of `python train.py` subprocesses: CPU, a shared compilation cache."""
+def subprocess_env() -> dict[str, str]:
+    """Environment of `python train.py` subprocesses: CPU, one device, the run's compilation
+    cache (tests/conftest.py)."""
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]),
     )
     env.pop("XLA_FLAGS", None)
