@@ -21,7 +21,13 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+# Two workers share the machine's memory: glibc's defaults hand freed blocks back (the package's
+# malloc setting, tested in tests/models/test_host_memory.py, keeps a process's peak heap).
+os.environ.setdefault("REDUCIO_JAX_MALLOC", "0")
 
+import gc  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # The repository's own compact copy (tests/fixtures/README.md); REDUCIO_FIXTURES may point at the
@@ -40,6 +46,15 @@ def fixtures_dir() -> pathlib.Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"parity fixtures not found at {FIXTURES}; set REDUCIO_FIXTURES")
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test file: drop the compiled programs and traces of every jitted function,
+    so a worker's memory stays that of one file (the cache above makes recompiling cheap)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -115,3 +115,49 @@ def test_upsampled_conv_is_cpu_only_and_switchable(monkeypatch):
     assert not convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4), (1, 4, 16, 16, 4))  # small
     monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0")
     assert not convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4), x_shape)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize(
+    "x_shape, kt, t_pad",
+    [((2, 5, 8, 6, 16), 3, (1, 1)), ((1, 4, 7, 9, 8), 3, (2, 0)), ((1, 3, 6, 10, 8), 1, (0, 0))],
+)
+def test_winograd_matches_float64_convolution(x_shape, kt, t_pad, m):
+    """Any frame size (tiles cut at the edges), causal or symmetric temporal padding, kt 1 or 3:
+    the error is float32 rounding grown by the transforms, far below the parity tolerances."""
+    x, w = _inputs(x_shape, (kt, 3, 3, x_shape[-1], 12))
+    want = lax.conv_general_dilated(
+        np.asarray(x, np.float64), np.asarray(w, np.float64), (1, 1, 1), [t_pad, (1, 1), (1, 1)],
+        dimension_numbers=DN,
+    )  # fmt: skip
+    got = convolution.winograd(x, w, t_pad, m)
+    bound = {2: 2e-6, 4: 2e-5}[m] * float(np.max(np.abs(want)))
+    assert got.shape == want.shape
+    assert float(np.max(np.abs(np.asarray(got, np.float64) - want))) < bound
+
+
+def test_winograd_chosen_for_large_frames_with_direct_gradients(monkeypatch):
+    x, w = _inputs((1, 3, 32, 32, 256), (3, 3, 3, 256, 32))
+    chosen = []
+    monkeypatch.setattr(
+        convolution, "winograd_conv", _spy(convolution.winograd_conv, "winograd", chosen)
+    )
+
+    def ours(x, w):
+        return convolution.conv_general_dilated(x, w, (1, 1, 1), SAME, dimension_numbers=DN)
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1, 1), SAME, dimension_numbers=DN)
+
+    np.testing.assert_allclose(ours(x, w), ref(x, w), atol=2e-4, rtol=1e-4)
+    assert chosen == ["winograd"]
+    # The gradients are the direct form's: as close to XLA's as the other forms'.
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for got, want in zip(
+        jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        np.testing.assert_allclose(got, want, atol=5e-4, rtol=1e-3)
+    # Below the size gate (the test suite's and the demo's 32 px models) the direct forms stay.
+    chosen.clear()
+    ours(x[..., :64], w[:, :, :, :64])
+    assert chosen == []
