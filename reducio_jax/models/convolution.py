@@ -16,8 +16,8 @@ XLA:CPU runs well:
   released models, where XLA:CPU's convolution runs at ~1 GFLOP/s: 300 ms against 5 ms for
   4x2x2x512 -> 512; smaller kernels keep `temporal_taps`, whose graph compiles faster).
 
-- `winograd_conv`: (kt, 3, 3) stride-1 float32 convolutions on frames of at least
-  `WINOGRAD_MIN_FRAME_SIZE` input elements, forward by Winograd F(4x4, 3x3) (a quarter of the
+- `winograd_conv`: (kt, 3, 3) stride-1 float32 convolutions of at least 128 input channels on
+  frames of at least `WINOGRAD_MIN_FRAME_SIZE` input elements, forward by Winograd F(4x4, 3x3) (a quarter of the
   multiplies; float32 error ~1e-5 of the output's scale), backward by `temporal_taps`.
 
 A 1x1x1 convolution is the matmul it is. On the CPU, `upsampled_conv` also computes the
@@ -50,11 +50,14 @@ BIG_KERNEL = 256 * 256  # ... and at least this many C_in * C_out: patches_matmu
 # upsampled frames of at least this many positions (H * W): upsampled_conv. Smaller ones keep
 # upsample-then-convolve, whose graph compiles faster where the FLOPs saved are few.
 PHASES_MIN_POSITIONS = 64 * 64
-# Winograd F(4x4, 3x3) for (kt, 3, 3) stride-1 float32 convolutions of at least 32 channels in
-# and out on frames of at least this many input elements (H * W * C_in; 32x32x256, 64x64x128):
-# 1.3-2x faster forward there; smaller frames keep the direct forms, whose graphs compile faster.
+# Winograd F(4x4, 3x3) for (kt, 3, 3) stride-1 float32 convolutions of at least 128 channels in
+# and 32 out on frames of at least this many input elements (H * W * C_in; 32x32x256, 64x64x128):
+# 1.3-2x faster forward there (ft4 at 64 px: 11.7 s -> 8.0 s). The tiny model's 32-64 channel
+# levels gained nothing as a whole (13.1 s -> 13.3 s at 256 px) and compiled 3x longer, so they,
+# and smaller frames, keep the direct forms.
 WINOGRAD_MIN_FRAME_SIZE = 32 * 32 * 256
-WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_CHANNELS_IN = 128
+WINOGRAD_MIN_CHANNELS_OUT = 32
 WINOGRAD_TILE = 4
 OUTPUT_TAPS_MAX_BYTES = 1 << 28  # the per-tap outputs of output_taps stay below 256 MiB
 DN_2D = ("NHWC", "HWIO", "NHWC")
@@ -141,7 +144,8 @@ def winograd_applies(x: jax.Array, w: jax.Array, strides, pads) -> bool:
         and all(s == 1 for s in strides)
         and [tuple(p) for p in pads[1:]] == [(1, 1), (1, 1)]
         and x.dtype == w.dtype == jnp.float32
-        and min(c_in, c_out) >= WINOGRAD_MIN_CHANNELS
+        and c_in >= WINOGRAD_MIN_CHANNELS_IN
+        and c_out >= WINOGRAD_MIN_CHANNELS_OUT
         and x.shape[2] * x.shape[3] * c_in >= WINOGRAD_MIN_FRAME_SIZE
     )
 
