@@ -17,8 +17,9 @@ XLA:CPU runs well:
   4x2x2x512 -> 512; smaller kernels keep `temporal_taps`, whose graph compiles faster).
 
 - `winograd_conv`: (kt, 3, 3) stride-1 float32 convolutions of at least 128 input channels on
-  frames of at least `WINOGRAD_MIN_FRAME_SIZE` input elements, forward by Winograd F(4x4, 3x3) (a quarter of the
-  multiplies; float32 error ~1e-5 of the output's scale), backward by `temporal_taps`.
+  frames of at least `WINOGRAD_MIN_FRAME_SIZE` input elements, forward by Winograd F(4x4, 3x3)
+  (a quarter of the multiplies; float32 error below 2e-5 of the output's largest value),
+  backward by `temporal_taps`.
 
 A 1x1x1 convolution is the matmul it is. On the CPU, `upsampled_conv` also computes the
 decoder's "nearest upsampling by 2, then a 3x3(x3) convolution" on the low-resolution grid, one
@@ -306,7 +307,8 @@ def winograd_conv(x, w, t_pad, m, precision=None, preferred_element_type=None):
 
 
 def _winograd_fwd(x, w, t_pad, m, precision, preferred_element_type):
-    return winograd_conv(x, w, t_pad, m, precision, preferred_element_type), (x, w)
+    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+    return winograd(x, w, tuple(t_pad), m, **kw), (x, w)
 
 
 def _winograd_bwd(t_pad, m, precision, preferred_element_type, residuals, d_out):

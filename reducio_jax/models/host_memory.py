@@ -13,7 +13,7 @@ glibc's `M_MMAP_MAX` to 0 (every block from the heap) and `M_TRIM_THRESHOLD` to 
 value (freed heap memory is kept for the next run). The process then keeps its peak heap
 until it exits. `REDUCIO_JAX_MALLOC=0` leaves malloc alone; it does nothing off glibc.
 Transparent huge pages for the heap (another 1.2-1.6x on large matmuls here) can only be asked
-for when the process starts: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (docs/performance.md).
+for when the process starts: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (README, Benchmarks).
 """
 
 from __future__ import annotations
