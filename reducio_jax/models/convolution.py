@@ -8,7 +8,7 @@ XLA:CPU runs well:
 - `temporal_taps`: one 2D convolution per temporal tap over frames folded into the batch,
   summed (all general shapes);
 - `taps_as_channels`: the temporal taps stacked into channels, one 2D convolution (few input
-  channels, e.g. RGB in);
+  channels, e.g. RGB in, and up to 32 on frames of at least 128x128);
 - `output_taps`: one matmul into every tap's output channels, then shifted sums (few output
   channels, e.g. RGB out);
 - `patches_matmul`: every tap's input slice stacked into channels, one matmul (frames of at
@@ -46,6 +46,12 @@ from jax import lax
 from reducio_jax.models import host_memory
 
 FEW_CHANNELS = 8  # at most this many input (output) channels: taps_as_channels (output_taps)
+# ... and at most this many input channels on frames of at least this many positions (H * W):
+# taps_as_channels too. XLA:CPU's 2D convolution runs 32 input channels at 19-45 GFLOP/s and
+# 96 at 70-85 (16x256x256 32->32: 1.29 s -> 0.83 s; 16x128x128 32->64: 0.72 s -> 0.35 s); on
+# 64x64 frames and below the stacking copy costs more than it gains.
+NARROW_CHANNELS = 32
+NARROW_MIN_POSITIONS = 128 * 128
 SMALL_FRAME = 16  # at most this many output positions per frame (H_out * W_out) ...
 BIG_KERNEL = 256 * 256  # ... and at least this many C_in * C_out: patches_matmul
 # upsampled frames of at least this many positions (H * W): upsampled_conv. Smaller ones keep
@@ -60,7 +66,9 @@ WINOGRAD_MIN_FRAME_SIZE = 32 * 32 * 256
 WINOGRAD_MIN_CHANNELS_IN = 128
 WINOGRAD_MIN_CHANNELS_OUT = 32
 WINOGRAD_TILE = 4
-OUTPUT_TAPS_MAX_BYTES = 1 << 28  # the per-tap outputs of output_taps stay below 256 MiB
+# the per-tap outputs of output_taps stay below 1 GiB (a 16x256x256 clip to RGB: 340 MB; its
+# 128->3 convolution 1.75 s -> 0.59 s against temporal_taps)
+OUTPUT_TAPS_MAX_BYTES = 1 << 30
 DN_2D = ("NHWC", "HWIO", "NHWC")
 
 
@@ -127,7 +135,8 @@ def conv_general_dilated(
         taps_bytes = math.prod(lhs.shape[:-1]) * taps * jnp.dtype(lhs.dtype).itemsize
         if taps_bytes <= OUTPUT_TAPS_MAX_BYTES:
             return output_taps(lhs, rhs, pads, **kw)
-    if c_in <= FEW_CHANNELS:
+    narrow = c_in <= NARROW_CHANNELS and lhs.shape[2] * lhs.shape[3] >= NARROW_MIN_POSITIONS
+    if c_in <= FEW_CHANNELS or narrow:
         return taps_as_channels(lhs, rhs, strides, pads, **kw)
     return temporal_taps(lhs, rhs, strides, pads, **kw)
 

@@ -23,6 +23,7 @@ CASES = [  # (input shape, kernel shape, strides, padding, the form the dispatch
     ((2, 4, 2, 2, 256), (3, 3, 3, 256, 256), (1, 1, 1), SAME, "patches_matmul"),  # latent level
     ((1, 4, 6, 6, 16), (1, 1, 1, 16, 24), (1, 1, 1), [(0, 0)] * 3, "matmul"),
     ((2, 5, 8, 6, 3), (3, 3, 3, 3, 16), (1, 1, 1), SAME, "taps_as_channels"),
+    ((1, 3, 128, 128, 16), (3, 3, 3, 16, 12), (1, 1, 1), SAME, "taps_as_channels"),  # narrow
     ((2, 5, 8, 6, 16), (3, 3, 3, 16, 3), (1, 1, 1), SAME, "output_taps"),
 ]
 
@@ -67,7 +68,9 @@ def test_cpu_forms_match_xla(x_shape, w_shape, strides, padding, form, monkeypat
     for got, want in zip(
         jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
     ):
-        np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
+        # float32 sums over every position: the error grows with the gradient's scale
+        scale = max(1.0, float(jnp.max(jnp.abs(want))))
+        np.testing.assert_allclose(got, want, atol=5e-5 * scale, rtol=1e-4)
 
 
 def test_switch_off_keeps_the_plain_convolution(monkeypatch):

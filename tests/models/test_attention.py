@@ -1,0 +1,56 @@
+"""The CPU's chunked attention equals `jax.nn.dot_product_attention`, values and gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reducio_jax.models import attention
+
+
+def _qkv(n: int, m: int, heads: int, dim: int):
+    keys = jax.random.split(jax.random.key(0), 3)
+    return [
+        jax.random.normal(key, (2, length, heads * dim), jnp.float32)
+        for key, length in zip(keys, (n, m, m), strict=True)
+    ]
+
+
+def _reference(q, k, v, heads):
+    split = lambda t: t.reshape(*t.shape[:2], heads, -1)  # noqa: E731
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize("n, chunk", [(37, 8), (16, 16), (5, 8)])  # ragged, exact, one chunk
+def test_chunked_attention_matches_dot_product_attention(n, chunk, monkeypatch):
+    monkeypatch.setattr(attention, "CPU_QUERY_CHUNK", chunk)
+    q, k, v = _qkv(n, m=11, heads=2, dim=8)
+
+    def ours(q, k, v):
+        return attention.multi_head_attention(q, k, v, num_heads=2, fp32=True)
+
+    calls = []
+    real = attention.chunked_attention
+    monkeypatch.setattr(attention, "chunked_attention", lambda *a: calls.append(a[-1]) or real(*a))
+    np.testing.assert_allclose(ours(q, k, v), _reference(q, k, v, 2), atol=1e-5, rtol=1e-5)
+    assert calls == [chunk]
+    loss = lambda f: lambda *t: jnp.sum(jnp.sin(f(*t)))  # noqa: E731
+    got = jax.grad(loss(ours), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda *t: _reference(*t, 2)), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("switch, chunked", [("1", True), ("0", False)])
+def test_chunked_on_cpu_unless_switched_off(switch, chunked, monkeypatch):
+    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", switch)
+    q, k, v = _qkv(4, m=3, heads=1, dim=4)
+    calls = []
+    real = attention.chunked_attention
+    monkeypatch.setattr(attention, "chunked_attention", lambda *a: calls.append(1) or real(*a))
+    out = attention.multi_head_attention(q, k, v, num_heads=1, fp32=True)
+    np.testing.assert_allclose(out, _reference(q, k, v, 1), atol=1e-5, rtol=1e-5)
+    assert calls == ([1] if chunked else [])
