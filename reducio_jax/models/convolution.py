@@ -16,7 +16,7 @@ XLA:CPU runs well:
   released models, where XLA:CPU's convolution runs at ~1 GFLOP/s: 300 ms against 5 ms for
   4x2x2x512 -> 512; smaller kernels keep `temporal_taps`, whose graph compiles faster).
 
-- `winograd_conv`: (kt, 3, 3) stride-1 float32 convolutions of at least 128 input channels on
+- `winograd_conv`: (kt, 3, 3) stride-1 float32 convolutions of at least 64 input channels on
   frames of at least `WINOGRAD_MIN_FRAME_SIZE` input elements, forward by Winograd F(4x4, 3x3)
   (a quarter of the multiplies; float32 error below 2e-5 of the output's largest value),
   backward by `temporal_taps`.
@@ -57,13 +57,13 @@ BIG_KERNEL = 256 * 256  # ... and at least this many C_in * C_out: patches_matmu
 # upsampled frames of at least this many positions (H * W): upsampled_conv. Smaller ones keep
 # upsample-then-convolve, whose graph compiles faster where the FLOPs saved are few.
 PHASES_MIN_POSITIONS = 64 * 64
-# Winograd F(4x4, 3x3) for (kt, 3, 3) stride-1 float32 convolutions of at least 128 channels in
-# and 32 out on frames of at least this many input elements (H * W * C_in; 32x32x256, 64x64x128):
-# 1.3-2x faster forward there (ft4 at 64 px: 11.7 s -> 8.0 s). The tiny model's 32-64 channel
-# levels gained nothing as a whole (13.1 s -> 13.3 s at 256 px) and compiled 3x longer, so they,
-# and smaller frames, keep the direct forms.
+# Winograd F(4x4, 3x3) for (kt, 3, 3) stride-1 float32 convolutions of at least 64 channels in
+# and 32 out on frames of at least this many input elements (H * W * C_in; 32x32x256, 64x64x64):
+# 1.2-2x faster forward there (16x64x64 64->64 148 -> 70 ms, 16x128x128 64->64 369 -> 304 ms,
+# 16x32x32 256->256 350 -> 194 ms). The 32-channel levels and smaller frames keep the direct
+# forms (no gain there, and the graph compiles ~3x longer).
 WINOGRAD_MIN_FRAME_SIZE = 32 * 32 * 256
-WINOGRAD_MIN_CHANNELS_IN = 128
+WINOGRAD_MIN_CHANNELS_IN = 64
 WINOGRAD_MIN_CHANNELS_OUT = 32
 WINOGRAD_TILE = 4
 # the per-tap outputs of output_taps stay below 1 GiB (a 16x256x256 clip to RGB: 340 MB; its
