@@ -5,7 +5,8 @@ Both run `jax.nn.dot_product_attention` on `(batch, tokens, heads, head_dim)`. W
 `attention_impl="cudnn"` asks for cuDNN flash attention on NVIDIA GPUs (bf16/fp16 only).
 
 On the CPU (chosen at trace time, off with `REDUCIO_JAX_CPU_CONV=0` like the convolution
-forms), float32 attention runs `chunked_attention` instead: `CPU_QUERY_CHUNK` queries at a time,
+forms), float32 attention with at least `CPU_CHUNKED_MIN_LOGITS` logits per sample and head
+runs `chunked_attention` instead: `CPU_QUERY_CHUNK` queries at a time,
 each row's softmax normalised after the values' matmul. The full logits of the tiny model's
 fusion at 256 px (65536 x 4096 queries x keys, 1 GiB) were written and read five times; in
 chunks of 8 MiB the forward ran 2.9 s -> 0.7 s and its gradient 19 s -> 4.4 s (benchmarks).
@@ -25,6 +26,9 @@ from reducio_jax.models.convolution import cpu_forms_enabled
 from reducio_jax.models.layers import Buffer, Dtype, GroupNorm, LayerNorm, dense
 
 CPU_QUERY_CHUNK = 512  # queries per step of chunked_attention (logits of 512 x keys at a time)
+# chunked_attention from this many logits per sample and head (16 MiB of float32); smaller
+# attention keeps jax.nn.dot_product_attention, whose graph compiles faster
+CPU_CHUNKED_MIN_LOGITS = 1 << 22
 
 
 def multi_head_attention(
@@ -43,7 +47,8 @@ def multi_head_attention(
         implementation = None if implementation == "cudnn" else implementation
     split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=num_heads)  # noqa: E731
     q, k, v = split(q), split(k), split(v)  # (B, N|M, heads, head_dim)
-    if implementation is None and q.dtype == jnp.float32 and cpu_forms_enabled():
+    large = q.shape[1] * k.shape[1] >= CPU_CHUNKED_MIN_LOGITS
+    if implementation is None and q.dtype == jnp.float32 and large and cpu_forms_enabled():
         out = chunked_attention(q, k, v, CPU_QUERY_CHUNK)
     else:
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)

@@ -27,6 +27,7 @@ def _reference(q, k, v, heads):
 @pytest.mark.parametrize("n, chunk", [(37, 8), (16, 16), (5, 8)])  # ragged, exact, one chunk
 def test_chunked_attention_matches_dot_product_attention(n, chunk, monkeypatch):
     monkeypatch.setattr(attention, "CPU_QUERY_CHUNK", chunk)
+    monkeypatch.setattr(attention, "CPU_CHUNKED_MIN_LOGITS", 0)
     q, k, v = _qkv(n, m=11, heads=2, dim=8)
 
     def ours(q, k, v):
@@ -44,10 +45,15 @@ def test_chunked_attention_matches_dot_product_attention(n, chunk, monkeypatch):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("switch, chunked", [("1", True), ("0", False)])
-def test_chunked_on_cpu_unless_switched_off(switch, chunked, monkeypatch):
+@pytest.mark.parametrize(
+    "switch, min_logits, chunked", [("1", 12, True), ("0", 12, False), ("1", 13, False)]
+)
+def test_chunked_on_cpu_for_large_logits_unless_switched_off(
+    switch, min_logits, chunked, monkeypatch
+):
     monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", switch)
-    q, k, v = _qkv(4, m=3, heads=1, dim=4)
+    monkeypatch.setattr(attention, "CPU_CHUNKED_MIN_LOGITS", min_logits)
+    q, k, v = _qkv(4, m=3, heads=1, dim=4)  # 12 logits per sample and head
     calls = []
     real = attention.chunked_attention
     monkeypatch.setattr(attention, "chunked_attention", lambda *a: calls.append(1) or real(*a))
