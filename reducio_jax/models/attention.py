@@ -6,10 +6,10 @@ Both run `jax.nn.dot_product_attention` on `(batch, tokens, heads, head_dim)`. W
 
 On the CPU (chosen at trace time, off with `REDUCIO_JAX_CPU_CONV=0` like the convolution
 forms), float32 attention with at least `CPU_CHUNKED_MIN_LOGITS` logits per sample and head
-runs `chunked_attention` instead: `CPU_QUERY_CHUNK` queries at a time,
-each row's softmax normalised after the values' matmul. The full logits of the tiny model's
-fusion at 256 px (65536 x 4096 queries x keys, 1 GiB) were written and read five times; in
-chunks of 8 MiB the forward ran 2.9 s -> 0.7 s and its gradient 19 s -> 4.4 s (benchmarks).
+runs `chunked_attention` instead: `CPU_QUERY_CHUNK` queries at a time, each row's softmax
+normalised after the values' matmul. The tiny model's fusion at 256 px has 65536 x 4096
+queries x keys, 1 GiB of logits in one piece; in chunks of 8 MiB its forward ran 2.9 s -> 0.7 s
+and its gradient 19 s -> 4.4 s (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -316,8 +316,7 @@ def winograd_conv(x, w, t_pad, m, precision=None, preferred_element_type=None):
 
 
 def _winograd_fwd(x, w, t_pad, m, precision, preferred_element_type):
-    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-    return winograd(x, w, tuple(t_pad), m, **kw), (x, w)
+    return winograd_conv(x, w, t_pad, m, precision, preferred_element_type), (x, w)
 
 
 def _winograd_bwd(t_pad, m, precision, preferred_element_type, residuals, d_out):

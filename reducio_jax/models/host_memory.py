@@ -19,9 +19,10 @@ Blocks that XLA's worker threads allocate escape these settings: each thread has
 arena, whose heaps hold at most 64 MiB, so a larger block there is mmapped afresh on every run
 (an elementwise op's 134 MB output: 32768 page faults, 72 ms; 26-32 ms from the main heap).
 One arena for all threads (`M_ARENA_MAX=1`) fixes that but costs more than it saves for
-training and compiling, so it is not set: XLA's parallel compilation then contends for one heap (the tiny training step
-compiled in 66 s instead of 37 s and stepped 3.5 s instead of 3.1 s at 32 px). Large clips on
-the CPU can still ask for it at start-up: `GLIBC_TUNABLES=glibc.malloc.arena_max=1`.
+training and compiling, so it is not set: XLA's parallel compilation then contends for one
+heap (the tiny training step compiled in 66 s instead of 37 s and stepped 3.5 s instead of
+3.1 s at 32 px). Large clips on the CPU can still ask for it at start-up:
+`GLIBC_TUNABLES=glibc.malloc.arena_max=1`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,14 @@ def _qkv(n: int, m: int, heads: int, dim: int):
     ]
 
 
+def _spy_chunked(monkeypatch) -> list[int]:
+    """The chunk sizes `multi_head_attention` calls `chunked_attention` with, in order."""
+    calls = []
+    real = attention.chunked_attention
+    monkeypatch.setattr(attention, "chunked_attention", lambda *a: calls.append(a[-1]) or real(*a))
+    return calls
+
+
 def _reference(q, k, v, heads):
     split = lambda t: t.reshape(*t.shape[:2], heads, -1)  # noqa: E731
     out = jax.nn.dot_product_attention(split(q), split(k), split(v))
@@ -33,9 +41,7 @@ def test_chunked_attention_matches_dot_product_attention(n, chunk, monkeypatch):
     def ours(q, k, v):
         return attention.multi_head_attention(q, k, v, num_heads=2, fp32=True)
 
-    calls = []
-    real = attention.chunked_attention
-    monkeypatch.setattr(attention, "chunked_attention", lambda *a: calls.append(a[-1]) or real(*a))
+    calls = _spy_chunked(monkeypatch)
     np.testing.assert_allclose(ours(q, k, v), _reference(q, k, v, 2), atol=1e-5, rtol=1e-5)
     assert calls == [chunk]
     loss = lambda f: lambda *t: jnp.sum(jnp.sin(f(*t)))  # noqa: E731
@@ -54,9 +60,7 @@ def test_chunked_on_cpu_for_large_logits_unless_switched_off(
     monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", switch)
     monkeypatch.setattr(attention, "CPU_CHUNKED_MIN_LOGITS", min_logits)
     q, k, v = _qkv(4, m=3, heads=1, dim=4)  # 12 logits per sample and head
-    calls = []
-    real = attention.chunked_attention
-    monkeypatch.setattr(attention, "chunked_attention", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_chunked(monkeypatch)
     out = attention.multi_head_attention(q, k, v, num_heads=1, fp32=True)
     np.testing.assert_allclose(out, _reference(q, k, v, 1), atol=1e-5, rtol=1e-5)
-    assert calls == ([1] if chunked else [])
+    assert calls == ([attention.CPU_QUERY_CHUNK] if chunked else [])
