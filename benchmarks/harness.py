@@ -40,6 +40,8 @@ from reducio_jax.api import ReducioVAE, load_config  # noqa: E402
 from reducio_jax.train.monitor import peak_flops, step_flops  # noqa: E402
 
 OPS = ("encode", "decode", "reconstruct", "train_step", "eval_metrics")
+# How this process's threads allocate (reducio_jax/models/host_memory.py); run.py sets it.
+MALLOC = "glibc per-thread arenas"
 CONFIGS = ("tiny", "reducio_ft4", "reducio_ft2", "reducio_ft4_1024px")
 DTYPES = ("float32", "bfloat16")
 
@@ -162,6 +164,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": _git_commit(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc": MALLOC,
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -97,7 +97,7 @@ def env_block(env: dict[str, Any], command: str, note: str = "") -> str:
         f"{env.get('load_average_1min')} at the start",
         f"- Versions: jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
         f"python {env['python']}" + (f", torch {env['torch']}" if env.get("torch") else ""),
-        f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`",
+        f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`; malloc: {env.get('malloc', 'not recorded')}",
     ]
     if note:
         lines.insert(0, f"- **{note}**")

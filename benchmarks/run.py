@@ -294,12 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str], start: float) -> int:
+    import harness
     import jax
     from harness import BenchmarkError, case_config
+
+    from reducio_jax.models import host_memory
 
     cases, opts = plan(args)
     for case in cases:
         case_config(case)  # bad input stops here, before anything runs
+    if all(case.op != "train_step" for case in cases) and host_memory.share_one_heap():
+        harness.MALLOC = "one heap for all threads, as the inference commands run"
     out = Output(args.jsonl)
     if args.dry_run:
         dry_run(cases, args, out)

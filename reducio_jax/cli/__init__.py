@@ -27,6 +27,7 @@ from types import ModuleType
 from absl import flags
 
 from reducio_jax.errors import BAD_INPUT, INTERRUPTED, error_line, exit_status
+from reducio_jax.models import host_memory
 
 # command -> one line; each is the module reducio_jax.cli.<command> (imported when run).
 COMMANDS = {
@@ -38,6 +39,9 @@ COMMANDS = {
     "export": "training run checkpoint -> pretrained directory",
     "reconstruct": "a video file of any length and size (or a folder) -> its reconstruction",
 }
+# Commands that run one compiled program many times: all threads share one heap, set before
+# JAX starts (faster runs, slower compiles; reducio_jax/models/host_memory.py).
+ONE_HEAP_COMMANDS = ("eval", "encode", "decode", "reconstruct")
 HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-?")
 # Older spellings, still accepted: the flag they mean.
 OLD_SPELLINGS = {"--no_progress": "--noprogress", "--vae-only": "--vae_only"}
@@ -89,6 +93,8 @@ def run_command(command: str, args: Sequence[str], prog: str) -> int:
     except Exception as err:  # flag values and --config overrides are input
         print(error_line(err, named=False), file=sys.stderr, flush=True)
         return BAD_INPUT
+    if command in ONE_HEAP_COMMANDS:
+        host_memory.share_one_heap()
     try:
         return module.run(fv, positional)
     except KeyboardInterrupt as stop:  # a command may say what it kept: "...; MESSAGE"

@@ -11,18 +11,21 @@ output buffers pay the same.
 `reuse_freed_memory()` (called once, the first time a model traces on the CPU backend) sets
 glibc's `M_MMAP_MAX` to 0 (every block from the heap) and `M_TRIM_THRESHOLD` to its largest
 value (freed heap memory is kept for the next run). The process then keeps its peak heap
-until it exits. `REDUCIO_JAX_MALLOC=0` leaves malloc alone; it does nothing off glibc.
-Transparent huge pages for the heap (another 1.2-1.6x on large matmuls here) can only be asked
-for when the process starts: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (README, Benchmarks).
+until it exits. Transparent huge pages for the heap (another 1.2-1.6x on large matmuls here)
+can only be asked for when the process starts: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
 
-Blocks that XLA's worker threads allocate escape these settings: each thread has its own malloc
-arena, whose heaps hold at most 64 MiB, so a larger block there is mmapped afresh on every run
-(an elementwise op's 134 MB output: 32768 page faults, 72 ms; 26-32 ms from the main heap).
-One arena for all threads (`M_ARENA_MAX=1`) fixes that but costs more than it saves for
-training and compiling, so it is not set: XLA's parallel compilation then contends for one
-heap (the tiny training step compiled in 66 s instead of 37 s and stepped 3.5 s instead of
-3.1 s at 32 px). Large clips on the CPU can still ask for it at start-up:
-`GLIBC_TUNABLES=glibc.malloc.arena_max=1`.
+Blocks that other threads allocate escape these settings: each thread has its own malloc
+arena, whose heaps hold at most 64 MiB, so a larger block there is mmapped afresh on every
+run. XLA allocates a program's temporaries off the Python thread, and YNNPACK's convolutions
+take per-thread scratch of about 100 MB at 256 px: the tiny model's 16x256x256 reconstruct
+took 1.2 million page faults a run. `share_one_heap()` gives every thread the main heap
+(glibc's `M_ARENA_MAX` = 1): no faults, and that reconstruct ran 7.4-8.0 s against 8.7-9.7 s
+in alternating runs (one 16x256x256 32->32 convolution alone: 340 ms against 600 ms). It only
+reaches threads that have not allocated yet, so it must run before JAX starts its CPU
+backend, and it costs compile time, the threads then contending for one heap (the tiny 256 px
+reconstruct compiled in 17 s against 12 s, the 32 px training step in 54 s against 38 s). The
+inference commands (`reconstruct`, `encode`, `decode`, `eval`) and the inference benchmarks
+call it; training leaves it off. `REDUCIO_JAX_MALLOC=0` turns both settings off.
 """
 
 from __future__ import annotations
@@ -33,23 +36,44 @@ import functools
 import os
 import sys
 
+from jax._src import xla_bridge  # backends_are_initialized: no public spelling in jax 0.10
+
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 LARGEST_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+
+
+@functools.cache
+def _mallopt():
+    """glibc's `mallopt`, or None: off Linux, not glibc, or `REDUCIO_JAX_MALLOC=0`."""
+    if os.environ.get("REDUCIO_JAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
 
 
 @functools.cache
 def reuse_freed_memory() -> bool:
     """Sets glibc's malloc to reuse freed memory (once per process); whether it was set."""
-    if os.environ.get("REDUCIO_JAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD))
+
+
+def share_one_heap() -> bool:
+    """Every thread allocates from the main heap from now on, and freed memory is kept (see the
+    module docstring). Call it before the first JAX computation: once JAX's CPU backend has
+    started, its threads keep their own arenas and this does nothing. Whether it was set."""
+    mallopt = _mallopt()
+    if mallopt is None or xla_bridge.backends_are_initialized():
+        return False
+    return bool(mallopt(M_ARENA_MAX, 1)) and reuse_freed_memory()

@@ -193,3 +193,38 @@ def test_documented_commands_parse():
         argv = [command, *[cli.OLD_SPELLINGS.get(a, a) for a in args]]
         importlib.import_module(f"reducio_jax.cli.{command}").define(fv, argv)
         fv(argv)  # raises on an unknown flag or a bad value
+
+
+# Runs a command on bad input (it stops inside the command), then one computation, and prints
+# how many heaps glibc holds: 1 when the command set one heap before JAX started.
+HEAPS_AFTER_COMMAND = """
+import ctypes, os, sys, tempfile
+import jax.numpy as jnp
+from reducio_jax.cli import run_command
+assert run_command(sys.argv[1], ["only-one-argument"], "probe") == 2
+jnp.ones((512, 512)).sum().block_until_ready()
+libc = ctypes.CDLL(None)
+libc.fdopen.restype, libc.fdopen.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_char_p)
+libc.malloc_info.argtypes, libc.fclose.argtypes = (ctypes.c_int, ctypes.c_void_p), (ctypes.c_void_p,)
+with tempfile.TemporaryFile() as report:
+    stream = libc.fdopen(os.dup(report.fileno()), b"w")
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    report.seek(0)
+    print(report.read().count(b"<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
+@pytest.mark.parametrize("command,one_heap", [("reconstruct", True), ("train", False)])
+def test_inference_commands_share_one_heap(command, one_heap):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "REDUCIO_JAX_MALLOC": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", HEAPS_AFTER_COMMAND, command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (int(result.stdout) == 1) == one_heap
