@@ -276,7 +276,7 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
 
     The input tiles are transformed once per frame; one batched matmul over the (m+2)^2 tile
     positions yields every temporal tap's output channels; the shifted sum over the taps and
-    the output transform then fuse into one pass.
+    the output transform follow. Each transform runs one tile axis at a time.
     """
     b_t, g, a_t = WINOGRAD[m]
     n = m + 2  # input tile size
@@ -286,23 +286,24 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     x = jnp.pad(x, [(0, 0), t_pad, (1, 1 + m * tiles_h - h), (1, 1 + m * tiles_w - wd), (0, 0)])
     t_in = x.shape[1]
     t_out = t_in - kt + 1
-    # d[a][c]: the input at row a, column c of every tile: (B, T_in, tiles_h, tiles_w, Ci)
-    d = [
-        [x[:, :, a : a + m * tiles_h : m, c : c + m * tiles_w : m] for c in range(n)]
-        for a in range(n)
-    ]
-    columns = [_combine([d[a][c] for a in range(n)], b_t) for c in range(n)]
-    v = [_combine([columns[c][r] for c in range(n)], b_t) for r in range(n)]
-    v = jnp.stack([v[r][s] for r in range(n) for s in range(n)])  # (n*n, B, T_in, th, tw, Ci)
+    # The input transform one axis at a time. The rows' pass is materialised (a barrier), else
+    # XLA recomputes it inside each of the n*n outputs of the columns' pass.
+    rows = [x[:, :, a : a + m * tiles_h : m] for a in range(n)]  # each (B, T_in, th, W_in, Ci)
+    by_row = lax.optimization_barrier(jnp.stack(_combine(rows, b_t)))  # (n, B, T_in, th, W_in, Ci)
+    v = []
+    for r in range(n):
+        v += _combine([by_row[r, :, :, :, c : c + m * tiles_w : m] for c in range(n)], b_t)
+    v = jnp.stack(v)  # (n*n, B, T_in, th, tw, Ci), tile position (r, s) at r*n + s
     g = jnp.asarray(g, jnp.float32)
     u = jnp.einsum("ra,tabio,sb->rsito", g, w.astype(jnp.float32), g, precision="highest")
     u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # taps' output channels side by side
     z = lax.dot_general(v.reshape(n * n, -1, c_in), u, (((2,), (1,)), ((0,), (0,))), **kw)
     z = z.reshape(n * n, b, t_in, tiles_h, tiles_w, kt, c_out)
     z = functools.reduce(operator.add, [z[:, :, i : i + t_out, :, :, i] for i in range(kt)])
-    rows = [[z[n * r + s] for s in range(n)] for r in range(n)]
-    columns = [_combine([rows[r][s] for r in range(n)], a_t) for s in range(n)]
-    y = [_combine([columns[s][i] for s in range(n)], a_t) for i in range(m)]  # y[row][column]
+    # The output transform, rows' pass materialised as above: (n, n, ...) -> (m, n, ...) -> m x m.
+    z = z.reshape(n, n, *z.shape[1:])
+    by_row = lax.optimization_barrier(jnp.stack(_combine([z[r] for r in range(n)], a_t)))
+    y = [_combine([by_row[i, s] for s in range(n)], a_t) for i in range(m)]  # y[row][column]
     y = jnp.stack([jnp.stack(y_u, axis=-2) for y_u in y], axis=3)  # (B, T, th, m, tw, m, Co)
     return y.reshape(b, t_out, m * tiles_h, m * tiles_w, c_out)[:, :, :h, :wd]
 
