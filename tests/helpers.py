@@ -1,9 +1,12 @@
-"""Shared test helpers: build checkpoint files from the fixture recipe."""
+"""Shared test helpers: build checkpoint files from the fixture recipe; run a Python probe."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import recipe
@@ -41,3 +44,14 @@ def recipe_checkpoint(fixtures: pathlib.Path, name: str, path: pathlib.Path, **k
 
 def max_err(ours, golden) -> float:
     return float(np.max(np.abs(np.asarray(ours, np.float32) - np.asarray(golden, np.float32))))
+
+
+def run_probe(code: str, *args: str, **env: str) -> str:
+    """Runs `python -c code *args` on JAX's CPU backend with `env` added; its stdout (it must
+    exit 0)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

@@ -35,6 +35,7 @@ import ctypes.util
 import functools
 import os
 import sys
+import tempfile
 
 from jax._src import xla_bridge  # backends_are_initialized: no public spelling in jax 0.10
 
@@ -77,3 +78,23 @@ def share_one_heap() -> bool:
     if mallopt is None or xla_bridge.backends_are_initialized():
         return False
     return bool(mallopt(M_ARENA_MAX, 1)) and reuse_freed_memory()
+
+
+def heap_count() -> int | None:
+    """How many malloc heaps glibc holds (its `malloc_info` report): 1 once every thread shares
+    the main heap; None off glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        malloc_info, fdopen, fclose = libc.malloc_info, libc.fdopen, libc.fclose
+    except (OSError, AttributeError, TypeError):
+        return None
+    fdopen.restype, fdopen.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_char_p)
+    malloc_info.argtypes, fclose.argtypes = (ctypes.c_int, ctypes.c_void_p), (ctypes.c_void_p,)
+    with tempfile.TemporaryFile() as report:
+        stream = fdopen(os.dup(report.fileno()), b"w")
+        malloc_info(0, stream)
+        fclose(stream)
+        report.seek(0)
+        return report.read().count(b"<heap nr=")

@@ -15,6 +15,7 @@ import tomllib
 import pytest
 import yaml
 from absl import flags
+from helpers import run_probe
 
 from reducio_jax import cli
 from reducio_jax.cli import shared_flags
@@ -198,33 +199,18 @@ def test_documented_commands_parse():
 # Runs a command on bad input (it stops inside the command), then one computation, and prints
 # how many heaps glibc holds: 1 when the command set one heap before JAX started.
 HEAPS_AFTER_COMMAND = """
-import ctypes, os, sys, tempfile
+import sys
 import jax.numpy as jnp
 from reducio_jax.cli import run_command
+from reducio_jax.models import host_memory
 assert run_command(sys.argv[1], ["only-one-argument"], "probe") == 2
 jnp.ones((512, 512)).sum().block_until_ready()
-libc = ctypes.CDLL(None)
-libc.fdopen.restype, libc.fdopen.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_char_p)
-libc.malloc_info.argtypes, libc.fclose.argtypes = (ctypes.c_int, ctypes.c_void_p), (ctypes.c_void_p,)
-with tempfile.TemporaryFile() as report:
-    stream = libc.fdopen(os.dup(report.fileno()), b"w")
-    libc.malloc_info(0, stream)
-    libc.fclose(stream)
-    report.seek(0)
-    print(report.read().count(b"<heap nr="))
+print(host_memory.heap_count())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
 @pytest.mark.parametrize("command,one_heap", [("reconstruct", True), ("train", False)])
 def test_inference_commands_share_one_heap(command, one_heap):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "REDUCIO_JAX_MALLOC": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", HEAPS_AFTER_COMMAND, command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (int(result.stdout) == 1) == one_heap
+    heaps = int(run_probe(HEAPS_AFTER_COMMAND, command, REDUCIO_JAX_MALLOC="1"))
+    assert (heaps == 1) == one_heap

@@ -3,11 +3,10 @@ set on the first model trace on the CPU, reusing freed memory; off with REDUCIO_
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
+from helpers import run_probe
 
 # Traces one convolution on the CPU, then reports whether the setting was applied, and whether
 # a 64 MiB block now comes from the heap (below the program break) rather than its own mmap.
@@ -25,13 +24,8 @@ print(host_memory.reuse_freed_memory.cache_info().currsize, block < libc.sbrk(0)
 """
 
 
-def _probe(**env) -> str:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout.split()
+def _probe(**env) -> list[str]:
+    return run_probe(PROBE, **env).split()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -48,7 +42,7 @@ def test_switched_off():
 # whose worker threads take scratch over 64 MiB each (YNNPACK pads each thread's share of the
 # input), and how many heaps glibc holds.
 ONE_HEAP_PROBE = """
-import ctypes, os, resource, sys, tempfile
+import resource, sys
 import jax, jax.numpy as jnp
 from reducio_jax.models import host_memory
 if sys.argv[1] == "after":
@@ -63,30 +57,13 @@ for _ in range(4):
     conv(x, w).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 faults = min(faults[1:])  # the fewest of the runs after the first
-libc = ctypes.CDLL(None)
-libc.fdopen.restype, libc.fdopen.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_char_p)
-libc.malloc_info.argtypes, libc.fclose.argtypes = (ctypes.c_int, ctypes.c_void_p), (ctypes.c_void_p,)
-with tempfile.TemporaryFile() as report:
-    stream = libc.fdopen(os.dup(report.fileno()), b"w")
-    libc.malloc_info(0, stream)
-    libc.fclose(stream)
-    report.seek(0)
-    heaps = report.read().count(b"<heap nr=")
+heaps = host_memory.heap_count()
 print(shared, faults, heaps)
 """
 
 
 def _one_heap_probe(when: str, **env) -> tuple[bool, int, int]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    result = subprocess.run(
-        [sys.executable, "-c", ONE_HEAP_PROBE, when],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    shared, faults, heaps = result.stdout.split()
+    shared, faults, heaps = run_probe(ONE_HEAP_PROBE, when, **env).split()
     return shared == "True", int(faults), int(heaps)
 
 
