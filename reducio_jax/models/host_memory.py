@@ -46,17 +46,24 @@ LARGEST_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 
 @functools.cache
-def _mallopt():
-    """glibc's `mallopt`, or None: off Linux, not glibc, or `REDUCIO_JAX_MALLOC=0`."""
-    if os.environ.get("REDUCIO_JAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
-        return None
-    name = ctypes.util.find_library("c")
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (it has `mallopt`), else None."""
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     if name is None:
         return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        libc = ctypes.CDLL(name)
+    except OSError:
         return None
+    return libc if hasattr(libc, "mallopt") else None  # e.g. musl has no mallopt
+
+
+def _mallopt():
+    """glibc's `mallopt`, or None: not glibc on Linux, or `REDUCIO_JAX_MALLOC=0`."""
+    libc = _glibc()
+    if libc is None or os.environ.get("REDUCIO_JAX_MALLOC", "1") == "0":
+        return None
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt
 
@@ -83,13 +90,10 @@ def share_one_heap() -> bool:
 def heap_count() -> int | None:
     """How many malloc heaps glibc holds (its `malloc_info` report): 1 once every thread shares
     the main heap; None off glibc."""
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        malloc_info, fdopen, fclose = libc.malloc_info, libc.fdopen, libc.fclose
-    except (OSError, AttributeError, TypeError):
-        return None
+    malloc_info, fdopen, fclose = libc.malloc_info, libc.fdopen, libc.fclose
     fdopen.restype, fdopen.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_char_p)
     malloc_info.argtypes, fclose.argtypes = (ctypes.c_int, ctypes.c_void_p), (ctypes.c_void_p,)
     with tempfile.TemporaryFile() as report:

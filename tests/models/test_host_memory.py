@@ -1,5 +1,6 @@
-"""The CPU backend's malloc setting (reducio_jax/models/host_memory.py), in fresh processes:
-set on the first model trace on the CPU, reusing freed memory; off with REDUCIO_JAX_MALLOC=0."""
+"""The CPU backend's malloc settings (reducio_jax/models/host_memory.py), in fresh processes:
+freed memory reused from the first model trace on the CPU, one heap for all threads when asked
+before JAX starts; both off with REDUCIO_JAX_MALLOC=0."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 
 import pytest
 from helpers import run_probe
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
 # Traces one convolution on the CPU, then reports whether the setting was applied, and whether
 # a 64 MiB block now comes from the heap (below the program break) rather than its own mmap.
@@ -28,12 +31,12 @@ def _probe(**env) -> list[str]:
     return run_probe(PROBE, **env).split()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@linux_only
 def test_set_on_the_first_cpu_trace():
     assert _probe(REDUCIO_JAX_MALLOC="1") == ["1", "True"]  # set by the trace; heap block
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@linux_only
 def test_switched_off():
     assert _probe(REDUCIO_JAX_MALLOC="0") == ["1", "False"]  # glibc's default: its own mmap
 
@@ -70,14 +73,14 @@ def _one_heap_probe(when: str, **env) -> tuple[bool, int, int]:
 PAGES = (64 << 20) // 4096  # 4 KiB pages of 64 MiB: a thread arena's largest heap
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_one_heap_before_jax_starts_reuses_the_output():
+@linux_only
+def test_one_heap_before_jax_starts_reuses_the_scratch():
     shared, faults, heaps = _one_heap_probe("before", REDUCIO_JAX_MALLOC="1")
     assert shared and heaps == 1
     assert faults < PAGES // 4  # the scratch comes back from the heap
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@linux_only
 def test_one_heap_too_late_or_switched_off_changes_nothing():
     for when, switch in (("after", "1"), ("before", "0")):
         shared, faults, heaps = _one_heap_probe(when, REDUCIO_JAX_MALLOC=switch)
