@@ -25,6 +25,8 @@ CASES = [  # (input shape, kernel shape, strides, padding, the form the dispatch
     ((2, 5, 8, 6, 3), (3, 3, 3, 3, 16), (1, 1, 1), SAME, "taps_as_channels"),
     ((1, 3, 128, 128, 16), (3, 3, 3, 16, 12), (1, 1, 1), SAME, "taps_as_channels"),  # narrow
     ((2, 5, 8, 6, 16), (3, 3, 3, 16, 3), (1, 1, 1), SAME, "output_taps"),
+    ((1, 4, 7, 6, 8), (1, 3, 3, 8, 3), (1, 1, 1), [(0, 0), (1, 1), (1, 1)], "output_taps"),
+    ((1, 5, 6, 7, 8), (3, 2, 3, 8, 2), (1, 1, 1), [(2, 0), (0, 1), (1, 2)], "output_taps"),
 ]
 
 
