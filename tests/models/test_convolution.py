@@ -75,6 +75,38 @@ def test_cpu_forms_match_xla(x_shape, w_shape, strides, padding, form, monkeypat
         np.testing.assert_allclose(got, want, atol=5e-5 * scale, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "x_shape, w_shape, strides, form",
+    [
+        ((2, 4, 4, 256), (3, 3, 256, 256), (1, 1), "patches_matmul"),  # VGG's last block at 32 px
+        ((1, 5, 4, 256), (3, 3, 256, 256), (2, 2), "patches_matmul"),
+        ((2, 8, 8, 16), (3, 3, 16, 16), (1, 1), "plain"),  # XLA's own convolution
+    ],
+)
+def test_2d_forms_match_xla(x_shape, w_shape, strides, form, monkeypatch):
+    x, w = _inputs(x_shape, w_shape)
+    pads, dn = [(1, 1), (1, 1)], ("NHWC", "HWIO", "NHWC")
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=dn)
+
+    def ours(x, w):
+        return convolution.conv_general_dilated(x, w, strides, pads, dimension_numbers=dn)
+
+    chosen = []
+    monkeypatch.setattr(
+        convolution, "patches_matmul", _spy(convolution.patches_matmul, "patches_matmul", chosen)
+    )
+    np.testing.assert_allclose(ours(x, w), ref(x, w), atol=2e-5, rtol=1e-5)
+    assert chosen == ([] if form == "plain" else [form])
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for got, want in zip(
+        jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        scale = max(1.0, float(jnp.max(jnp.abs(want))))
+        np.testing.assert_allclose(got, want, atol=5e-5 * scale, rtol=1e-4)
+
+
 def test_switch_off_keeps_the_plain_convolution(monkeypatch):
     monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0")
     x, w = _inputs((1, 4, 6, 6, 8), (3, 3, 3, 8, 8))
