@@ -40,8 +40,6 @@ from reducio_jax.api import ReducioVAE, load_config  # noqa: E402
 from reducio_jax.train.monitor import peak_flops, step_flops  # noqa: E402
 
 OPS = ("encode", "decode", "reconstruct", "train_step", "eval_metrics")
-# How this process's threads allocate (reducio_jax/models/host_memory.py); run.py sets it.
-MALLOC = "glibc per-thread arenas"
 CONFIGS = ("tiny", "reducio_ft4", "reducio_ft2", "reducio_ft4_1024px")
 DTYPES = ("float32", "bfloat16")
 
@@ -147,6 +145,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _malloc() -> str:
+    """How this process's threads allocate (reducio_jax/models/host_memory.py)."""
+    from reducio_jax.models import host_memory
+
+    if host_memory.one_heap_shared():
+        return "one heap for all threads, as the inference commands run"
+    return "glibc per-thread arenas"
+
+
 @functools.cache
 def environment() -> dict[str, Any]:
     """Machine, device, versions, commit, XLA flags and date of this run."""
@@ -164,7 +171,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": _git_commit(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "malloc": MALLOC,
+        "malloc": _malloc(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -77,14 +77,23 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD))
 
 
+_one_heap = False  # set by share_one_heap()
+
+
 def share_one_heap() -> bool:
     """Every thread allocates from the main heap from now on, and freed memory is kept (see the
     module docstring). Call it before the first JAX computation: once JAX's CPU backend has
     started, its threads keep their own arenas and this does nothing. Whether it was set."""
+    global _one_heap
     mallopt = _mallopt()
-    if mallopt is None or xla_bridge.backends_are_initialized():
-        return False
-    return bool(mallopt(M_ARENA_MAX, 1)) and reuse_freed_memory()
+    if not _one_heap and mallopt is not None and not xla_bridge.backends_are_initialized():
+        _one_heap = bool(mallopt(M_ARENA_MAX, 1)) and reuse_freed_memory()
+    return _one_heap
+
+
+def one_heap_shared() -> bool:
+    """Whether `share_one_heap()` has given this process one heap (e.g. for a benchmark's record)."""
+    return _one_heap
 
 
 def heap_count() -> int | None:

@@ -41,7 +41,7 @@ def test_switched_off():
     assert _probe(REDUCIO_JAX_MALLOC="0") == ["1", "False"]  # glibc's default: its own mmap
 
 
-# Reports share_one_heap()'s answer, then the fewest page faults of a repeated convolution
+# Reports share_one_heap()'s answer and one_heap_shared()'s after it, then the fewest page faults of a repeated convolution
 # whose worker threads take scratch over 64 MiB each (YNNPACK pads each thread's share of the
 # input), and how many heaps glibc holds.
 ONE_HEAP_PROBE = """
@@ -61,12 +61,13 @@ for _ in range(4):
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 faults = min(faults[1:])  # the fewest of the runs after the first
 heaps = host_memory.heap_count()
-print(shared, faults, heaps)
+print(shared, host_memory.one_heap_shared(), faults, heaps)
 """
 
 
 def _one_heap_probe(when: str, **env) -> tuple[bool, int, int]:
-    shared, faults, heaps = run_probe(ONE_HEAP_PROBE, when, **env).split()
+    shared, recorded, faults, heaps = run_probe(ONE_HEAP_PROBE, when, **env).split()
+    assert recorded == shared  # what benchmarks record
     return shared == "True", int(faults), int(heaps)
 
 
