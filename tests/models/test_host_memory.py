@@ -78,7 +78,9 @@ PAGES = (64 << 20) // 4096  # 4 KiB pages of 64 MiB: a thread arena's largest he
 def test_one_heap_before_jax_starts_reuses_the_scratch():
     shared, faults, heaps = _one_heap_probe("before", REDUCIO_JAX_MALLOC="1")
     assert shared and heaps == 1
-    assert faults < PAGES // 4  # the scratch comes back from the heap
+    # the scratch comes back from the heap (under a loaded suite the 17 MB output was seen
+    # mapped afresh once, 4096 pages; the scratch alone is over PAGES, as below)
+    assert faults < PAGES // 2
 
 
 @linux_only
