@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, not another installed copy
 
 from reducio_jax.api import ReducioVAE, load_config  # noqa: E402
+from reducio_jax.models import host_memory  # noqa: E402
 from reducio_jax.train.monitor import peak_flops, step_flops  # noqa: E402
 
 OPS = ("encode", "decode", "reconstruct", "train_step", "eval_metrics")
@@ -147,8 +148,6 @@ def _git_commit() -> str | None:
 
 def _malloc() -> str:
     """How this process's threads allocate (reducio_jax/models/host_memory.py)."""
-    from reducio_jax.models import host_memory
-
     if host_memory.one_heap_shared():
         return "one heap for all threads, as the inference commands run"
     return "glibc per-thread arenas"

@@ -23,13 +23,14 @@ XLA:CPU runs well:
 
 A 2D channels-last convolution on the CPU takes `patches_matmul` on small frames with big
 kernels (LPIPS' VGG at 2x2 on 32 px clips, 270 ms a 512->512 convolution in XLA), otherwise
-XLA's own. A 1x1x1 convolution is the matmul it is. On the CPU, `upsampled_conv` also computes the
-decoder's "nearest upsampling by 2, then a 3x3(x3) convolution" on the low-resolution grid, one
-2-tap-per-doubled-axis convolution per output phase (2.25x fewer FLOPs for (1, 2, 2), 3.4x for
-(2, 2, 2)), and interleaves the phases. The arithmetic is the convolution's; only the summation order differs (float32 rounding,
-~1e-6 relative). GPU and TPU, dilated, grouped or string-padded convolutions, and anything not
-channels-last take `lax.conv_general_dilated` unchanged. `REDUCIO_JAX_CPU_CONV=0` in the
-environment turns the CPU forms off (read at trace time).
+XLA's own. A 1x1x1 convolution is the matmul it is. On the CPU, `upsampled_conv` also computes
+the decoder's "nearest upsampling by 2, then a 3x3(x3) convolution" on the low-resolution grid,
+one 2-tap-per-doubled-axis convolution per output phase (2.25x fewer FLOPs for (1, 2, 2), 3.4x
+for (2, 2, 2)), and interleaves the phases. The arithmetic is the convolution's; only the
+summation order differs (float32 rounding, ~1e-6 relative). GPU and TPU, dilated, grouped or
+string-padded convolutions, and anything not channels-last take `lax.conv_general_dilated`
+unchanged. `REDUCIO_JAX_CPU_CONV=0` in the environment turns the CPU forms off (read at trace
+time).
 """
 
 from __future__ import annotations

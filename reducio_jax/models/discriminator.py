@@ -52,7 +52,7 @@ class BatchNorm(nnx.Module):
             m = self.momentum
             # set_value, not `[...] =`: flax's indexed assignment reads a traced value's
             # `sharding`, whose error message walks the whole jaxpr (~80 ms a call when
-            # tracing the training step; 4 s of its 9 s trace)
+            # tracing the training step: its trace took 7.4 s with `[...] =`, 4.5 s without)
             self.mean.set_value((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean))
             self.var.set_value((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased))
             self.num_batches_tracked.set_value(self.num_batches_tracked[...] + 1)

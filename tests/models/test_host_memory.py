@@ -41,9 +41,9 @@ def test_switched_off():
     assert _probe(REDUCIO_JAX_MALLOC="0") == ["1", "False"]  # glibc's default: its own mmap
 
 
-# Reports share_one_heap()'s answer and one_heap_shared()'s after it, then the fewest page faults of a repeated convolution
-# whose worker threads take scratch over 64 MiB each (YNNPACK pads each thread's share of the
-# input), and how many heaps glibc holds.
+# Reports share_one_heap()'s answer and one_heap_shared()'s after it, then the fewest page
+# faults of a repeated convolution whose worker threads take scratch over 64 MiB each (YNNPACK
+# pads each thread's share of the input), and how many heaps glibc holds.
 ONE_HEAP_PROBE = """
 import resource, sys
 import jax, jax.numpy as jnp
