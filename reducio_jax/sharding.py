@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
+SPACE_AXIS = "space"  # optional mesh axis that splits the frames' rows (H) of activations
 Rules = Sequence[tuple[str, str | None]]
 
 
@@ -136,6 +137,15 @@ def batch_sharding(mesh: Mesh, extra_dims: int = 0) -> NamedSharding:
     """Batch on dim `extra_dims` split over the mesh's batch axes (data, fsdp); the
     `extra_dims` leading dims and all trailing dims unsplit."""
     return NamedSharding(mesh, PartitionSpec(*([None] * extra_dims), batch_axes(mesh)))
+
+
+def video_sharding(mesh: Mesh, extra_dims: int = 0) -> NamedSharding:
+    """A (..., B, T, H, W, C) video batch: B over the batch axes and, when the mesh has a
+    `space` axis, H over it. The compiler carries the row split through the network (halo
+    exchanges for convolutions, all-reduced norm statistics), so a chip holds 1/space of each
+    clip's activations: how a clip too big for one chip's memory trains (docs/training.md)."""
+    space = SPACE_AXIS if SPACE_AXIS in mesh.axis_names else None
+    return NamedSharding(mesh, PartitionSpec(*([None] * extra_dims), batch_axes(mesh), None, space))
 
 
 def num_batch_shards(mesh: Mesh) -> int:

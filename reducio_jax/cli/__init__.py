@@ -7,11 +7,12 @@
     decode       latent store -> mp4 videos
     export       training run -> pretrained directory
     reconstruct  a video file of any length and size (or a folder) -> its reconstruction
+    compile      compile a program for a TPU topology here: per-chip memory, FLOPs, batch that fits
 
 Every command takes absl flags (`--flag=value` or `--flag value`, booleans `--flag` /
 `--noflag`), `--config` is an `ml_collections` config flag (`--config.KEY=VALUE` overrides),
 and `COMMAND --help` lists the command's flags. Exit status: 0 done, 2 bad input, 1 the run
-failed (one `error: ...` line on stderr for both), 130 Ctrl-C, 143 SIGTERM (train, encode and
+failed (compile: 1 does not fit) (one `error: ...` line on stderr for both), 130 Ctrl-C, 143 SIGTERM (train, encode and
 eval stop after the step in flight; rerun the same command to continue).
 """
 
@@ -38,6 +39,7 @@ COMMANDS = {
     "decode": "latent store -> mp4 videos",
     "export": "training run checkpoint -> pretrained directory",
     "reconstruct": "a video file of any length and size (or a folder) -> its reconstruction",
+    "compile": "compile for a TPU topology on this host: per-chip memory, FLOPs, batch that fits",
 }
 # Commands that run one compiled program many times: all threads share one heap, set before
 # JAX starts (faster runs, slower compiles; reducio_jax/models/host_memory.py).

@@ -10,6 +10,13 @@ runs `chunked_attention` instead: `CPU_QUERY_CHUNK` queries at a time, each row'
 normalised after the values' matmul. The tiny model's fusion at 256 px has 65536 x 4096
 queries x keys, 1 GiB of logits in one piece; in chunks of 8 MiB its forward ran 2.9 s -> 0.7 s
 and its gradient 19 s -> 4.4 s (benchmarks/RESULTS.md).
+
+On accelerators (GPU, TPU) attention with at least `ACCEL_CHUNKED_MIN_LOGITS` logits per
+sample and head runs `chunked_attention` with each chunk rematerialised: the backward pass
+recomputes a chunk's logits instead of keeping them. The released models' fusion at 256 px has
+1.2 G float32 logits per clip; kept for the backward pass (the softmax and its exp) they were
+9.1 GiB of the 21 GiB a v5e chip needed per clip for training (`python -m reducio_jax compile`,
+docs/training.md); in chunks of `ACCEL_CHUNK_LOGITS` they are recomputed, only q, k and v stay.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ CPU_QUERY_CHUNK = 512  # queries per step of chunked_attention (logits of 512 x 
 # chunked_attention from this many logits per sample and head (16 MiB of float32); smaller
 # attention keeps jax.nn.dot_product_attention, whose graph compiles faster
 CPU_CHUNKED_MIN_LOGITS = 1 << 22
+# GPU/TPU: chunked (and rematerialised) from this many logits per sample and head (64 MiB of
+# float32), queries per chunk such that a chunk has at most ACCEL_CHUNK_LOGITS per sample and head
+ACCEL_CHUNKED_MIN_LOGITS = 1 << 24
+ACCEL_CHUNK_LOGITS = 1 << 22
 
 
 def multi_head_attention(
@@ -47,9 +58,18 @@ def multi_head_attention(
         implementation = None if implementation == "cudnn" else implementation
     split = lambda t: rearrange(t, "b n (h d) -> b n h d", h=num_heads)  # noqa: E731
     q, k, v = split(q), split(k), split(v)  # (B, N|M, heads, head_dim)
-    large = q.shape[1] * k.shape[1] >= CPU_CHUNKED_MIN_LOGITS
-    if implementation is None and q.dtype == jnp.float32 and large and cpu_forms_enabled():
+    logits = q.shape[1] * k.shape[1]  # per sample and head
+    cpu = cpu_forms_enabled()
+    if (
+        implementation is None
+        and q.dtype == jnp.float32
+        and logits >= CPU_CHUNKED_MIN_LOGITS
+        and cpu
+    ):
         out = chunked_attention(q, k, v, CPU_QUERY_CHUNK)
+    elif implementation is None and logits >= ACCEL_CHUNKED_MIN_LOGITS and not cpu:
+        chunk = max(ACCEL_CHUNK_LOGITS // k.shape[1], 128)
+        out = chunked_attention(q, k, v, chunk, remat=True)
     else:
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return rearrange(out, "b n h d -> b n (h d)").astype(out_dtype)
@@ -64,15 +84,19 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out / jnp.moveaxis(jnp.sum(weights, axis=-1), 1, 2)[..., None]
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
-    """`softmax_attention` over `chunk` queries at a time (zero-padded to a multiple)."""
+def chunked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, chunk: int, *, remat: bool = False
+) -> jax.Array:
+    """`softmax_attention` over `chunk` queries at a time (zero-padded to a multiple); with
+    `remat` each chunk's logits are recomputed in the backward pass instead of kept."""
     b, n, heads, dim = q.shape
+    attend = jax.checkpoint(softmax_attention) if remat else softmax_attention
     if n <= chunk:
-        return softmax_attention(q, k, v)
+        return attend(q, k, v)
     chunks = -(-n // chunk)
     q = jnp.pad(q, ((0, 0), (0, chunks * chunk - n), (0, 0), (0, 0)))
     q = jnp.moveaxis(q.reshape(b, chunks, chunk, heads, dim), 1, 0)  # (chunks, B, chunk, H, D)
-    out = jax.lax.map(lambda q_chunk: softmax_attention(q_chunk, k, v), q)
+    out = jax.lax.map(lambda q_chunk: attend(q_chunk, k, v), q)
     return jnp.moveaxis(out, 0, 1).reshape(b, chunks * chunk, heads, dim)[:, :n]
 
 

@@ -31,10 +31,16 @@ summation order differs (float32 rounding, ~1e-6 relative). GPU and TPU, dilated
 string-padded convolutions, and anything not channels-last take `lax.conv_general_dilated`
 unchanged. `REDUCIO_JAX_CPU_CONV=0` in the environment turns the CPU forms off (read at trace
 time).
+
+The forms follow the platform a program is traced *for*: `jax.default_backend()`, unless a
+`traced_for(platform)` block names another (the training step names its mesh's platform; the
+ahead-of-time `compile` command names the TPU or GPU it compiles for on a CPU host).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 import math
@@ -75,8 +81,29 @@ OUTPUT_TAPS_MAX_BYTES = 1 << 30
 DN_2D = ("NHWC", "HWIO", "NHWC")
 
 
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "reducio_jax_target_platform", default=None
+)
+
+
+@contextlib.contextmanager
+def traced_for(platform: str | None):
+    """Programs traced inside take the forms of `platform` ("cpu", "tpu", "gpu"/"cuda"; None:
+    the default backend's)."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for (see `traced_for`)."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
 def cpu_forms_enabled() -> bool:
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return False
     host_memory.reuse_freed_memory()  # once: the CPU programs' buffers (host_memory.py)
     return os.environ.get("REDUCIO_JAX_CPU_CONV", "1") != "0"

@@ -16,6 +16,7 @@ from reducio_jax.models.layers import (
     ResnetBlock,
     Upsample,
     maybe_remat,
+    remat_call,
     same_conv,
 )
 
@@ -140,21 +141,57 @@ class FusionDecoder(nnx.Module):
         return self.conv_out(self.last_features(z, content_features))  # (B, T, H, W, out_ch)
 
     def last_features(self, z: jax.Array, content_features: Sequence[jax.Array]) -> jax.Array:
-        """The input of `conv_out` (B, T, H, W, C): the layer of the adaptive GAN weight."""
+        """The input of `conv_out` (B, T, H, W, C): the layer of the adaptive GAN weight.
+
+        With `remat`, each up level (with the upsampling of the level below it), the mid block
+        and the output norm are recomputed in the backward pass from their inputs, and each
+        block again from its own input within that recomputation: the backward pass keeps the
+        levels' inputs, not every block's (docs/training.md, "Sizing a pod job")."""
         m = self.conv_in(z.astype(self.dtype))
-        m = maybe_remat(self.mid.block_1, m, remat=self.remat)
-        for fuse in self.mid.fuse:
-            m = fuse(m, content_features[-1])
-        m = self.mid.attn_1(m)
-        h = maybe_remat(self.mid.block_2, m, remat=self.remat)
+        r = self.remat
+        h = remat_call(
+            lambda mid, a, c: _mid(mid, a, c, remat=r), self.mid, m, content_features[-1], remat=r
+        )
+        below = None  # the upsampling of the level below runs in this level's unit
         for level in reversed(range(len(self.up))):
             up = self.up[level]
-            for block in up.block_1:
-                h = maybe_remat(block, h, remat=self.remat)
-            for fuse in up.fuse:
-                h = fuse(h, content_features[self.ch_fuse[level]])
-            for block in up.block_2:
-                h = maybe_remat(block, h, remat=self.remat)
-            if up.upsample is not None:
-                h = up.upsample(h)
-        return self.norm_out(h, silu=True)
+            context = content_features[self.ch_fuse[level]] if len(up.fuse) else None
+            unit = lambda lo, lv, a, c: _up_level(lo, lv, a, c, remat=r)  # noqa: E731
+            h = remat_call(unit, below, up, h, context, remat=r)
+            below = up.upsample
+        if below is not None:
+            h = below(h)
+        return remat_call(_norm_silu, self.norm_out, h, remat=r)
+
+
+def _mid(mid: FusionMid, m: jax.Array, context: jax.Array, *, remat: bool) -> jax.Array:
+    m = maybe_remat(mid.block_1, m, remat=remat)
+    for fuse in mid.fuse:
+        m = maybe_remat(fuse, m, context, remat=remat)
+    m = maybe_remat(mid.attn_1, m, remat=remat)
+    return maybe_remat(mid.block_2, m, remat=remat)
+
+
+def _up_level(
+    below: Upsample | None,
+    up: UpLevel,
+    h: jax.Array,
+    context: jax.Array | None,
+    *,
+    remat: bool,
+) -> jax.Array:
+    """The upsampling of the level below (so a remat unit keeps the smaller tensor before it),
+    then this level's blocks and fusion; this level's own upsampling runs in the next unit."""
+    if below is not None:
+        h = maybe_remat(below, h, remat=remat)
+    for block in up.block_1:
+        h = maybe_remat(block, h, remat=remat)
+    for fuse in up.fuse:
+        h = maybe_remat(fuse, h, context, remat=remat)
+    for block in up.block_2:
+        h = maybe_remat(block, h, remat=remat)
+    return h
+
+
+def _norm_silu(norm: GroupNorm, h: jax.Array) -> jax.Array:
+    return norm(h, silu=True)

@@ -16,6 +16,7 @@ from reducio_jax.models.layers import (
     GroupNorm,
     ResnetBlock,
     maybe_remat,
+    remat_call,
     same_conv,
 )
 
@@ -111,18 +112,26 @@ class Encoder(nnx.Module):
         self.conv_out = same_conv(block_in, out_features, spatial, **kw) if out_z else None
 
     def __call__(self, x: jax.Array) -> jax.Array | list[jax.Array]:
+        # With remat, each level is recomputed from its input in the backward pass (and each of
+        # its blocks from the block's input within that): only the levels' inputs are kept.
+        r = self.remat
         h = self.conv_in(x.astype(self.dtype))
         skips = []
         for level in self.down:
-            for block in level.block:
-                h = maybe_remat(block, h, remat=self.remat)
-            skips.append(h)
-            if level.downsample is not None:
-                h = level.downsample(h)
-        h = maybe_remat(self.mid.block_1, h, remat=self.remat)
-        h = self.mid.attn_1(h)
+            skip, h = remat_call(lambda lvl, a: _down_level(lvl, a, remat=r), level, h, remat=r)
+            skips.append(skip)
+        h = maybe_remat(self.mid.block_1, h, remat=r)
+        h = maybe_remat(self.mid.attn_1, h, remat=r)
         if not self.out_z:
             # The content encoder's features end here; its block_2/norm_out feed nothing.
             return [*skips, h]
-        h = maybe_remat(self.mid.block_2, h, remat=self.remat)
-        return self.conv_out(self.norm_out(h, silu=True))
+        h = maybe_remat(self.mid.block_2, h, remat=r)
+        h = remat_call(lambda norm, a: norm(a, silu=True), self.norm_out, h, remat=r)
+        return self.conv_out(h)
+
+
+def _down_level(level: DownLevel, h: jax.Array, *, remat: bool) -> tuple[jax.Array, jax.Array]:
+    """(the level's output before downsampling: its skip feature, after downsampling)"""
+    for block in level.block:
+        h = maybe_remat(block, h, remat=remat)
+    return h, h if level.downsample is None else level.downsample(h)

@@ -28,7 +28,8 @@ from jax.sharding import Mesh
 
 from reducio_jax import losses
 from reducio_jax.models import content_frame_index, latent_layer_norm
-from reducio_jax.sharding import batch_sharding, replicated, tree_shardings
+from reducio_jax.models.convolution import target_platform, traced_for
+from reducio_jax.sharding import batch_sharding, replicated, tree_shardings, video_sharding
 from reducio_jax.train import schedules
 from reducio_jax.train.state import (
     FAST_COMPILE,
@@ -43,7 +44,7 @@ Batch = dict[str, jax.Array]  # {"video": (B, T, H, W, 3) float32, "index": (B,)
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, Any]:
-    return {"video": batch_sharding(mesh), "index": batch_sharding(mesh)}
+    return {"video": video_sharding(mesh), "index": batch_sharding(mesh)}
 
 
 def batch_spec(data_cfg: Any, mesh: Mesh) -> Batch:
@@ -53,7 +54,9 @@ def batch_spec(data_cfg: Any, mesh: Mesh) -> Batch:
     b, t = int(data_cfg.batch_size), int(data_cfg.num_frames)
     shard = batch_sharding(mesh)
     return {
-        "video": jax.ShapeDtypeStruct((b, t, int(h), int(w), 3), jnp.float32, sharding=shard),
+        "video": jax.ShapeDtypeStruct(
+            (b, t, int(h), int(w), 3), jnp.float32, sharding=video_sharding(mesh)
+        ),
         "index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shard),
     }
 
@@ -157,7 +160,8 @@ def _accumulate(
     def micro(a: jax.Array) -> jax.Array:
         # strided micro-batches: micro-batch i holds rows i, i + A, ... (devices keep their rows)
         a = jnp.swapaxes(a.reshape(b // accum, accum, *a.shape[1:]), 0, 1)
-        return jax.lax.with_sharding_constraint(a, batch_sharding(mesh, extra_dims=1))
+        shard = video_sharding if a.ndim == 6 else batch_sharding
+        return jax.lax.with_sharding_constraint(a, shard(mesh, extra_dims=1))
 
     xs, id_s = micro(video), micro(ids)
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
@@ -174,7 +178,7 @@ def _accumulate(
     # XLA:CPU runs convolutions inside a while loop 4x (30x without LLVM optimisation) slower
     # than unrolled (measured on the tiny model): unroll there; keep the loop on accelerators,
     # where it compiles once for any number of micro-batches.
-    unroll = accum if jax.default_backend() == "cpu" else 1
+    unroll = accum if target_platform() == "cpu" else 1
     (stats, g_sum, d_sum), metrics = jax.lax.scan(body, init, (xs, id_s), unroll=unroll)
     mean = lambda t: jax.tree.map(lambda a: a / accum, t)  # noqa: E731
     return stats, mean(g_sum), mean(d_sum), jax.tree.map(jnp.mean, metrics)
@@ -192,10 +196,13 @@ def train_step_fn(
     lr_disc = schedules.disc_schedule(cfg.optim, cfg.loss)
     accum = int(cfg.train.grad_accum_steps)
 
+    platform = mesh.devices.flat[0].platform  # the forms of the devices it runs on
+
     def step(state: TrainState, batch: Batch, lpips_state: nnx.State | None):
-        stats, g_grads, d_grads, metrics = _accumulate(
-            nets, w, state, lpips_state, batch, accum, mesh
-        )
+        with traced_for(platform):
+            stats, g_grads, d_grads, metrics = _accumulate(
+                nets, w, state, lpips_state, batch, accum, mesh
+            )
         updates, opt_vae = tx_vae.update(g_grads, state.opt_vae, state.vae_params)
         vae_params = optax.apply_updates(state.vae_params, updates)
         updates, opt_disc = tx_disc.update(d_grads, state.opt_disc, state.disc_params)

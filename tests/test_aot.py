@@ -1,0 +1,123 @@
+"""The ahead-of-time compile for a TPU topology (reducio_jax/aot.py, `python -m reducio_jax
+compile`): the training step of a cut-down model compiled by libtpu's compile-only client for
+a v5e:2x2 slice on this CPU host, and its encoder for the batch search. Skipped only where
+libtpu is not installed (`pip install -e ".[tpu]"`; CI installs it). The TPU compiler's time
+grows with the number of distinct operations, so the micro model trains without LPIPS."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import jax
+import pytest
+
+from reducio_jax import aot, cli
+from reducio_jax.cli.compile import format_record
+from reducio_jax.config import load_config
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("libtpu") is None,
+        reason='libtpu is not installed (pip install -e ".[tpu]")',
+    ),
+    pytest.mark.xdist_group("aot"),  # one worker: the module's compiles are shared
+]
+TOPOLOGY = "v5e:2x2"
+MICRO = "tests/train/micro_config.py"
+
+
+def _config(fsdp: int):
+    cfg = load_config(MICRO)
+    cfg.loss.perceptual_weight = 0.0
+    cfg.mesh.shape = {"data": -1, "fsdp": fsdp}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def devices():
+    return aot.tpu_devices(TOPOLOGY)
+
+
+@pytest.fixture(scope="module")
+def data_parallel(devices) -> aot.CompileRecord:
+    """train_step at 1 clip per chip on data=4 (the API)."""
+    return aot.compile_program(_config(1), "train_step", devices, topology=TOPOLOGY)
+
+
+@pytest.fixture(scope="module")
+def fsdp_command(tmp_path_factory) -> tuple[int, dict]:
+    """The same on data=2 x fsdp=2, through the command: (exit status, its JSON record)."""
+    out = tmp_path_factory.mktemp("aot") / "record.json"
+    argv = ["compile", "--topology", TOPOLOGY, "--config", MICRO, "--fsdp", "2"]
+    argv += ["--config.loss.perceptual_weight=0.0", "--json", str(out)]
+    status = cli.main(argv)
+    return status, json.loads(out.read_text())[0]
+
+
+def test_train_step_compiles_for_the_tpu(data_parallel):
+    r = data_parallel
+    assert r.fits and not r.error, r.error
+    assert r.device_kind == "TPU v5 lite" and r.num_chips == 4 and r.mesh["data"] == 4
+    assert r.hbm_bytes == aot.HBM_BYTES["TPU v5 lite"]
+    assert 0 < r.temp_bytes < r.total_bytes <= r.hbm_bytes
+    assert r.flops_per_chip > 0 and r.compile_seconds > 0
+    assert "fits: total" in format_record(r)
+
+
+def test_command_exits_0_and_writes_the_record(fsdp_command):
+    status, record = fsdp_command
+    assert status == 0
+    assert record["mesh"] == {"data": 2, "fsdp": 2} and record["fits"]
+    assert record["program"] == "train_step" and record["batch_per_chip"] == 1
+
+
+def test_state_bytes_per_chip_shrink_with_fsdp(data_parallel, fsdp_command):
+    """fsdp=2 halves every parameter and Adam moment whose sharded axis 2 divides; what the
+    rules leave replicated (norm scales, the 3-channel convolutions' odd axes) stays whole."""
+    _, fsdp = fsdp_command
+    state = aot.state_lib.abstract_state(_config(2))
+    full = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert data_parallel.state_bytes == full  # data parallel: every chip holds all of it
+    assert full / 2 <= fsdp["state_bytes"] < 0.6 * full
+    # the compiler's own per-chip arguments (state + batch shard) shrink by as much
+    saved = data_parallel.argument_bytes - fsdp["argument_bytes"]
+    assert saved >= 0.9 * (full - fsdp["state_bytes"])
+
+
+def test_find_batch_returns_a_batch_that_fits_and_the_next_does_not(devices):
+    """On the encoder (a forward program: two quick compiles), judged against a limit between
+    its totals at batch 1 and batch 2."""
+    made: dict[int, aot.CompileRecord] = {}
+
+    def compile_at(batch: int) -> aot.CompileRecord:
+        if batch not in made:
+            made[batch] = aot.compile_program(
+                _config(1), "encode", devices, batch_per_chip=batch, topology=TOPOLOGY
+            )
+        return made[batch]
+
+    one, two = compile_at(1), compile_at(2)
+    assert one.fits and two.total_bytes > one.total_bytes
+    limit = (one.total_bytes + two.total_bytes) // 2
+    best, tried = aot.find_batch(lambda b: aot.with_limit(compile_at(b), limit))
+    by_batch = {r.batch_per_chip: r for r in tried}
+    assert best == 1 and by_batch[1].fits and by_batch[1].total_bytes <= limit
+    assert not by_batch[2].fits and by_batch[2].hbm_bytes == limit
+    assert aot.find_batch(lambda b: aot.with_limit(compile_at(b), one.total_bytes - 1))[0] == 0
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--topology", "v9x:2x2"], "is not GEN:AxB"),
+        (["--topology", "v5e:3x3"], "libtpu cannot build topology"),
+        (["--topology", TOPOLOGY, "--fsdp", "3"], "mesh shape"),
+        (["--topology", TOPOLOGY, "--headroom", "1.5"], "--headroom"),
+    ],
+)
+def test_bad_input_is_one_error_line(args, fragment, capsys):
+    assert cli.main(["compile", *args, "--config", MICRO]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
