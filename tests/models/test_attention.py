@@ -64,3 +64,29 @@ def test_chunked_on_cpu_for_large_logits_unless_switched_off(
     out = attention.multi_head_attention(q, k, v, num_heads=1, fp32=True)
     np.testing.assert_allclose(out, _reference(q, k, v, 1), atol=1e-5, rtol=1e-5)
     assert calls == ([attention.CPU_QUERY_CHUNK] if chunked else [])
+
+
+def test_accelerators_chunk_and_recompute_large_attention(monkeypatch):
+    """Traced for a TPU (the `compile` command's case on this host), attention with at least
+    ACCEL_CHUNKED_MIN_LOGITS logits per head runs in recomputed query chunks: the same values
+    and gradients as one dot_product_attention, and a remat in the program."""
+    from reducio_jax.models.convolution import traced_for
+
+    monkeypatch.setattr(attention, "ACCEL_CHUNKED_MIN_LOGITS", 37 * 11)
+    monkeypatch.setattr(attention, "ACCEL_CHUNK_LOGITS", 8 * 11)  # chunks of 128 queries min
+    q, k, v = _qkv(300, m=11, heads=2, dim=8)
+
+    def ours(q, k, v):
+        return attention.multi_head_attention(q, k, v, num_heads=2, fp32=True)
+
+    loss = lambda f: lambda *t: jnp.sum(jnp.sin(f(*t)))  # noqa: E731
+    with traced_for("tpu"):
+        out = jax.jit(ours)(q, k, v)
+        got = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
+        program = str(jax.make_jaxpr(jax.grad(loss(ours), (0, 1, 2)))(q, k, v))
+    np.testing.assert_allclose(out, _reference(q, k, v, 2), atol=1e-5, rtol=1e-5)
+    want = jax.grad(loss(lambda *t: _reference(*t, 2)), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+    assert "remat" in program or "checkpoint" in program
+    assert "while" in program or "scan" in program  # 300 queries in chunks of 128

@@ -1,5 +1,6 @@
-"""GroupNorm: both formulations (the CPU's channel sums, the plain grouped reduction) against
-a float64 NumPy GroupNorm, and their gradients against each other."""
+"""GroupNorm: its three formulations (the CPU's channel sums and grouped reduction, the GPU/TPU
+`group_norm_lean` with its own backward pass) against a float64 NumPy GroupNorm, and their
+gradients against each other."""
 
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ def _norm():
 
 
 def _use_form(form, monkeypatch):
-    """ "sums": the CPU's channel-sum form (at any size); "plain": the grouped reduction."""
-    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "1" if form == "sums" else "0")
-    monkeypatch.setattr(layers, "CHANNEL_SUMS_MIN_SIZE", 0)
+    """ "sums": the CPU's channel-sum form (at any size); "grouped": the CPU's grouped
+    reduction (at any size); "lean": the accelerators' form (CPU forms switched off)."""
+    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0" if form == "lean" else "1")
+    monkeypatch.setattr(layers, "CHANNEL_SUMS_MIN_SIZE", 0 if form == "sums" else 1 << 60)
 
 
-@pytest.mark.parametrize("form", ["sums", "plain"])
+@pytest.mark.parametrize("form", ["sums", "grouped", "lean"])
 @pytest.mark.parametrize("silu", [False, True])
 def test_group_norm_matches_numpy(form, silu, monkeypatch):
     _use_form(form, monkeypatch)
@@ -66,7 +68,26 @@ def test_group_norm_forms_have_the_same_gradients(monkeypatch):
 
     _use_form("sums", monkeypatch)
     cpu = grads()
-    _use_form("plain", monkeypatch)
-    plain = grads()
-    for got, want in zip(cpu, plain, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    for form in ("grouped", "lean"):
+        _use_form(form, monkeypatch)
+        for got, want in zip(grads(), cpu, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4, err_msg=form)
+
+
+def test_lean_form_is_what_an_accelerator_program_traces(monkeypatch):
+    """Traced for a TPU on this CPU host (the `compile` command's case), GroupNorm takes the
+    lean form (its forward and backward outputs are materialised behind optimization
+    barriers, which no CPU form has)."""
+    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "1")
+    norm, x = _norm()
+    graphdef, params = nnx.split(norm)
+
+    def loss(x):
+        return jnp.sum(nnx.merge(graphdef, params)(x, silu=True))
+
+    from reducio_jax.models.convolution import traced_for
+
+    with traced_for("tpu"):
+        tpu = str(jax.make_jaxpr(jax.grad(loss))(x))
+    cpu = str(jax.make_jaxpr(jax.grad(loss))(x))
+    assert tpu.count("optimization_barrier") == 2 and "optimization_barrier" not in cpu
