@@ -154,7 +154,7 @@ def child_compile(args) -> int:
 
     job = json.loads(args.child)
     cfg = make_config(job["config"], args, job["remat"], job["fsdp"])
-    devices = aot.tpu_devices(job["topology"])
+    devices = aot.target_devices(job["topology"])
     rec = aot.compile_program(
         cfg, args.program, devices, batch_per_chip=job["batch"], topology=job["topology"]
     )
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, topology, remat, fsdp in itertools.product(
             args.config, args.topology, args.remat, args.fsdp
         ):
-            devices = aot.tpu_devices(topology)
+            devices = aot.target_devices(topology)
             for batch in sorted(args.batch):
                 cfg = make_config(name, args, remat, fsdp)
                 if args.stop_at_buffer_assignment:
