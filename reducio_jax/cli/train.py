@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -104,12 +103,18 @@ def _set_up_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def workdir_for(cfg, flag_value: str | None, config_path: str) -> pathlib.Path:
+def workdir_for(cfg, flag_value: str | None, config_path: str):
+    """The run's folder (an `epath.Path`, local or `gs://`): the flag, the config's, or
+    runs/<config name>."""
+    from reducio_jax.paths import as_path
+
     if flag_value:
-        return pathlib.Path(flag_value)
+        return as_path(flag_value)
     if cfg.train.get("workdir"):
-        return pathlib.Path(cfg.train.workdir)
-    return pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem
+        return as_path(cfg.train.workdir)
+    return as_path(
+        os.path.join("runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
+    )
 
 
 def _init_compilation_cache(directory: str) -> None:

@@ -5,7 +5,6 @@ reads its own from its checkpoint)."""
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Any
 
 import ml_collections
@@ -15,6 +14,7 @@ from jax.sharding import Mesh
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import ConversionError, convert_state_dict, split_groups
 from reducio_jax.convert.torch_format import CheckpointFormatError, load_state_dict
+from reducio_jax.paths import Path, PathLike, as_path
 from reducio_jax.train.errors import TrainingError
 from reducio_jax.train.state import make_lpips
 
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 LPIPS_PREFIX = "loss.perceptual_loss."
 
 
-def _existing(path: str | pathlib.Path, flag: str) -> pathlib.Path:
-    p = pathlib.Path(path).expanduser()
+def _existing(path: PathLike, flag: str) -> Path:
+    p = as_path(path)
     if not p.exists():
         raise TrainingError(f"{flag} {path}: no such file or directory")
     return p
