@@ -71,20 +71,29 @@ def rmtree(path: PathLike, *, missing_ok: bool = True) -> None:
 
 
 def files_under(folder: PathLike) -> Iterator[epath.Path]:
-    """Every file below `folder`, at any depth (epath has no recursive glob: it walks)."""
-    for directory, _, files in as_path(folder).walk():
+    """Every file below `folder`, at any depth (epath has no recursive glob: it walks; in a
+    bucket its walk names folders without the `gs://`, so each is rebuilt from `folder`)."""
+    root = as_path(folder)
+    base = _without_scheme(root)
+    for directory, _, files in root.walk():
+        relative = _without_scheme(directory)[len(base) :].strip("/")
+        here = root / relative if relative else root
         for name in files:
-            yield directory / name
+            yield here / name
+
+
+def _without_scheme(path: PathLike) -> str:
+    return os.fspath(path).split(_SCHEME, 1)[-1].rstrip("/")
 
 
 def copytree(source: PathLike, out: PathLike) -> None:
     """Copies a folder's files (local or in a bucket, either way) into `out`."""
     source, out = as_path(source), as_path(out)
-    for directory, _, files in source.walk():
-        target = out / os.fspath(directory)[len(os.fspath(source)) :].lstrip("/")
-        target.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            (directory / name).copy(target / name, overwrite=True)
+    base = len(os.fspath(source))
+    for file in files_under(source):
+        target = out / os.fspath(file)[base:].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        file.copy(target, overwrite=True)
 
 
 @contextlib.contextmanager

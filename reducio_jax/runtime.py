@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reducio_jax.api import ReducioVAE
 from reducio_jax.config import load_config
 from reducio_jax.convert.checkpoint import load_pretrained_config
+from reducio_jax.convert.hub import is_hub
 from reducio_jax.data.pipeline import as_config
 from reducio_jax.errors import InputError
 from reducio_jax.paths import as_path
@@ -113,6 +114,10 @@ def describe_devices(mesh: Mesh) -> str:
 def resolve_config(checkpoint: str | os.PathLike, config: ConfigSpec) -> ml_collections.ConfigDict:
     """The run config: `config` if given, else the one stored in a pretrained directory (or a
     training run's `checkpoints/<step>`, the same layout)."""
+    if is_hub(str(checkpoint)):
+        if config is None:
+            raise InputError(f"--config is needed to convert the torch checkpoint {checkpoint}")
+        return load_config(config)
     path = as_path(checkpoint)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
@@ -132,6 +137,8 @@ def resolve_config(checkpoint: str | os.PathLike, config: ConfigSpec) -> ml_coll
 def load_vae(checkpoint: str | os.PathLike, config: ConfigSpec, mesh: Mesh | None) -> ReducioVAE:
     """A torch checkpoint file (needs `config`) or an Orbax pretrained directory, on `mesh`."""
     cfg = resolve_config(checkpoint, config)
+    if is_hub(str(checkpoint)):
+        return ReducioVAE.from_torch_checkpoint(str(checkpoint), cfg, mesh=mesh)
     path = as_path(checkpoint)
     if path.is_dir():
         return ReducioVAE.from_pretrained(path, cfg, mesh=mesh)

@@ -1,23 +1,30 @@
-"""Starts `gcp-storage-emulator` with the object generation on every download.
+"""Starts `gcp-storage-emulator` with two answers of real GCS that it lacks and the tests need.
 
-Real GCS answers a media download with the object's generation in the `x-goog-generation`
-header; the emulator (2026.7.19) sends it only in the JSON metadata. TensorStore's GCS driver
-reads the header, and without it reports every object's generation as 0, so its conditional
-writes (Orbax's OCDBT checkpoints rewrite their manifest on the condition that it is unchanged)
-fail with `Malformed StorageGeneration`. This launcher adds the header (and nothing else) to
-the emulator's download handler, then runs the emulator's own command line:
+1. The object generation on every download (`x-goog-generation`). The emulator (2026.7.19)
+   sends it only in the JSON metadata; TensorStore's GCS driver reads the header, and without
+   it takes every generation for 0, so its conditional writes (Orbax's OCDBT checkpoints
+   rewrite their manifest on the condition that it is unchanged) fail with `Malformed
+   StorageGeneration`.
+2. `startOffset` / `endOffset` in object listings. The emulator ignores them and lists the
+   whole bucket; TensorStore deletes a key range (`delete_existing=True` of the latent store's
+   arrays) by listing the range and deleting what comes back, so it would delete everything.
+
+This launcher wraps the emulator's two handlers (and changes nothing else), then runs the
+emulator's own command line:
 
     python tests/gcs_emulator_main.py start --host=127.0.0.1 --port=P --default-bucket=B
 """
 
 from __future__ import annotations
 
+import json
+
 from gcp_storage_emulator import server
 from gcp_storage_emulator.__main__ import main
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
-_DOWNLOAD = objects.download
+_DOWNLOAD, _LS = objects.download, objects.ls
 
 
 def download(request, response, storage, *args, **kwargs):
@@ -30,9 +37,24 @@ def download(request, response, storage, *args, **kwargs):
     return _DOWNLOAD(request, response, storage, *args, **kwargs)
 
 
+def ls(request, response, storage, *args, **kwargs):
+    _LS(request, response, storage, *args, **kwargs)
+    start = request.query.get("startOffset", [""])[0]
+    end = request.query.get("endOffset", [None])[0]
+    if (start or end) and response._content:
+        listing = json.loads(response._content)
+        listing["items"] = [
+            item
+            for item in listing.get("items") or []
+            if item["name"] >= start and (end is None or item["name"] < end)
+        ]
+        response.json(listing)
+
+
 objects.download = download  # `GET .../o/NAME?alt=media` (objects.get) calls it by this name
+_REPLACED = {_DOWNLOAD: download, _LS: ls}
 server.HANDLERS = tuple(
-    (pattern, {m: download if h is _DOWNLOAD else h for m, h in methods.items()})
+    (pattern, {m: _REPLACED.get(h, h) for m, h in methods.items()})
     for pattern, methods in server.HANDLERS
 )
 

@@ -4,8 +4,9 @@ Its objects live under `<base>/.cloudstorage/<bucket>/...`. Clients find it thro
 environment of `client_env()`: gcsfs (etils.epath's `gs://` backend, tensorboardX's writer)
 through `STORAGE_EMULATOR_HOST`, TensorStore's GCS driver (Orbax's arrays, the latent store)
 through `TENSORSTORE_GCS_HTTP_URL` with a fixed test token instead of cloud credentials.
-The emulator runs through tests/gcs_emulator_main.py, which adds the one response header that
-TensorStore needs and the emulator leaves out (the object generation on downloads).
+The emulator runs through tests/gcs_emulator_main.py, which adds two answers of real GCS that
+TensorStore needs and the emulator lacks (the object generation on downloads, key-range
+listings).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import uuid
 
 BUCKET = "reducio-test"
-LAUNCHER = pathlib.Path(__file__).resolve().parent / "gcs_emulator_main.py"  # + the generation
+LAUNCHER = pathlib.Path(__file__).resolve().parent / "gcs_emulator_main.py"
 
 
 def free_port() -> int:

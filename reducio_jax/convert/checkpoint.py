@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from reducio_jax import checkpoints
 from reducio_jax.config import config_from_dict
+from reducio_jax.convert.hub import download, is_hub
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import (
     ConversionError,
@@ -116,7 +117,9 @@ def convert_torch_checkpoint(
     *,
     mesh: Mesh | None = None,
 ) -> ReducioWeights:
-    """Reads a released checkpoint file (no torch needed) and fills the modules of `cfg`."""
+    """Reads a released checkpoint file (no torch needed) and fills the modules of `cfg`: a
+    path, a `gs://` URL or a hub name `hf://OWNER/REPO/FILE[@REVISION]` (downloaded)."""
+    path = download(path) if is_hub(path) else path
     return convert_state_dict_to_modules(load_state_dict(path), cfg, mesh=mesh)
 
 

@@ -3,7 +3,11 @@ folders, with the same results: `convert --out` and `from_pretrained`, `encode` 
 the bucket and `decode` back, `reconstruct` from and to the bucket, `eval` on videos there.
 
 Every command runs twice, once on a local tree and once on the same tree in the bucket; the
-tiny model at 32 px, so each program is compiled once for both.
+tiny model at 32 px, so each program is compiled once for both. Arrays and metrics are compared
+bit for bit. Written mp4s are compared by their frames' mean difference only: two runs of the
+same command on the same local folder already give H.264 files whose frames differ (up to ~30
+levels at single pixels of this noisy 32 px model output, mean under 1), so the encoder, not
+the storage, decides those bytes.
 """
 
 from __future__ import annotations
@@ -106,19 +110,28 @@ def test_encode_decode_store_in_bucket(trees, pretrained):
             np.testing.assert_array_equal(local.read(s, r, name), remote.read(s2, r2, name))
     assert sorted(decoded["local"]) == sorted(decoded["remote"]) and len(decoded["local"]) == 2
     for name, frames in decoded["local"].items():
-        np.testing.assert_array_equal(frames, decoded["remote"][name])
+        _same_video(frames, decoded["remote"][name])
 
 
-def test_reconstruct_folder_from_and_to_bucket(trees, pretrained):
-    out = {}
+def _same_video(a: np.ndarray, b: np.ndarray) -> None:
+    """Two H.264 encodings of the same frames (see the module docstring)."""
+    assert a.shape == b.shape
+    assert np.mean(np.abs(a.astype(np.float32) - b)) < 1.0
+
+
+def test_reconstruct_folder_from_and_to_bucket(trees, pretrained, capsys):
+    out, lines = {}, {}
     for side, root in trees.items():
         args = [f"{root}/videos", f"{root}/recon", "--checkpoint", pretrained[side]]
         assert main(["reconstruct", *args, "--window_batch", "1", "--noprogress"]) == 0
         out[side] = _videos(f"{root}/recon")
+        printed = capsys.readouterr().out.splitlines()
+        lines[side] = [x.replace(root, "ROOT") for x in printed if "PSNR" in x]
+    assert len(lines["local"]) == 2 and lines["local"] == lines["remote"]  # the same PSNR/SSIM
     assert sorted(out["local"]) == sorted(out["remote"]) == ["/a.mp4", "/sub/b.mp4"]
     for name, frames in out["local"].items():
         assert frames.shape[0] == (20 if name == "/a.mp4" else 18)
-        np.testing.assert_array_equal(frames, out["remote"][name])
+        _same_video(frames, out["remote"][name])
     leftovers = [p for p in paths.files_under(trees["remote"]) if "partial" in p.name]
     assert leftovers == []
 
