@@ -27,7 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from reducio_jax.paths import Path, PathLike, as_path, copytree, rmtree
+from reducio_jax.paths import Path, PathLike, as_path, copytree, make_dirs, rmtree
 
 VAE = "vae"
 DISCRIMINATOR = "discriminator"
@@ -129,6 +129,7 @@ def write_arrays_whole_in_one_process() -> None:
 def save(directory: PathLike, items: Mapping[str, Any]) -> Path:
     """Writes `items` as one checkpoint directory (replacing what was there), atomically."""
     directory = as_path(directory)
+    make_dirs(directory.parent)  # in a bucket: that the bucket exists (Orbax would create it)
     write_arrays_whole_in_one_process()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(directory, save_args(items), force=True)
@@ -150,7 +151,7 @@ def copy_items(source: PathLike, out: PathLike, names: Iterable[str]) -> list[st
     names = [name for name in names if (source / name).is_dir()]
     tmp = out.with_name(out.name + TMP_MARK + "-copy")
     rmtree(tmp)
-    tmp.mkdir(parents=True)
+    make_dirs(tmp)
     for name in names:
         copytree(source / name, tmp / name)
     if (source / METADATA_FILE).is_file():

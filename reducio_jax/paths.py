@@ -48,6 +48,29 @@ def as_path(path: PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def make_dirs(path: PathLike) -> epath.Path:
+    """Creates a local folder (and its parents). In a bucket there are no folders to create,
+    only the bucket to check: it must exist (a missing bucket is never created; gcsfs's
+    `mkdir` would create it), else `FileNotFoundError` naming the URL."""
+    path = as_path(path)
+    if is_remote(path):
+        check_bucket(path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_bucket(path: PathLike) -> None:
+    """`FileNotFoundError` (one line, naming `path`) unless the bucket of a URL exists."""
+    text = os.fspath(path)
+    scheme, rest = text.split(_SCHEME, 1)
+    bucket = f"{scheme}{_SCHEME}{rest.split('/', 1)[0]}"
+    if not epath.Path(bucket).exists():
+        raise FileNotFoundError(
+            f"{text}: bucket {bucket} does not exist (or these credentials cannot see it)"
+        )
+
+
 def kvstore(path: PathLike) -> dict[str, Any] | str:
     """TensorStore's key-value store of a folder: its `gcs` driver for a bucket URL, else the
     `file` driver."""
@@ -92,7 +115,7 @@ def copytree(source: PathLike, out: PathLike) -> None:
     base = len(os.fspath(source))
     for file in files_under(source):
         target = out / os.fspath(file)[base:].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent)
         file.copy(target, overwrite=True)
 
 
@@ -109,7 +132,7 @@ def staged(path: PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
             yield local
             upload(local, path)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     local = pathlib.Path(os.fspath(path.parent)) / f".{path.stem}.partial{suffix}"
     try:
         yield local
@@ -120,7 +143,7 @@ def staged(path: PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
 
 def upload(local: pathlib.Path, path: epath.Path) -> None:
     """One upload of a local file to `path` (the object appears only when it is complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     path.write_bytes(local.read_bytes())
 
 
@@ -204,7 +227,9 @@ __all__ = [
     "copytree",
     "files_under",
     "is_remote",
+    "check_bucket",
     "kvstore",
+    "make_dirs",
     "media_source",
     "mirror",
     "open_media",

@@ -50,7 +50,7 @@ from reducio_jax.latents.store import (
     write_json_atomic,
 )
 from reducio_jax.models import content_frame_index
-from reducio_jax.paths import Path, as_path, rmtree, write_text
+from reducio_jax.paths import Path, as_path, make_dirs, rmtree, write_text
 from reducio_jax.preemption import StopOnSigterm
 from reducio_jax.runtime import (
     InputError,
@@ -168,7 +168,7 @@ def prepare_store(root: Path, meta: dict[str, Any], overwrite: bool) -> None:
     elif has_meta:
         check_resumable(read_meta(root), meta, root)
         return
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root)
     write_json_atomic(root / META_FILE, meta)
 
 

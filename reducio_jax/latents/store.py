@@ -157,7 +157,7 @@ class ShardWriter:
         self.dir = as_path(root) / shard_name(shard)
         if self.dir.exists():
             paths.rmtree(self.dir)  # an unfinished shard restarts from scratch
-        self.dir.mkdir(parents=True)
+        paths.make_dirs(self.dir)
         self.rows = rows
         self.arrays = {name: create_array(self.dir / name, rows, s) for name, s in arrays.items()}
         self.clips: list[dict[str, Any] | None] = [None] * rows

@@ -56,7 +56,7 @@ from reducio_jax.latents.store import (
 )
 from reducio_jax.models import content_frame_index
 from reducio_jax.models.windows import Stitcher, WindowCutter, check_overlap, pad_spatial
-from reducio_jax.paths import Path, as_path, rmtree
+from reducio_jax.paths import Path, as_path, make_dirs, rmtree
 from reducio_jax.reconstruct import (
     DecodeReport,
     check_size,
@@ -167,7 +167,7 @@ class VideoArrays:
     """The growing Zarr arrays (K, ...) of one video, a window batch appended at a time."""
 
     def __init__(self, folder: Path, specs: dict[str, ArraySpec]):
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         self.arrays = {name: create_array(folder / name, 0, s) for name, s in specs.items()}
         self.rows = 0
 
@@ -312,7 +312,7 @@ def _encode_shard(ctx: _Context, root: Path, shard: int, files, videos) -> list[
     folder = root / shard_name(shard)
     if folder.exists():
         rmtree(folder)
-    folder.mkdir(parents=True)
+    make_dirs(folder)
     records = []
     for index in range(*videos):
         path, out = as_path(files[index]), folder / video_dir_name(index)

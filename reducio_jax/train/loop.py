@@ -33,7 +33,7 @@ from reducio_jax.config import derived
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
-from reducio_jax.paths import Path, PathLike, as_path
+from reducio_jax.paths import Path, PathLike, as_path, make_dirs
 from reducio_jax.preemption import Preempted, StopOnSigterm
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import restore_step, save_step
@@ -285,7 +285,7 @@ class Trainer:
     ):
         self.cfg = cfg
         self.workdir = as_path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.workdir)  # a bucket must exist
         self.progress = progress and jax.process_index() == 0
         self.mesh = shard_lib.make_mesh(cfg.mesh, devices)
         check_config(cfg, self.mesh)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from reducio_jax.data.video import to_uint8
-from reducio_jax.paths import Path, TextLog, is_remote, mirror, staged
+from reducio_jax.paths import Path, TextLog, is_remote, make_dirs, mirror, staged
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Monitor:
         from PIL import Image
 
         folder = self.workdir / "previews"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         grid = preview_grid(clip, recon)
         png = folder / f"step_{step:07d}.png"
         with staged(png) as local:
