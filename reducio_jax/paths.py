@@ -147,10 +147,10 @@ def upload(local: pathlib.Path, path: epath.Path) -> None:
     path.write_bytes(local.read_bytes())
 
 
-def mirror(local: pathlib.Path, out: PathLike) -> None:
+def mirror(local: PathLike, out: PathLike) -> None:
     """Uploads every file of the local folder `local` to the folder `out`, each in one upload."""
     out = as_path(out)
-    for file in sorted(local.iterdir()):
+    for file in sorted(pathlib.Path(local).iterdir()):
         if file.is_file():
             upload(file, out / file.name)
 

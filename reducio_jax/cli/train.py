@@ -121,7 +121,9 @@ def _init_compilation_cache(directory: str) -> None:
     import jax
 
     if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        from reducio_jax.paths import as_path
+
+        jax.config.update("jax_compilation_cache_dir", os.fspath(as_path(directory)))
 
 
 def summarize(result) -> None:

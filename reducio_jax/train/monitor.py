@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -164,7 +163,7 @@ class Monitor:
         of every other path)."""
         if self.staging is not None:
             self.writer.flush()
-            mirror(pathlib.Path(self.staging.name), self.events)
+            mirror(self.staging.name, self.events)
 
     def close(self) -> None:
         if self.enabled:
