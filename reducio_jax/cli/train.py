@@ -31,7 +31,7 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_string(
         "workdir",
         None,
-        "Run directory (default: train.workdir or runs/<config name>).",
+        "Run directory, a path or a gs:// URL (default: train.workdir or runs/<config name>).",
         flag_values=fv,
     )
     flags.DEFINE_bool(
@@ -40,8 +40,8 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_string(
         "init_from",
         None,
-        "Start from a released torch checkpoint (.ckpt/.pt/.safetensors) or a pretrained "
-        "directory.",
+        "Start from a released torch checkpoint (.ckpt/.pt/.safetensors), a pretrained "
+        "directory (paths or gs:// URLs) or released weights by name (hf://OWNER/REPO/FILE).",
         flag_values=fv,
     )
     flags.DEFINE_string(
