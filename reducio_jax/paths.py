@@ -29,8 +29,10 @@ Path = epath.Path
 _SCHEME = "://"
 
 # gcsfs logs a warning per call when it cannot tell a bucket's type (no cloud credentials,
-# e.g. against a local emulator); the call then proceeds with the plain GCS file system.
-logging.getLogger("gcsfs").setLevel(logging.ERROR)
+# e.g. against a local emulator; the call then proceeds with the plain GCS file system), and a
+# traceback per request that ran out of retries (the exception then reaches the caller, whose
+# one `error:` line reports it).
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 def is_remote(path: PathLike) -> bool:

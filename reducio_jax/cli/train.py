@@ -87,6 +87,16 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
         raise KeyboardInterrupt(
             f"the state at the interruption was checkpointed in {workdir}"
         ) from None
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # storage that fails mid-run (a bucket's server unreachable, ...)
+        from reducio_jax.errors import message
+        from reducio_jax.train.errors import RunFailure
+
+        raise RunFailure(
+            f"{workdir}: storage failed ({type(err).__name__}: {message(err)}); its last "
+            "committed checkpoint is complete: rerun with --resume once it is back"
+        ) from err
     summarize(result)
     return 0
 
