@@ -41,6 +41,7 @@ from reducio_jax.convert.checkpoint import (
     load_pretrained_config,
     save_pretrained,
 )
+from reducio_jax.convert.hub import HubError, hub_name, is_hub, load_hub_weights
 from reducio_jax.models import VideoVAE, build_vae, latent_layer_norm
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
@@ -158,9 +159,14 @@ class ReducioVAE:
     def from_torch_checkpoint(
         cls, path: str | pathlib.Path, cfg: ConfigLike, *, mesh: jax.sharding.Mesh | None = None
     ) -> ReducioVAE:
-        """Converts a released `.ckpt` / `.pt` / `.safetensors` file (no torch needed)."""
+        """Converts a released `.ckpt` / `.pt` / `.safetensors` file (no torch needed): a path,
+        a `gs://` URL or a hub name `hf://OWNER/REPO/FILE[@REVISION]` (converted once, then read
+        from the cache of `reducio_jax.convert.hub`)."""
         cfg = load_config(cfg)
-        weights = convert_torch_checkpoint(path, cfg, mesh=mesh)
+        if is_hub(str(path)):
+            weights = load_hub_weights(str(path), cfg, mesh=mesh)
+        else:
+            weights = convert_torch_checkpoint(path, cfg, mesh=mesh)
         return cls(weights.vae, cfg, weights)
 
     @classmethod
@@ -170,9 +176,20 @@ class ReducioVAE:
         cfg: ConfigLike | None = None,
         *,
         mesh: jax.sharding.Mesh | None = None,
+        variant: str | None = None,
     ) -> ReducioVAE:
-        """Restores a checkpoint directory: one written by `save_pretrained`,
-        `convert_torch_weights.py` or `export`, or a training run's `checkpoints/<step>`."""
+        """Restores a checkpoint directory (a path or a `gs://` URL): one written by
+        `save_pretrained`, `convert_torch_weights.py` or `export`, or a training run's
+        `checkpoints/<step>`. Released weights by name: a hub repo id with `variant` ("ft4",
+        "ft2"; e.g. `from_pretrained("microsoft/Reducio-VAE", cfg, variant="ft4")`) or
+        `hf://OWNER/REPO/FILE[@REVISION]`, fetched through huggingface_hub and converted once;
+        these need `cfg`, the file's model config (configs/reducio_ft4.py)."""
+        if variant is not None:
+            directory = hub_name(str(directory), variant)
+        if is_hub(str(directory)):
+            if cfg is None:
+                raise HubError(f"{directory} is a torch checkpoint: pass its config (cfg=...)")
+            return cls.from_torch_checkpoint(str(directory), cfg, mesh=mesh)
         cfg = load_config(cfg) if cfg is not None else load_pretrained_config(directory)
         weights = load_pretrained(directory, cfg, mesh=mesh)
         return cls(weights.vae, cfg, weights)

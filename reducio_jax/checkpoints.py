@@ -18,8 +18,6 @@ their shards: the target of each network item is `sharding.abstract_model` of th
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,6 +26,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
+
+from reducio_jax.paths import Path, PathLike, as_path, copytree, make_dirs, rmtree
 
 VAE = "vae"
 DISCRIMINATOR = "discriminator"
@@ -88,16 +88,16 @@ def restore_args(targets: Mapping[str, Any]) -> ocp.args.Composite:
     return ocp.args.Composite(**{name: _restore_arg(name, t) for name, t in targets.items()})
 
 
-def items_in(directory: str | pathlib.Path) -> set[str]:
+def items_in(directory: PathLike) -> set[str]:
     """The item names a checkpoint directory holds."""
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     return {p.name for p in directory.iterdir() if p.is_dir()} if directory.is_dir() else set()
 
 
-def read_config(directory: str | pathlib.Path) -> dict[str, Any]:
+def read_config(directory: PathLike) -> dict[str, Any]:
     """The config item of a checkpoint; one-line errors for other directories and for
     pretrained directories of the earlier layout."""
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     if not (directory / CONFIG).is_dir():
         raise CheckpointError(
             f"{directory} is not a reducio-jax checkpoint (no '{CONFIG}' item); create one with "
@@ -126,40 +126,42 @@ def write_arrays_whole_in_one_process() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
-def save(directory: str | pathlib.Path, items: Mapping[str, Any]) -> pathlib.Path:
+def save(directory: PathLike, items: Mapping[str, Any]) -> Path:
     """Writes `items` as one checkpoint directory (replacing what was there), atomically."""
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
+    make_dirs(directory.parent)  # in a bucket: that the bucket exists (Orbax would create it)
     write_arrays_whole_in_one_process()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(directory, save_args(items), force=True)
     return directory
 
 
-def restore(directory: str | pathlib.Path, targets: Mapping[str, Any]) -> dict[str, Any]:
+def restore(directory: PathLike, targets: Mapping[str, Any]) -> dict[str, Any]:
     """The items named in `targets` (abstract states with shardings; None for the config)."""
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         return dict(checkpointer.restore(directory, restore_args(targets)))
 
 
-def copy_items(source: pathlib.Path, out: pathlib.Path, names: Iterable[str]) -> list[str]:
+def copy_items(source: PathLike, out: PathLike, names: Iterable[str]) -> list[str]:
     """Copies the items `names` that `source` holds into a new checkpoint directory `out`
-    (replaced whole, via a temporary directory); returns the names copied."""
-    out = out.absolute()
+    (replaced whole, via a temporary directory); returns the names copied. In a bucket the
+    last step, the rename, is a copy: `out` has its metadata file only once it is complete."""
+    source, out = as_path(source), as_path(out)
     names = [name for name in names if (source / name).is_dir()]
     tmp = out.with_name(out.name + TMP_MARK + "-copy")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    rmtree(tmp)
+    make_dirs(tmp)
     for name in names:
-        shutil.copytree(source / name, tmp / name)
+        copytree(source / name, tmp / name)
     if (source / METADATA_FILE).is_file():
-        shutil.copy2(source / METADATA_FILE, tmp / METADATA_FILE)
-    shutil.rmtree(out, ignore_errors=True)
+        (source / METADATA_FILE).copy(tmp / METADATA_FILE, overwrite=True)
+    rmtree(out)
     tmp.rename(out)
     return names
 
 
-def incomplete_saves(directory: pathlib.Path) -> list[str]:
+def incomplete_saves(directory: Path) -> list[str]:
     """Names of uncommitted (interrupted) saves in a run's checkpoint directory."""
     if not directory.is_dir():
         return []
@@ -177,19 +179,19 @@ class RunCheckpoints:
 
     def __init__(
         self,
-        directory: str | pathlib.Path,
+        directory: PathLike,
         *,
         keep: int,
         async_save: bool = True,
         cleanup: bool = False,
     ):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = as_path(directory)
         self.incomplete = incomplete_saves(self.directory)
         if cleanup and jax.process_index() == 0:
             # Deleted here, synchronously: Orbax's own clean-up runs in a background thread that
             # fails noisily when the process exits right after set-up (e.g. on bad input).
             for name in self.incomplete:
-                shutil.rmtree(self.directory / name, ignore_errors=True)
+                rmtree(self.directory / name)
         write_arrays_whole_in_one_process()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(int(keep), 1), enable_async_checkpointing=async_save, create=True
@@ -201,7 +203,7 @@ class RunCheckpoints:
             self.directory, options=options, item_handlers=handlers
         )
 
-    def step_dir(self, step: int) -> pathlib.Path:
+    def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
     def latest_step(self) -> int | None:

@@ -26,6 +26,7 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
     from absl import flags
 
     from reducio_jax.config import ConfigError
+    from reducio_jax.convert.hub import HubError
     from reducio_jax.convert.mapping import ConversionError
     from reducio_jax.convert.torch_format import CheckpointFormatError
     from reducio_jax.data.errors import DataError
@@ -36,6 +37,7 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
         ConfigError,
         ConversionError,
         CheckpointFormatError,
+        HubError,
         DataError,
         StoreError,
         FileNotFoundError,

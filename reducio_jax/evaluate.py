@@ -31,8 +31,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,6 +50,7 @@ from reducio_jax.data.video import parse_resolution, safe_stem, to_uint8, write_
 from reducio_jax.errors import InputError
 from reducio_jax.metrics import FVDAccumulator, InceptionI3d, load_i3d, resize_video
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
+from reducio_jax.paths import Path, PathLike, as_path, staged, write_text
 from reducio_jax.preemption import StopOnSigterm
 from reducio_jax.runtime import (
     RunOptions,
@@ -216,7 +215,7 @@ class MetricTotals:
 class VideoSaver:
     """Writes input | reconstruction mp4s of the clips with index < `count` (process 0)."""
 
-    def __init__(self, folder: pathlib.Path | None, count: int, fps: float, names) -> None:
+    def __init__(self, folder: Path | None, count: int, fps: float, names) -> None:
         self.folder, self.count, self.fps, self.names = folder, count, fps, names
         self.written: list[str] = []
 
@@ -293,7 +292,7 @@ def _file_counts(loader, totals: MetricTotals, preempted: bool) -> dict[str, Any
 
 def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg, stop):
     totals = MetricTotals(with_fvd=i3d is not None)
-    folder = pathlib.Path(opts.out) / "videos" if opts.out and opts.save_videos > 0 else None
+    folder = as_path(opts.out) / "videos" if opts.out and opts.save_videos > 0 else None
     saver = VideoSaver(folder, opts.save_videos, float(data_cfg.fps), loader.source.name)
     steps = math.ceil(num_clips / loader.global_batch)
     start = _resume(opts, totals, saver, loader)
@@ -324,11 +323,11 @@ def _run(loader, vae, lpips, i3d, opts, mesh, num_clips, data_cfg, stop):
 # -- stop and resume --------------------------------------------------------------------------
 
 
-def _progress_paths(opts: EvalOptions) -> tuple[pathlib.Path, pathlib.Path] | None:
+def _progress_paths(opts: EvalOptions) -> tuple[Path, Path] | None:
     """OUT/eval_state.json and .npz: single-process runs with an --out folder."""
     if not opts.out or jax.process_count() > 1:
         return None
-    out = pathlib.Path(opts.out)
+    out = as_path(opts.out)
     return out / STATE_FILE, out / STATE_FILE.replace(".json", ".npz")
 
 
@@ -348,12 +347,10 @@ def _save_progress(opts, batches: int, totals: MetricTotals, saver, loader) -> N
     state = {"options": _fingerprint(opts), "batches": batches, "totals": values,
              "videos": saver.written, "loader": loader.get_state(),
              "counts": loader.counts_state()}  # fmt: skip
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
     if arrays:
-        np.savez(paths[1], **arrays)
-    tmp = paths[0].with_name(paths[0].name + ".tmp")
-    tmp.write_text(json.dumps(state, default=_json_default))
-    os.replace(tmp, paths[0])
+        with staged(paths[1]) as local:
+            np.savez(local, **arrays)
+    write_text(paths[0], json.dumps(state, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:
@@ -371,7 +368,10 @@ def _resume(opts: EvalOptions, totals: MetricTotals, saver, loader) -> int:
     if state.get("options") != json.loads(json.dumps(_fingerprint(opts), default=_json_default)):
         log.warning("Ignoring %s: written by an eval.py run with other options.", paths[0])
         return 0
-    arrays = dict(np.load(paths[1])) if paths[1].is_file() else {}
+    arrays = {}
+    if paths[1].is_file():
+        with paths[1].open("rb") as f:
+            arrays = dict(np.load(f))
     totals.restore(state["totals"], arrays)
     saver.written = list(state["videos"])
     loader.set_state(state["loader"])
@@ -468,20 +468,21 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(result: dict[str, Any], out: str | pathlib.Path) -> pathlib.Path:
+def write_reports(result: dict[str, Any], out: PathLike) -> Path:
     """metrics.json (without per-clip rows and skipped files), metrics.md, per_clip.jsonl and
-    skipped.jsonl (one line per unreadable file: name, index, reason) under `out`."""
-    out = pathlib.Path(out)
+    skipped.jsonl (one line per unreadable file: name, index, reason) under `out` (a folder or
+    a bucket URL); each file is written whole or not at all (`paths.write_text`), metrics.json
+    last."""
+    out = as_path(out)
     if jax.process_index() != 0:
         return out
-    out.mkdir(parents=True, exist_ok=True)
     skipped = (json.dumps(row) for row in result.get("skipped", []))
-    (out / SKIPPED_FILE).write_text("".join(f"{row}\n" for row in skipped))
-    summary = {k: v for k, v in result.items() if k not in ("per_clip", "skipped")}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "metrics.md").write_text(format_markdown(result))
+    write_text(out / SKIPPED_FILE, "".join(f"{row}\n" for row in skipped))
     rows = (json.dumps(row) for row in result["per_clip"])
-    (out / "per_clip.jsonl").write_text("".join(f"{row}\n" for row in rows))
+    write_text(out / "per_clip.jsonl", "".join(f"{row}\n" for row in rows))
+    write_text(out / "metrics.md", format_markdown(result))
+    summary = {k: v for k, v in result.items() if k not in ("per_clip", "skipped")}
+    write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return out
 
 

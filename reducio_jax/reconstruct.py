@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from reducio_jax.models.windows import (
     pad_frames,
     plan_windows,
 )
+from reducio_jax.paths import Path, PathLike, as_path, is_remote, open_media, staged
 from reducio_jax.runtime import ConfigSpec, InputError, load_vae, resolve_config
 
 MIN_SIZE = 32  # pixels: the model's spatial compression
@@ -70,7 +70,7 @@ class ReconstructOptions:
 class Probe:
     """What the container says about one input video."""
 
-    path: pathlib.Path
+    path: Path
     height: int
     width: int
     fps: float  # source frame rate
@@ -80,10 +80,10 @@ class Probe:
 # -- input --------------------------------------------------------------------------------------
 
 
-def probe(path: pathlib.Path) -> Probe:
+def probe(path: Path) -> Probe:
     """Opens `path` and decodes its first frame; InputError when it cannot be used."""
     try:
-        with av.open(str(path)) as container:
+        with open_media(path) as source, av.open(source) as container:
             if not container.streams.video:
                 raise InputError(f"{path} has no video frames (no video stream)")
             stream = container.streams.video[0]
@@ -132,9 +132,9 @@ class DecodeReport:
     error: str | None = None  # why decoding stopped early
 
 
-def source_frames(path: pathlib.Path, report: DecodeReport) -> Iterator[tuple[float, np.ndarray]]:
+def source_frames(path: Path, report: DecodeReport) -> Iterator[tuple[float, np.ndarray]]:
     """(time in seconds, uint8 (H, W, 3)) for each decodable frame; stops at the first error."""
-    with av.open(str(path)) as container:
+    with open_media(path) as source, av.open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate
@@ -178,7 +178,7 @@ def resample(
 class VideoWriter:
     """H.264 frames to a container, opened on the first frame (yuv420p; yuv444p for odd sizes)."""
 
-    def __init__(self, path: pathlib.Path, fps: float, crf: int):
+    def __init__(self, path: Path, fps: float, crf: int):
         self.path, self.fps, self.crf = path, fps, crf
         self.container = self.stream = None
 
@@ -209,8 +209,19 @@ class VideoWriter:
             self.container = None
 
 
-def temporary_path(output: pathlib.Path) -> pathlib.Path:
-    return output.with_name(f".{output.stem}.partial{output.suffix}")
+@contextlib.contextmanager
+def video_file(output: PathLike, fps: float, crf: int) -> Iterator[VideoWriter]:
+    """A `VideoWriter` whose file appears at `output` (local or in a bucket) only complete
+    (`paths.staged`): flushed when the block ends, dropped on any error (also Ctrl-C)."""
+    with staged(output) as partial:
+        writer = VideoWriter(partial, fps, crf)
+        try:
+            yield writer
+            writer.close(flush=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.close(flush=False)
+            raise
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -338,24 +349,14 @@ class _Pipeline:
 
 
 def reconstruct_file(
-    vae: ReducioVAE, info: Probe, output: pathlib.Path, opts: ReconstructOptions
+    vae: ReducioVAE, info: Probe, output: Path, opts: ReconstructOptions
 ) -> dict[str, Any]:
     """One video -> `output` (complete, or not there at all); returns its summary."""
     began = time.perf_counter()
     fps = info.fps if opts.keep_fps and info.fps > 0 else float(vae.config.data.fps)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = temporary_path(output)
-    writer = VideoWriter(partial, fps, opts.crf)
     report = DecodeReport()
-    try:
+    with video_file(output, fps, opts.crf) as writer:  # never a partial file left behind
         pipeline = _stream(vae, info, opts, fps, writer, report)
-        writer.close(flush=True)
-        os.replace(partial, output)
-    except BaseException:  # also Ctrl-C: never leave a partial file behind
-        with contextlib.suppress(Exception):
-            writer.close(flush=False)
-        partial.unlink(missing_ok=True)
-        raise
     return _summary(info, output, fps, report, pipeline, time.perf_counter() - began)
 
 
@@ -385,7 +386,7 @@ def _stream(
 
 def _summary(
     info: Probe,
-    output: pathlib.Path,
+    output: Path,
     fps: float,
     report: DecodeReport,
     pipeline: _Pipeline,
@@ -437,21 +438,21 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def plan_outputs(source: str, output: str) -> list[tuple[pathlib.Path, pathlib.Path]]:
+def plan_outputs(source: str, output: str) -> list[tuple[Path, Path]]:
     """(input file, output file) pairs: one file -> OUT, or a folder -> the same tree under OUT."""
-    src, out = pathlib.Path(source), pathlib.Path(output)
+    src, out = as_path(source), as_path(output)
     if not src.exists():
         raise InputError(f"{src} does not exist: give a video file or a folder of videos")
     if src.is_dir():
         if out.exists() and not out.is_dir():
             raise InputError(f"{src} is a folder, so OUT must be a folder too; {out} is a file")
-        files = [pathlib.Path(f) for f in list_videos(src)]
+        files = [as_path(f) for f in list_videos(src)]
         return [(f, out / f.relative_to(src).with_suffix(".mp4")) for f in files]
     if out.is_dir():
         return [(src, out / src.with_suffix(".mp4").name)]
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"output {out} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
-    if out.resolve() == src.resolve():
+    if out == src or (not is_remote(out) and os.path.realpath(out) == os.path.realpath(src)):
         raise InputError(f"output {out} is the input; give another file name")
     return [(src, out)]
 
@@ -465,7 +466,7 @@ def _check_options(opts: ReconstructOptions, window: int) -> None:
         raise InputError(f"--overlap: {err}") from None
 
 
-def _usable(pairs, single: bool) -> tuple[list[tuple[Probe, pathlib.Path]], list[str]]:
+def _usable(pairs, single: bool) -> tuple[list[tuple[Probe, Path]], list[str]]:
     """Probes every input; a bad one raises (one file) or is skipped with a warning (folder)."""
     usable, skipped = [], []
     for src, dst in pairs:
@@ -491,7 +492,7 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
     cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
     _check_options(opts, derived(cfg).num_frames)
     pairs = plan_outputs(opts.input, opts.output)
-    single = not pathlib.Path(opts.input).is_dir()
+    single = not as_path(opts.input).is_dir()
     usable, skipped = _usable(pairs, single)
     if not usable:
         raise InputError(f"none of the {len(pairs)} videos in {opts.input} can be used")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Sequence
 
 import jax
@@ -29,8 +28,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reducio_jax.api import ReducioVAE
 from reducio_jax.config import load_config
 from reducio_jax.convert.checkpoint import load_pretrained_config
+from reducio_jax.convert.hub import is_hub
 from reducio_jax.data.pipeline import as_config
 from reducio_jax.errors import InputError
+from reducio_jax.paths import as_path
 from reducio_jax.sharding import make_mesh
 
 DEFAULT_SYNTHETIC_CLIPS = 16
@@ -113,7 +114,11 @@ def describe_devices(mesh: Mesh) -> str:
 def resolve_config(checkpoint: str | os.PathLike, config: ConfigSpec) -> ml_collections.ConfigDict:
     """The run config: `config` if given, else the one stored in a pretrained directory (or a
     training run's `checkpoints/<step>`, the same layout)."""
-    path = pathlib.Path(checkpoint)
+    if is_hub(str(checkpoint)):
+        if config is None:
+            raise InputError(f"--config is needed to convert the torch checkpoint {checkpoint}")
+        return load_config(config)
+    path = as_path(checkpoint)
     if not path.exists():
         raise InputError(f"checkpoint {path} does not exist")
     if path.is_dir() and (path / "checkpoints").is_dir():
@@ -132,7 +137,9 @@ def resolve_config(checkpoint: str | os.PathLike, config: ConfigSpec) -> ml_coll
 def load_vae(checkpoint: str | os.PathLike, config: ConfigSpec, mesh: Mesh | None) -> ReducioVAE:
     """A torch checkpoint file (needs `config`) or an Orbax pretrained directory, on `mesh`."""
     cfg = resolve_config(checkpoint, config)
-    path = pathlib.Path(checkpoint)
+    if is_hub(str(checkpoint)):
+        return ReducioVAE.from_torch_checkpoint(str(checkpoint), cfg, mesh=mesh)
+    path = as_path(checkpoint)
     if path.is_dir():
         return ReducioVAE.from_pretrained(path, cfg, mesh=mesh)
     return ReducioVAE.from_torch_checkpoint(path, cfg, mesh=mesh)
@@ -212,7 +219,7 @@ def _set_source(
         name = spec.split(":", 1)[1]
         directory = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
         cfg.source, cfg.tfds_name, cfg.split = "tfds", name, split
-        cfg.path = str(pathlib.Path(directory).expanduser())
+        cfg.path = os.fspath(as_path(directory))
     else:
         cfg.source, cfg.path = "folder", spec
 

@@ -17,7 +17,10 @@ from ml_collections import config_flags
 
 from reducio_jax.errors import InputError
 
-CHECKPOINT_HELP = "A released torch .ckpt/.pt/.safetensors file or an Orbax pretrained directory."
+CHECKPOINT_HELP = (
+    "A released torch .ckpt/.pt/.safetensors file or an Orbax pretrained directory (a path or a "
+    "gs:// URL), or released weights by name: hf://OWNER/REPO/FILE[@REVISION]."
+)
 CONFIG_HELP = (
     "configs/*.py (get_config(); FILE.py:ARG passes ARG), an official Lightning YAML or JSON. "
     "Override any key with --config.KEY=VALUE, e.g. --config.model.use_tiling=true."

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -32,7 +31,7 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_string(
         "workdir",
         None,
-        "Run directory (default: train.workdir or runs/<config name>).",
+        "Run directory, a path or a gs:// URL (default: train.workdir or runs/<config name>).",
         flag_values=fv,
     )
     flags.DEFINE_bool(
@@ -41,8 +40,8 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_string(
         "init_from",
         None,
-        "Start from a released torch checkpoint (.ckpt/.pt/.safetensors) or a pretrained "
-        "directory.",
+        "Start from a released torch checkpoint (.ckpt/.pt/.safetensors), a pretrained "
+        "directory (paths or gs:// URLs) or released weights by name (hf://OWNER/REPO/FILE).",
         flag_values=fv,
     )
     flags.DEFINE_string(
@@ -88,6 +87,16 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
         raise KeyboardInterrupt(
             f"the state at the interruption was checkpointed in {workdir}"
         ) from None
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # storage that fails mid-run (a bucket's server unreachable, ...)
+        from reducio_jax.errors import message
+        from reducio_jax.train.errors import RunFailure
+
+        raise RunFailure(
+            f"{workdir}: storage failed ({type(err).__name__}: {message(err)}); its last "
+            "committed checkpoint is complete: rerun with --resume once it is back"
+        ) from err
     summarize(result)
     return 0
 
@@ -104,19 +113,27 @@ def _set_up_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def workdir_for(cfg, flag_value: str | None, config_path: str) -> pathlib.Path:
+def workdir_for(cfg, flag_value: str | None, config_path: str):
+    """The run's folder (an `epath.Path`, local or `gs://`): the flag, the config's, or
+    runs/<config name>."""
+    from reducio_jax.paths import as_path
+
     if flag_value:
-        return pathlib.Path(flag_value)
+        return as_path(flag_value)
     if cfg.train.get("workdir"):
-        return pathlib.Path(cfg.train.workdir)
-    return pathlib.Path("runs") / pathlib.Path(config_path.split(":")[0]).stem
+        return as_path(cfg.train.workdir)
+    return as_path(
+        os.path.join("runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
+    )
 
 
 def _init_compilation_cache(directory: str) -> None:
     import jax
 
     if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        from reducio_jax.paths import as_path
+
+        jax.config.update("jax_compilation_cache_dir", os.fspath(as_path(directory)))
 
 
 def summarize(result) -> None:

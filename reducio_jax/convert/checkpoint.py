@@ -10,7 +10,6 @@ layout (`reducio_jax.checkpoints`): the layout of a training step, which they re
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ from jax.sharding import Mesh
 
 from reducio_jax import checkpoints
 from reducio_jax.config import config_from_dict
+from reducio_jax.convert.hub import download, is_hub
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import (
     ConversionError,
@@ -37,6 +37,7 @@ from reducio_jax.models import (
     build_lpips,
     build_vae,
 )
+from reducio_jax.paths import Path, PathLike, as_path
 from reducio_jax.sharding import abstract_model
 
 
@@ -111,30 +112,32 @@ def convert_state_dict_to_modules(
 
 
 def convert_torch_checkpoint(
-    path: str | pathlib.Path,
+    path: PathLike,
     cfg: ml_collections.ConfigDict,
     *,
     mesh: Mesh | None = None,
 ) -> ReducioWeights:
-    """Reads a released checkpoint file (no torch needed) and fills the modules of `cfg`."""
+    """Reads a released checkpoint file (no torch needed) and fills the modules of `cfg`: a
+    path, a `gs://` URL or a hub name `hf://OWNER/REPO/FILE[@REVISION]` (downloaded)."""
+    path = download(path) if is_hub(path) else path
     return convert_state_dict_to_modules(load_state_dict(path), cfg, mesh=mesh)
 
 
 def save_pretrained(
-    weights: ReducioWeights, directory: str | pathlib.Path, cfg: ml_collections.ConfigDict
-) -> pathlib.Path:
+    weights: ReducioWeights, directory: PathLike, cfg: ml_collections.ConfigDict
+) -> Path:
     """Writes the modules and the config (with logvar) as one checkpoint directory."""
     items: dict[str, Any] = {name: nnx.state(m) for name, m in weights.modules().items()}
     items[checkpoints.CONFIG] = checkpoints.config_item(cfg, logvar=weights.logvar)
     return checkpoints.save(directory, items)
 
 
-def load_pretrained_config(directory: str | pathlib.Path) -> ml_collections.ConfigDict:
+def load_pretrained_config(directory: PathLike) -> ml_collections.ConfigDict:
     """The config stored in a pretrained directory or a training step."""
     return config_from_dict(_read_config(directory)["config"])
 
 
-def _read_config(directory: str | pathlib.Path) -> dict[str, Any]:
+def _read_config(directory: PathLike) -> dict[str, Any]:
     try:
         return checkpoints.read_config(directory)
     except checkpoints.CheckpointError as err:
@@ -142,7 +145,7 @@ def _read_config(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 def load_pretrained(
-    directory: str | pathlib.Path,
+    directory: PathLike,
     cfg: ml_collections.ConfigDict | None = None,
     *,
     mesh: Mesh | None = None,
@@ -150,7 +153,7 @@ def load_pretrained(
 ) -> ReducioWeights:
     """Restores the networks `parts` of a pretrained directory (or of a training step) straight
     into their shards on `mesh` (default: one device), per `cfg.mesh.rules`."""
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     item = _read_config(directory)
     cfg = cfg if cfg is not None else config_from_dict(item["config"])
     present = [name for name in parts if name in checkpoints.items_in(directory)]

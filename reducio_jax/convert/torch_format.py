@@ -31,22 +31,21 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes  # also registers numpy's "bfloat16", which safetensors' numpy loader asks for
 import numpy as np
+from safetensors.numpy import load as load_safetensors_bytes
 from safetensors.numpy import load_file as load_safetensors_file
 
-__all__ = ["STORAGE_DTYPES", "CheckpointFormatError", "load_state_dict"]
+from reducio_jax.paths import Path, PathLike, as_path, is_remote
 
-PathLike = str | os.PathLike[str]
+__all__ = ["STORAGE_DTYPES", "CheckpointFormatError", "load_state_dict"]
 
 # torch's storage class names and the numpy dtype of their elements.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -286,7 +285,7 @@ def _describe(obj: Any) -> str:
 
 def _load_torch_zip(path: Path) -> dict[str, np.ndarray]:
     try:
-        with zipfile.ZipFile(path) as zf:
+        with path.open("rb") as fh, zipfile.ZipFile(fh) as zf:  # a bucket's file is read in ranges
             archive = _TorchArchive(zf, path)
             lazy = _select_tensors(archive.unpickle(), path)
             return {key: archive.materialize(tensor) for key, tensor in lazy.items()}
@@ -305,6 +304,8 @@ def _corrupt(path: Path, err: BaseException) -> CheckpointFormatError:
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
+        if is_remote(path):
+            return dict(load_safetensors_bytes(path.read_bytes()))
         return dict(load_safetensors_file(str(path)))
     except Exception as err:  # the package's parser rejects a damaged or truncated file
         raise _corrupt(path, err) from err
@@ -314,7 +315,7 @@ def _sniff(path: Path) -> str:
     """Return 'zip', 'safetensors', 'legacy' (pre-1.6 torch pickle) or 'unknown'."""
     with path.open("rb") as fh:
         head = fh.read(9)
-    size = path.stat().st_size
+    size = path.stat().length
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
@@ -353,7 +354,7 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     leading ``module.`` is stripped from every key. bfloat16 comes back as ``ml_dtypes.bfloat16``.
     Raises `CheckpointFormatError` for a missing, unrecognised, truncated or corrupt file.
     """
-    path = Path(path)
+    path = as_path(path)
     _check_file(path)
     try:
         kind = _sniff(path)

@@ -7,8 +7,8 @@ Written beside a run's outputs as `skipped.jsonl`, one JSON line per file:
 from __future__ import annotations
 
 import json
-import os
-import pathlib
+
+from reducio_jax.paths import Path, PathLike, as_path, write_text
 
 SKIPPED_FILE = "skipped.jsonl"
 
@@ -34,17 +34,13 @@ class SkipReport:
     def indices(self) -> set[int]:
         return {e["index"] for e in self.entries.values()}
 
-    def write(self, path: str | os.PathLike) -> pathlib.Path:
+    def write(self, path: PathLike) -> Path:
         """Writes (replaces) the jsonl file atomically; returns its path."""
-        path = pathlib.Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in self.entries.values()))
-        os.replace(tmp, path)
-        return path
+        return write_text(path, "".join(json.dumps(e) + "\n" for e in self.entries.values()))
 
-    def load(self, path: str | os.PathLike) -> None:
+    def load(self, path: PathLike) -> None:
         """Adds the entries of an existing file (a resumed run keeps its earlier skips)."""
-        path = pathlib.Path(path)
+        path = as_path(path)
         if not path.is_file():
             return
         for line in path.read_text().splitlines():

@@ -27,6 +27,7 @@ import av
 import numpy as np
 
 from reducio_jax.data.errors import BadVideoError, DataError
+from reducio_jax.paths import Path, PathLike, as_path, files_under, is_remote, open_media, staged
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
 _TOL = 0.1  # timestamps within 10% of a frame period count as equal (ms time bases)
@@ -59,24 +60,23 @@ def parse_resolution(resolution: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
-def list_videos(path: str | os.PathLike) -> list[str]:
-    """Sorted video files under a folder (recursive), the lines of a list file, or one file.
+def list_videos(path: PathLike) -> list[str]:
+    """Sorted video files under a folder (recursive), the lines of a list file, or one file;
+    local or in a bucket (`gs://...`).
 
     Raises:
       DataError: when the path is missing or holds no video.
     """
-    p = pathlib.Path(path).expanduser()
-    if not str(path) or not p.exists():
+    p = as_path(path) if os.fspath(path) else None
+    if p is None or not p.exists():
         raise DataError(
             f"Video path '{path}' does not exist: set data.path to a folder of videos "
             "(mp4, webm, mov, avi) or to a text file listing one video per line."
         )
     if p.is_dir():
-        files = sorted(
-            str(f) for f in p.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file()
-        )
+        files = sorted(os.fspath(f) for f in files_under(p) if f.suffix.lower() in VIDEO_EXTENSIONS)
     elif p.suffix.lower() in VIDEO_EXTENSIONS:
-        files = [str(p)]
+        files = [os.fspath(p)]
     else:
         files = _read_list_file(p)
     if not files:
@@ -87,9 +87,13 @@ def list_videos(path: str | os.PathLike) -> list[str]:
     return files
 
 
-def _read_list_file(p: pathlib.Path) -> list[str]:
+def _read_list_file(p: Path) -> list[str]:
     lines = [ln.strip() for ln in p.read_text().splitlines()]
-    return [str(p.parent / ln) if not os.path.isabs(ln) else ln for ln in lines if ln]
+    return [os.fspath(p.parent / ln) if not _absolute(ln) else ln for ln in lines if ln]
+
+
+def _absolute(line: str) -> bool:
+    return os.path.isabs(line) or is_remote(line)
 
 
 def cover_size(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
@@ -140,9 +144,9 @@ def decode_clip(
       BadVideoError: unreadable, corrupt, truncated or too short file.
     """
     try:
-        if os.stat(path).st_size == 0:
+        if as_path(path).stat().length == 0:
             raise BadVideoError("empty file (0 bytes)")
-        with av.open(path) as container:
+        with open_media(path) as source, av.open(source) as container:
             return _decode(container, spec, rng, start)
     except BadVideoError:
         raise
@@ -273,14 +277,13 @@ def _to_rgb(frame, spec: ClipSpec, geom: list, rng) -> np.ndarray:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> None:
+def write_mp4(path: PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> None:
     """uint8 (T, H, W, 3) -> H.264 mp4 (yuv420p; odd sizes are padded by one pixel)."""
     frames = np.asarray(frames, np.uint8)
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with staged(path, suffix=".mp4") as local, av.open(str(local), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"

@@ -10,7 +10,6 @@ latent reproduces `ReducioVAE.reconstruct` of the same clip.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from reducio_jax.config import config_from_dict
 from reducio_jax.data import video_to_float
 from reducio_jax.data.video import safe_stem, to_uint8, write_mp4
 from reducio_jax.latents.store import VIDEOS, LatentStore, StoreError
+from reducio_jax.paths import as_path
 from reducio_jax.runtime import InputError, batch_size_for, load_vae, local_mesh, to_host
 from reducio_jax.sharding import batch_sharding
 
@@ -101,7 +101,7 @@ def decode_to_mp4(opts: DecodeOptions) -> dict[str, Any]:
     batch = batch_size_for(mesh, opts.batch_size)
     vae = load_vae(opts.checkpoint, _store_config(store, opts.config), mesh)
     _check_model(vae, store)
-    out = pathlib.Path(opts.out)
+    out = as_path(opts.out)
     if store.kind == VIDEOS:  # whole videos: streamed, each at its own length, size and fps
         from reducio_jax.latents.videos import decode_videos  # imports reconstruct (no cycle)
 

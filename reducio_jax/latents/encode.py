@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -52,6 +50,7 @@ from reducio_jax.latents.store import (
     write_json_atomic,
 )
 from reducio_jax.models import content_frame_index
+from reducio_jax.paths import Path, as_path, make_dirs, rmtree, write_text
 from reducio_jax.preemption import StopOnSigterm
 from reducio_jax.runtime import (
     InputError,
@@ -151,13 +150,13 @@ def _store_meta(opts, vae, spec, source, arrays, ranges) -> dict[str, Any]:
     }
 
 
-def _clear_store(root: pathlib.Path) -> None:
+def _clear_store(root: Path) -> None:
     for child in root.glob("shard-*"):
-        shutil.rmtree(child)
+        rmtree(child)
     (root / META_FILE).unlink(missing_ok=True)
 
 
-def prepare_store(root: pathlib.Path, meta: dict[str, Any], overwrite: bool) -> None:
+def prepare_store(root: Path, meta: dict[str, Any], overwrite: bool) -> None:
     """Creates `root` with store.json, or checks that an existing store can be resumed."""
     if root.exists() and not root.is_dir():
         raise StoreError(f"--out {root} exists and is not a directory")
@@ -169,7 +168,7 @@ def prepare_store(root: pathlib.Path, meta: dict[str, Any], overwrite: bool) -> 
     elif has_meta:
         check_resumable(read_meta(root), meta, root)
         return
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root)
     write_json_atomic(root / META_FILE, meta)
 
 
@@ -199,7 +198,7 @@ def _encode_shard(vae, source, spec, root, shard, clips, arrays, mesh, batch, th
     return True
 
 
-def store_counts(root: pathlib.Path, num_shards: int) -> dict[str, Any]:
+def store_counts(root: Path, num_shards: int) -> dict[str, Any]:
     """Files read, clips used and files skipped over the finished shards; rewrites
     STORE/skipped.jsonl (one line per unreadable file: name, index, reason)."""
     rows = []
@@ -208,7 +207,7 @@ def store_counts(root: pathlib.Path, num_shards: int) -> dict[str, Any]:
             rows += json.loads((root / shard_name(s) / CLIPS_FILE).read_text())
     skipped = [r for r in rows if not r["valid"]]
     lines = (json.dumps({k: r.get(k) for k in ("name", "index", "reason")}) for r in skipped)
-    (root / SKIPPED_FILE).write_text("".join(f"{line}\n" for line in lines))
+    write_text(root / SKIPPED_FILE, "".join(f"{line}\n" for line in lines))
     return {
         "files_read": len(rows),
         "clips_used": len(rows) - len(skipped),
@@ -231,7 +230,7 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
     ranges = shard_ranges(n, opts.num_shards or default_num_shards(n))
     vae = load_vae(opts.checkpoint, model_cfg, mesh)
     arrays = array_specs(vae, spec, opts.save_moments, mesh, batch)
-    root = pathlib.Path(opts.out)
+    root = as_path(opts.out)
     if jax.process_index() == 0:
         prepare_store(root, _store_meta(opts, vae, spec, source, arrays, ranges), opts.overwrite)
     if jax.process_count() > 1:

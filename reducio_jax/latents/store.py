@@ -32,17 +32,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import pathlib
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
+from reducio_jax import paths
 from reducio_jax.api import VideoLatent
 from reducio_jax.data import video_to_float
+from reducio_jax.paths import Path, PathLike, as_path
 
 FORMAT = "reducio-latents"
 VERSION = 1
@@ -106,14 +105,12 @@ def default_num_shards(num_clips: int, clips_per_shard: int = 256) -> int:
     return max(1, math.ceil(num_clips / clips_per_shard))
 
 
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_json_atomic(path: PathLike, value: Any) -> None:
+    paths.write_text(path, json.dumps(value, indent=2) + "\n")
 
 
-def read_meta(root: str | os.PathLike) -> dict[str, Any]:
-    path = pathlib.Path(root) / META_FILE
+def read_meta(root: PathLike) -> dict[str, Any]:
+    path = as_path(root) / META_FILE
     if not path.is_file():
         raise StoreError(f"{root} is not a latent store (no {META_FILE}); create it with encode")
     meta = json.loads(path.read_text())
@@ -122,7 +119,7 @@ def read_meta(root: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def check_resumable(existing: dict[str, Any], wanted: dict[str, Any], root: pathlib.Path) -> None:
+def check_resumable(existing: dict[str, Any], wanted: dict[str, Any], root: Path) -> None:
     """Raises StoreError naming the first setting that differs from the existing store."""
     for key in RESUME_KEYS:
         if existing.get(key) != wanted.get(key):
@@ -132,11 +129,11 @@ def check_resumable(existing: dict[str, Any], wanted: dict[str, Any], root: path
             )
 
 
-def _zarr_spec(path: pathlib.Path) -> dict[str, Any]:
-    return {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}
+def _zarr_spec(path: Path) -> dict[str, Any]:
+    return {"driver": "zarr", "kvstore": paths.kvstore(path)}  # a bucket: TensorStore's gcs
 
 
-def create_array(path: pathlib.Path, rows: int, spec: ArraySpec) -> ts.TensorStore:
+def create_array(path: Path, rows: int, spec: ArraySpec) -> ts.TensorStore:
     """A new zarr array (rows, *spec.shape), one row per chunk, replacing any old one."""
     shape = (rows, *spec.shape)
     return ts.open(
@@ -149,18 +146,18 @@ def create_array(path: pathlib.Path, rows: int, spec: ArraySpec) -> ts.TensorSto
     ).result()
 
 
-def open_array(path: pathlib.Path) -> ts.TensorStore:
+def open_array(path: Path) -> ts.TensorStore:
     return ts.open(_zarr_spec(path), open=True, read=True).result()
 
 
 class ShardWriter:
     """Writes one shard: arrays row by row (any order), then clips.json and the done marker."""
 
-    def __init__(self, root: pathlib.Path, shard: int, rows: int, arrays: dict[str, ArraySpec]):
-        self.dir = pathlib.Path(root) / shard_name(shard)
+    def __init__(self, root: PathLike, shard: int, rows: int, arrays: dict[str, ArraySpec]):
+        self.dir = as_path(root) / shard_name(shard)
         if self.dir.exists():
-            shutil.rmtree(self.dir)  # an unfinished shard restarts from scratch
-        self.dir.mkdir(parents=True)
+            paths.rmtree(self.dir)  # an unfinished shard restarts from scratch
+        paths.make_dirs(self.dir)
         self.rows = rows
         self.arrays = {name: create_array(self.dir / name, rows, s) for name, s in arrays.items()}
         self.clips: list[dict[str, Any] | None] = [None] * rows
@@ -183,15 +180,15 @@ class ShardWriter:
         write_json_atomic(self.dir / DONE_FILE, {"rows": self.rows, **info})
 
 
-def shard_done(root: str | os.PathLike, shard: int) -> bool:
-    return (pathlib.Path(root) / shard_name(shard) / DONE_FILE).is_file()
+def shard_done(root: PathLike, shard: int) -> bool:
+    return (as_path(root) / shard_name(shard) / DONE_FILE).is_file()
 
 
 class LatentStore:
     """Read access to a store: metadata, finished shards and per-clip rows."""
 
-    def __init__(self, root: str | os.PathLike, *, allow_partial: bool = False):
-        self.root = pathlib.Path(root)
+    def __init__(self, root: PathLike, *, allow_partial: bool = False):
+        self.root = as_path(root)
         self.meta = read_meta(self.root)
         self.ranges = [tuple(r) for r in self.meta["shard_ranges"]]
         self.arrays = {k: ArraySpec.from_json(v) for k, v in self.meta["arrays"].items()}

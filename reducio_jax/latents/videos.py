@@ -14,12 +14,9 @@ cropped and written to one H.264 file per video of the original length and size.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import pathlib
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,14 +56,14 @@ from reducio_jax.latents.store import (
 )
 from reducio_jax.models import content_frame_index
 from reducio_jax.models.windows import Stitcher, WindowCutter, check_overlap, pad_spatial
+from reducio_jax.paths import Path, as_path, make_dirs, rmtree
 from reducio_jax.reconstruct import (
     DecodeReport,
-    VideoWriter,
     check_size,
     probe,
     resample,
     source_frames,
-    temporary_path,
+    video_file,
     warn,
 )
 from reducio_jax.runtime import (
@@ -169,8 +166,8 @@ def decode_windows(
 class VideoArrays:
     """The growing Zarr arrays (K, ...) of one video, a window batch appended at a time."""
 
-    def __init__(self, folder: pathlib.Path, specs: dict[str, ArraySpec]):
-        folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: Path, specs: dict[str, ArraySpec]):
+        make_dirs(folder)
         self.arrays = {name: create_array(folder / name, 0, s) for name, s in specs.items()}
         self.rows = 0
 
@@ -219,9 +216,7 @@ def _latent_specs(vae: ReducioVAE, height: int, width: int) -> dict[str, ArraySp
     }
 
 
-def encode_video_file(
-    ctx: _Context, path: pathlib.Path, index: int, folder: pathlib.Path
-) -> dict[str, Any]:
+def encode_video_file(ctx: _Context, path: Path, index: int, folder: Path) -> dict[str, Any]:
     """One video file -> its arrays in `folder`; returns its record (InputError: unusable)."""
     info = probe(path)
     if ctx.opts.resolution is None:
@@ -242,7 +237,7 @@ def encode_video_file(
 
 
 def _encode_frames(
-    ctx: _Context, frames: Iterator[np.ndarray], folder: pathlib.Path
+    ctx: _Context, frames: Iterator[np.ndarray], folder: Path
 ) -> dict[str, Any] | None:
     """Frames -> windows -> stored batch by batch; {num_frames, height, width, starts}, or
     None when there was no frame."""
@@ -311,21 +306,21 @@ def _store_meta(opts, vae: ReducioVAE, target_fps: float, files, ranges) -> dict
     }
 
 
-def _encode_shard(ctx: _Context, root: pathlib.Path, shard: int, files, videos) -> list[dict]:
+def _encode_shard(ctx: _Context, root: Path, shard: int, files, videos) -> list[dict]:
     """Encodes videos [start, stop) into shard `shard` (restarted from scratch if unfinished)."""
     began = time.perf_counter()
     folder = root / shard_name(shard)
     if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+        rmtree(folder)
+    make_dirs(folder)
     records = []
     for index in range(*videos):
-        path, out = pathlib.Path(files[index]), folder / video_dir_name(index)
+        path, out = as_path(files[index]), folder / video_dir_name(index)
         try:
             records.append(encode_video_file(ctx, path, index, out))
         except InputError as err:
             warn(f"skipped: {err}")
-            shutil.rmtree(out, ignore_errors=True)
+            rmtree(out)
             records.append({"index": index, "name": str(path), "valid": False, "error": str(err)})
     write_json_atomic(folder / VIDEOS_FILE, records)
     valid = sum(r["valid"] for r in records)
@@ -346,7 +341,7 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
     batch = window_batch_for(mesh, opts.window_batch)
     vae = load_vae(opts.checkpoint, model_cfg, mesh)
     fps = float(opts.fps or model_cfg.data.fps)
-    root = pathlib.Path(opts.out)
+    root = as_path(opts.out)
     if jax.process_index() == 0:
         prepare_store(root, _store_meta(opts, vae, fps, files, ranges), opts.overwrite)
     if jax.process_count() > 1:
@@ -406,7 +401,7 @@ def decode_videos(
     store: LatentStore,
     mesh: Mesh,
     batch: int,
-    out: pathlib.Path,
+    out: Path,
     *,
     num_videos: int | None = None,
     fps: float | None = None,
@@ -419,20 +414,11 @@ def decode_videos(
     with tqdm(total=total, desc="decode", unit="window", disable=not progress) as bar:
         for shard, video in videos:
             path = out / f"{int(video['index']):06d}_{safe_stem(video['name'])}.mp4"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writer = VideoWriter(temporary_path(path), fps or float(video["fps"]), crf=18)
-            try:
+            with video_file(path, fps or float(video["fps"]), crf=18) as writer:
                 for frames in decode_video_frames(vae, store, shard, video, mesh, batch, bar):
                     if frames.shape[0]:
                         writer.write(to_uint8(frames))
-                writer.close(flush=True)
-                os.replace(temporary_path(path), path)
-            except BaseException:  # never leave a half-written file behind
-                with contextlib.suppress(Exception):
-                    writer.close(flush=False)
-                temporary_path(path).unlink(missing_ok=True)
-                raise
-            written.append(str(path))
+            written.append(os.fspath(path))
     return written
 
 

@@ -11,16 +11,15 @@ The optimizer states and the data position stay in the run.
 
 from __future__ import annotations
 
-import pathlib
-
 from reducio_jax import checkpoints
+from reducio_jax.paths import Path, PathLike, as_path
 from reducio_jax.train.errors import TrainingError
 
 
-def find_run(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+def find_run(path: PathLike) -> tuple[Path, int | None]:
     """(run directory, the step `path` names or None) for a run directory or one of its
     `checkpoints/<step>` directories."""
-    path = pathlib.Path(path).absolute()
+    path = as_path(path)
     if not path.exists():
         raise TrainingError(f"{path} does not exist")
     if (path / "checkpoints").is_dir():
@@ -33,7 +32,7 @@ def find_run(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     )
 
 
-def run_steps(run_dir: pathlib.Path) -> list[int]:
+def run_steps(run_dir: Path) -> list[int]:
     """The committed steps of a run, oldest first."""
     # read only: nothing is saved, so `keep` prunes nothing
     ckpt = checkpoints.RunCheckpoints(run_dir / "checkpoints", keep=1, async_save=False)
@@ -43,9 +42,7 @@ def run_steps(run_dir: pathlib.Path) -> list[int]:
         ckpt.close()
 
 
-def _choose_step(
-    run_dir: pathlib.Path, steps: list[int], named: int | None, step: int | None
-) -> int:
+def _choose_step(run_dir: Path, steps: list[int], named: int | None, step: int | None) -> int:
     if named is not None and step is not None and named != step:
         raise TrainingError(
             f"{run_dir}/checkpoints/{named} is the checkpoint of step {named}, not {step}"
@@ -58,7 +55,7 @@ def _choose_step(
     return steps[-1] if wanted is None else wanted
 
 
-def find_step(path: str | pathlib.Path, step: int | None = None) -> tuple[pathlib.Path, int]:
+def find_step(path: PathLike, step: int | None = None) -> tuple[Path, int]:
     """(the step's checkpoint directory, the step) of a run directory (its latest step, or
     `step`) or of one of its `checkpoints/<step>` directories; checks the step's config item."""
     run_dir, named = find_run(path)
@@ -72,15 +69,15 @@ def find_step(path: str | pathlib.Path, step: int | None = None) -> tuple[pathli
 
 
 def export_run(
-    path: str | pathlib.Path,
-    out: str | pathlib.Path,
+    path: PathLike,
+    out: PathLike,
     *,
     step: int | None = None,
     overwrite: bool = False,
 ) -> dict[str, object]:
     """Copies a run's step into a pretrained directory. `path`: a run directory (its latest
     step, or `step`) or one of its `checkpoints/<step>` directories."""
-    out = pathlib.Path(out).absolute()
+    out = as_path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TrainingError(f"{out} exists and is not empty; pass --overwrite to replace it")
     step_dir, step = find_step(path, step)

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import pathlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from reducio_jax.config import derived
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
+from reducio_jax.paths import Path, PathLike, as_path, make_dirs
 from reducio_jax.preemption import Preempted, StopOnSigterm
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import restore_step, save_step
@@ -53,13 +53,13 @@ _COMPILED: dict[Any, Any] = {}  # compiled steps and helpers of this process, ke
 
 @dataclasses.dataclass
 class RunResult:
-    workdir: pathlib.Path
+    workdir: Path
     start_step: int
     end_step: int
     seconds: float  # loop wall time (compilation excluded)
     logs: list[dict[str, float]]  # window means, one per log point
-    checkpoint: pathlib.Path | None
-    preview: pathlib.Path | None
+    checkpoint: Path | None
+    preview: Path | None
     preview_l1: list[tuple[int, float]]  # (step, L1 of the fixed preview clip's reconstruction)
 
 
@@ -87,7 +87,7 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 # ------------------------------------------------------------------------------------ set-up
-def resume_point(ckpt: checkpoints.RunCheckpoints, workdir: pathlib.Path, resume: bool):
+def resume_point(ckpt: checkpoints.RunCheckpoints, workdir: Path, resume: bool):
     """The step to resume from (None: a fresh run); refuses to overwrite an existing run."""
     if ckpt.incomplete:
         log.warning(
@@ -208,7 +208,7 @@ class SkipList:
     """skipped.jsonl (process p > 0: skipped.p<p>.jsonl): the unreadable files this process's
     loader passed over, with the `data/*` counters; a resumed run continues its list."""
 
-    def __init__(self, workdir: pathlib.Path, loader: Iterator, resume: bool):
+    def __init__(self, workdir: Path, loader: Iterator, resume: bool):
         p = jax.process_index()
         self.path = workdir / (SKIPPED_FILE if p == 0 else f"skipped.p{p}.jsonl")
         self.report = getattr(loader, "skip_report", None)  # None: a test's loader
@@ -232,7 +232,7 @@ class SkipList:
 
 
 # ------------------------------------------------------------------------------ loop helpers
-def fetch(pending: tuple[int, Any] | None, last_good: pathlib.Path | None) -> list[dict]:
+def fetch(pending: tuple[int, Any] | None, last_good: Path | None) -> list[dict]:
     """The host metrics of the pending step ([] when none); stops on a non-finite value."""
     if pending is None:
         return []
@@ -260,7 +260,7 @@ def data_state(loader: Iterator, step: int) -> Any | None:
 
 def preview(
     reconstruct: Callable, state: TrainState, clip: jax.Array, monitor: Monitor, step: int
-) -> tuple[float, pathlib.Path | None]:
+) -> tuple[float, Path | None]:
     """Reconstructs the preview clip from the posterior mean, writes the preview: (L1, png)."""
     recon = reconstruct(state.vae_params, state.vae_buffers, clip)
     clip, recon = np.asarray(clip[0]), np.asarray(recon[0])  # (T, H, W, 3)
@@ -274,7 +274,7 @@ class Trainer:
     def __init__(
         self,
         cfg: ml_collections.ConfigDict,
-        workdir: str | pathlib.Path,
+        workdir: PathLike,
         *,
         resume: bool = False,
         init_from: str | None = None,
@@ -284,8 +284,8 @@ class Trainer:
         devices: Sequence[jax.Device] | None = None,
     ):
         self.cfg = cfg
-        self.workdir = pathlib.Path(workdir).absolute()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = as_path(workdir)
+        make_dirs(self.workdir)  # a bucket must exist
         self.progress = progress and jax.process_index() == 0
         self.mesh = shard_lib.make_mesh(cfg.mesh, devices)
         check_config(cfg, self.mesh)
@@ -340,7 +340,7 @@ class Trainer:
         logs, window, preview_l1 = [], [], []  # log points; metrics since the last; previews
         pending = None  # (step, metrics) of the last step run, fetched one step late
         clip = None  # the fixed preview clip (1, T, H, W, 3): this invocation's first
-        previews: list[pathlib.Path | None] = []  # the preview images written (None: process > 0)
+        previews: list[Path | None] = []  # the preview images written (None: process > 0)
         preempted = interrupted = False
         data_failure: DataError | None = None
         first_clip = cached("first_clip", self.program, lambda: jit_first_clip(self.mesh))
@@ -351,7 +351,7 @@ class Trainer:
         def at(period: int) -> bool:
             return int(period) > 0 and step % int(period) == 0
 
-        def last_good() -> pathlib.Path | None:
+        def last_good() -> Path | None:
             return None if last_saved is None else self.ckpt.step_dir(last_saved)
 
         def save() -> None:
@@ -476,6 +476,6 @@ class Trainer:
         self.monitor.text("config", "```\n" + str(self.cfg) + "\n```")
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, **kwargs: Any) -> RunResult:
+def run(cfg: ml_collections.ConfigDict, workdir: PathLike, **kwargs: Any) -> RunResult:
     """Trains `cfg` in `workdir` (see `Trainer` for the keyword arguments)."""
     return Trainer(cfg, workdir, **kwargs).run()

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
+import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from reducio_jax.data.video import to_uint8
+from reducio_jax.paths import Path, TextLog, is_remote, make_dirs, mirror, staged
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def side_by_side(clip: np.ndarray, recon: np.ndarray) -> np.ndarray:
 class Monitor:
     """Writers of one run (no-ops on processes other than 0)."""
 
-    def __init__(self, workdir: pathlib.Path, *, enabled: bool, device_kind: str):
+    def __init__(self, workdir: Path, *, enabled: bool, device_kind: str):
         self.enabled = enabled
         self.workdir = workdir
         self.device_kind = device_kind
@@ -96,8 +98,13 @@ class Monitor:
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.events = workdir / "tensorboard"
+            self.staging = None  # a run in a bucket: events written here, uploaded at each log
+            if is_remote(workdir):
+                self.staging = tempfile.TemporaryDirectory(prefix="reducio-tensorboard-")
+            folder = self.staging.name if self.staging else os.fspath(self.events)
+            self.writer = SummaryWriter(folder)
+            self.jsonl = TextLog(workdir / "metrics.jsonl")
 
     def scalars(
         self, step: int, window: list[Mapping[str, float]], seconds: float, clips: int
@@ -117,6 +124,7 @@ class Monitor:
                 self.writer.add_scalar(_tag(k), v, step)
             self.jsonl.write(json.dumps({"step": step, **means}) + "\n")
             self.jsonl.flush()
+            self._upload_events()
         return means
 
     def counters(self, step: int, values: Mapping[str, float]) -> None:
@@ -125,9 +133,7 @@ class Monitor:
             for k, v in values.items():
                 self.writer.add_scalar(f"data/{k}", v, step)
 
-    def preview(
-        self, step: int, clip: np.ndarray, recon: np.ndarray, l1: float
-    ) -> pathlib.Path | None:
+    def preview(self, step: int, clip: np.ndarray, recon: np.ndarray, l1: float) -> Path | None:
         """Writes previews/step_<step>.png (grid) and .gif (input | recon), a TB image and the
         clip's reconstruction L1 (`preview/l1`)."""
         if not self.enabled:
@@ -135,18 +141,14 @@ class Monitor:
         from PIL import Image
 
         folder = self.workdir / "previews"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         grid = preview_grid(clip, recon)
         png = folder / f"step_{step:07d}.png"
-        Image.fromarray(grid).save(png)
+        with staged(png) as local:
+            Image.fromarray(grid).save(local)
         frames = [Image.fromarray(f) for f in side_by_side(clip, recon)]
-        frames[0].save(
-            folder / f"step_{step:07d}.gif",
-            save_all=True,
-            append_images=frames[1:],
-            duration=62,
-            loop=0,
-        )
+        with staged(folder / f"step_{step:07d}.gif") as local:
+            frames[0].save(local, save_all=True, append_images=frames[1:], duration=62, loop=0)
         self.writer.add_image("preview/input_recon", grid, step, dataformats="HWC")
         self.writer.add_scalar("preview/l1", l1, step)
         return png
@@ -155,10 +157,21 @@ class Monitor:
         if self.enabled:
             self.writer.add_text(tag, value, 0)
 
+    def _upload_events(self) -> None:
+        """A run in a bucket: the event files as they are now, each in one upload (the same
+        whole-file re-upload tensorboardX's own gs:// writer does, through the one GCS client
+        of every other path)."""
+        if self.staging is not None:
+            self.writer.flush()
+            mirror(self.staging.name, self.events)
+
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+            self._upload_events()
             self.jsonl.close()
+            if self.staging is not None:
+                self.staging.cleanup()
 
 
 _GROUPS = {

@@ -5,16 +5,17 @@ reads its own from its checkpoint)."""
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Any
 
 import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from reducio_jax.convert.hub import HubError, download, is_hub, load_hub_weights
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import ConversionError, convert_state_dict, split_groups
 from reducio_jax.convert.torch_format import CheckpointFormatError, load_state_dict
+from reducio_jax.paths import Path, PathLike, as_path
 from reducio_jax.train.errors import TrainingError
 from reducio_jax.train.state import make_lpips
 
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 LPIPS_PREFIX = "loss.perceptual_loss."
 
 
-def _existing(path: str | pathlib.Path, flag: str) -> pathlib.Path:
-    p = pathlib.Path(path).expanduser()
+def _existing(path: PathLike, flag: str) -> Path:
+    p = as_path(path)
     if not p.exists():
         raise TrainingError(f"{flag} {path}: no such file or directory")
     return p
@@ -34,12 +35,14 @@ def load_init_weights(path: str, cfg: ml_collections.ConfigDict, mesh: Mesh) -> 
     step -> `ReducioWeights` (vae, discriminator | None, lpips | None, logvar) on `mesh`."""
     from reducio_jax.convert.checkpoint import convert_torch_checkpoint, load_pretrained
 
-    p = _existing(path, "--init_from")
     try:
+        if is_hub(path):
+            return load_hub_weights(path, cfg, mesh=mesh)
+        p = _existing(path, "--init_from")
         if p.is_dir():
             return load_pretrained(p, cfg, mesh=mesh)
         return convert_torch_checkpoint(p, cfg, mesh=mesh)
-    except (ConversionError, CheckpointFormatError, ValueError, FileNotFoundError) as err:
+    except (ConversionError, CheckpointFormatError, HubError, ValueError, FileNotFoundError) as err:
         raise TrainingError(f"--init_from {path}: {_one_line(err)}") from err
 
 
@@ -47,8 +50,8 @@ def load_lpips_weights(path: str, cfg: ml_collections.ConfigDict, mesh: Mesh) ->
     """LPIPS from a torch file with `loss.perceptual_loss.*` keys or a pretrained directory."""
     from reducio_jax.convert.checkpoint import load_pretrained
 
-    p = _existing(path, "--lpips_weights")
     try:
+        p = download(path) if is_hub(path) else _existing(path, "--lpips_weights")
         if p.is_dir():
             weights = load_pretrained(p, cfg, mesh=mesh)
             if weights.lpips is None:
@@ -68,7 +71,7 @@ def load_lpips_weights(path: str, cfg: ml_collections.ConfigDict, mesh: Mesh) ->
             mesh=mesh,
             rules=cfg.mesh.rules,
         )
-    except (ConversionError, CheckpointFormatError) as err:
+    except (ConversionError, CheckpointFormatError, HubError) as err:
         raise TrainingError(f"--lpips_weights {path}: {_one_line(err)}") from err
 
 

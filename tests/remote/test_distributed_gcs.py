@@ -1,0 +1,71 @@
+"""Two processes (jax.distributed on localhost, 4 CPU devices each) train into one bucket
+(`python train.py --workdir gs://...`, a real GCS server): both write their shards and their
+data position into one checkpoint there, and the losses equal those of one process training on
+8 devices into a local folder (tests/train/test_distributed.py makes the same comparison for a
+local workdir; the tolerances are the ones explained there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from gcs_server import free_port
+
+from reducio_jax.paths import as_path
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TRAIN = ROOT / "tests" / "train"
+CONFIG = str(TRAIN / "dist_config.py")
+sys.path.insert(0, str(TRAIN))
+
+
+def _start(i: int, port: int, workdir: str, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", workdir,
+           "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+           "--process_id", str(i), "--noprogress"]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _losses_line(proc: subprocess.Popen) -> str:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    done = [line for line in stdout.splitlines() if "done: " in line]
+    assert len(done) == 1, stdout
+    return re.search(r"done: (steps [^;]*; L1 [^;]*);", done[0]).group(1)
+
+
+def test_two_processes_save_one_checkpoint_in_bucket(gcs, tmp_path):
+    import dist_config
+
+    from reducio_jax.train import run
+
+    env = {**os.environ, **gcs.client_env(), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(TRAIN)])}  # fmt: skip
+    workdir = gcs.url("two")
+    port = free_port()
+    procs = [_start(i, port, workdir, env) for i in range(2)]
+    try:
+        one = run(dist_config.get_config(), tmp_path / "one", progress=False,
+                  devices=jax.devices()[:8]).logs  # fmt: skip
+        lines = [_losses_line(p) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert lines[0] == lines[1] and lines[0].startswith("steps 0 -> 2")
+    step = as_path(workdir) / "checkpoints" / "2"
+    assert (step / "data" / "process_1-of-2.json").is_file()
+    assert (step / "data" / "process_0-of-2.json").is_file()
+    assert (step / "_CHECKPOINT_METADATA").is_file()  # committed
+    two = [json.loads(x) for x in (as_path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(two, one, strict=True):
+        for key in dist_config.COMPARED:
+            rtol = 1e-3 if key == "d_weight" else 1e-4
+            np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=1e-7, err_msg=key)
