@@ -132,8 +132,9 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
         records = [compile_at(fv["batch_per_chip"].value)]
         status = 0 if records[0].fits else 1
     if fv["json"].value:
-        with open(fv["json"].value, "w") as f:
-            json.dump([r.as_json() for r in records], f, indent=1)
+        from reducio_jax.paths import write_text
+
+        write_text(fv["json"].value, json.dumps([r.as_json() for r in records], indent=1))
     sys.stdout.flush()
     return status
 
