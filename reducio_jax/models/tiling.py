@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from reducio_jax.config import derived
 
@@ -121,9 +122,26 @@ def _run_group(fn: Callable, parts: list, max_batch: int | None):
     steps = [
         jax.tree.map(concat, *padded[c * max_batch : (c + 1) * max_batch]) for c in range(chunks)
     ]
-    result = jax.lax.map(fn, jax.tree.map(lambda *xs: jnp.stack(xs), *steps))
+    result = _looped(fn, jax.tree.map(lambda *xs: jnp.stack(xs), *steps))
     rows = len(parts) * jax.tree.leaves(parts[0])[0].shape[0]
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:rows], result)
+
+
+def _looped(fn: Callable, xs: Any) -> Any:
+    """`lax.map(fn, xs)`. When `fn` is an nnx Module or a method of one, the module's state is
+    the loop's carry and the module is merged inside the loop, so that its layers (and their
+    `nnx.remat`) trace at the loop's level."""
+    owner = fn if isinstance(fn, nnx.Module) else getattr(fn, "__self__", None)
+    if not isinstance(owner, nnx.Module):
+        return jax.lax.map(fn, xs)
+    graphdef, state = nnx.split(owner)
+    method = None if owner is fn else fn.__name__
+
+    def body(carry, x):
+        module = nnx.merge(graphdef, carry)
+        return carry, (module if method is None else getattr(module, method))(x)
+
+    return jax.lax.scan(body, state, xs)[1]
 
 
 def split_tiles(x: jax.Array, step: int, window: int, h_axis: int) -> Grid:
@@ -181,6 +199,16 @@ def tiled_moments(
     return stitch(blended, cfg.latent_size, h_axis=2)
 
 
+class _Pairs(nnx.Module):
+    """`decode(latent, features)` as a module of one (latent, features) argument."""
+
+    def __init__(self, decode: Callable[[jax.Array, list[jax.Array]], jax.Array]):
+        self.decode = decode
+
+    def __call__(self, pair: tuple[jax.Array, list[jax.Array]]) -> jax.Array:
+        return self.decode(*pair)
+
+
 def tiled_decode(
     decode: Callable[[jax.Array, list[jax.Array]], jax.Array],
     latent: jax.Array,
@@ -192,7 +220,7 @@ def tiled_decode(
     paired = [
         [(tile, content_grid[i][j]) for j, tile in enumerate(row)] for i, row in enumerate(tiles)
     ]
-    videos = run_batched(lambda pair: decode(pair[0], pair[1]), paired, cfg.max_batch)
+    videos = run_batched(_Pairs(decode), paired, cfg.max_batch)
     extent = int(cfg.sample_size * cfg.overlap)
     blended = blend_grid(videos, lambda a, b, d: blend(a, b, extent, 2 + d))
     return stitch(blended, cfg.sample_size, h_axis=2)
