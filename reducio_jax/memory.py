@@ -13,8 +13,8 @@ the rest of the process (decoding, encoding, the compiler). `--max_memory` repla
 
 `plan_windows_batch` then takes the largest window batch (up to a cap) that fits, compiling
 the batch it chose to check it; when one whole window does not fit it tiles the frames (one
-tile a step), and when one tile does not fit either it raises `OutOfMemory`, which names what
-is needed and what there is.
+tile a step, the config's tile size, then half of it), and when the smallest tile does not
+fit either it raises `OutOfMemory`, which names what is needed and what there is.
 """
 
 from __future__ import annotations
@@ -218,22 +218,40 @@ def plan_windows_batch(req: Request) -> Plan:
 
 
 def _tiled_plan(req: Request, untiled: int) -> Plan:
-    """One window, one tile a step (the config's tiles, else the fallback's)."""
+    """One window, one tile a step: the config's tiles (else the fallback's), then tiles of
+    half that size while they fit the model's grid. A tile size whose share of the whole
+    window's need is clearly over the room is not compiled (but the smallest always is)."""
     room, source = req.available
-    one_tile = dataclasses.replace(req.tiles or req.fallback, max_batch=1, wide=True)
-    if not one_tile.applies_to(*req.frame):
+    sizes = [t for t in tile_sizes(req.tiles or req.fallback) if t.applies_to(*req.frame)]
+    if not sizes:
         raise OutOfMemory(
             f"not enough memory: one {req.frame[0]}x{req.frame[1]} window needs "
             f"{gib(untiled)} and {source} leaves {gib(room)}"
         )
-    need = req.measure(1, one_tile).need(req.resident)
-    if need > room:
-        raise OutOfMemory(
-            f"not enough memory: one {one_tile.sample_window} px tile of one window needs "
-            f"{gib(need)} and {source} leaves {gib(room)} (a whole "
-            f"{req.frame[0]}x{req.frame[1]} window: {gib(untiled)})"
-        )
-    return Plan(1, one_tile, need, room, source, req.frame, req.resident)
+    for tiles in sizes:
+        share = min(1.0, tiles.sample_window**2 / (req.frame[0] * req.frame[1]))
+        if tiles is not sizes[-1] and untiled * share > 1.5 * room:
+            continue
+        need = req.measure(1, tiles).need(req.resident)
+        if need <= room:
+            return Plan(1, tiles, need, room, source, req.frame, req.resident)
+    raise OutOfMemory(
+        f"not enough memory: one {tiles.sample_window} px tile of one window needs "
+        f"{gib(need)} and {source} leaves {gib(room)} (a whole "
+        f"{req.frame[0]}x{req.frame[1]} window: {gib(untiled)})"
+    )
+
+
+def tile_sizes(tiles: TileConfig) -> list[TileConfig]:
+    """`tiles` one tile a step (`max_batch` 1, wide frames too), then at half the tile size
+    while the tile and its window stay whole multiples of the latent grid."""
+    out = [dataclasses.replace(tiles, max_batch=1, wide=True)]
+    while True:
+        half = dataclasses.replace(out[-1], sample_size=out[-1].sample_size // 2)
+        f = half.spatial_factor
+        if half.sample_size % f or half.sample_window % f or half.sample_size < f:
+            return out
+        out.append(half)
 
 
 def default_cap(device: jax.Device | None = None) -> int:

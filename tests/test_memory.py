@@ -89,13 +89,18 @@ def test_batch_from_the_programs_memory_analysis(vae):
 def test_tiles_when_one_window_does_not_fit(vae):
     frame = (64, 704)  # wider than one 320 px tile window: three tiles, two of one shape
     whole = vae.footprint("reconstruct", 1, frame, None).need(resident(vae))
-    tiled = TileConfig(256, 0.25, vae.spatial_factor, max_batch=1, wide=True)
-    tile = vae.footprint("reconstruct", 1, frame, tiled).need(resident(vae))
-    assert tile < whole
-    plan = plan_windows_batch(request(vae, frame, (tile + whole) // 2))
-    assert plan.tiled and plan.window_batch == 1 and plan.tiles == tiled and plan.need == tile
-    with pytest.raises(OutOfMemory, match=f"one 320 px tile of one window needs {gib(tile)}"):
-        plan_windows_batch(request(vae, frame, tile - 1))
+    big = TileConfig(256, 0.25, vae.spatial_factor, max_batch=1, wide=True)  # tiny.py's tiles
+    small = dataclasses.replace(big, sample_size=128)  # 160 px tiles every 128 px
+    need_big, need_small = (
+        vae.footprint("reconstruct", 1, frame, t).need(resident(vae)) for t in (big, small)
+    )
+    assert need_small < need_big < whole
+    plan = plan_windows_batch(request(vae, frame, (need_big + whole) // 2))
+    assert plan.tiled and plan.window_batch == 1 and plan.tiles == big and plan.need == need_big
+    plan = plan_windows_batch(request(vae, frame, (need_small + need_big) // 2))
+    assert plan.tiles == small and plan.need == need_small
+    with pytest.raises(OutOfMemory, match=f"one 160 px tile of one window needs {gib(need_small)}"):
+        plan_windows_batch(request(vae, frame, need_small - 1))
 
 
 def test_tiles_in_a_loop_match_all_at_once(vae):
