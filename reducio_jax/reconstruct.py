@@ -388,13 +388,15 @@ def plan_memory(
         )
         cap, fixed = min(windows or default_cap(), default_cap()), None
     plan = vae.plan_memory(info.height, info.width, max_memory=opts.max_memory, cap=cap)
-    if fixed is not None and plan.window_batch < fixed:
-        need = vae.footprint("reconstruct", fixed, plan.frame, vae.tiles).need(plan.resident)
+    if fixed is None or plan.window_batch == fixed:
+        return plan
+    need = vae.footprint("reconstruct", fixed, plan.frame, vae.tiles).need(plan.resident)
+    if need > plan.available:  # (the planner's linear estimate may have stopped short of it)
         raise OutOfMemory(
             f"--window_batch {fixed} needs {gib(need)} and {plan.source} leaves "
             f"{gib(plan.available)}; leave --window_batch out to choose it from memory"
         )
-    return plan
+    return dataclasses.replace(plan, window_batch=fixed, tiles=vae.tiles, need=need)
 
 
 def _stream(
