@@ -9,7 +9,8 @@ analysis does not see (the CPU convolutions' per-thread scratch, the allocator's
 What there is (`available_memory`): on an accelerator the device's `bytes_limit` less its
 `bytes_in_use`; on the CPU the least of the kernel's MemAvailable, the cgroup's limit less its
 usage, and the address-space limit (`ulimit -v`) less the process's size, less `RESERVE` for
-the rest of the process (decoding, encoding, the compiler). `--max_memory` replaces it.
+the rest of the process (the compiler, decoding, encoding). `--max_memory` replaces it (on the
+CPU less the process's resident set and `RESERVE`).
 
 `plan_windows_batch` then takes the largest window batch (up to a cap) that fits, compiling
 the batch it chose to check it; when one whole window does not fit it tiles the frames (one
@@ -31,7 +32,10 @@ from reducio_jax.errors import InputError
 from reducio_jax.models.tiling import TileConfig
 
 HEADROOM = 0.15  # fraction of a call's bytes added for what the analysis does not count
-RESERVE = 512 * 2**20  # CPU: bytes kept for the rest of the process
+# CPU: bytes kept for the rest of the process, the compiler's memory first (compiling the tiny
+# model's tiled 288x640 program raised the peak RSS by 1.1 GB; with 512 MiB kept, a run under
+# --max_memory 5GB peaked at 5.0 GiB)
+RESERVE = 2**30
 CPU_MAX_BATCH = 4  # more windows a call buy no speed on the CPU (benchmarks/RESULTS.md)
 DEVICE_MAX_BATCH = 16
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -172,12 +176,14 @@ def _cgroup_room() -> int | None:
 
 
 def budget(max_memory: str | int | None, device: jax.Device | None = None) -> tuple[int, str]:
-    """`--max_memory` (bytes for the whole process, less what it already holds) or what there is."""
+    """`--max_memory` (bytes for the whole process, less what it already holds and `RESERVE`
+    on the CPU) or what there is."""
     if max_memory is None:
         return available_memory(device)
     limit = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
-    held = _status("VmRSS") if (device or jax.devices()[0]).platform == "cpu" else 0
-    return max(0, limit - (held or 0)), "--max_memory"
+    if (device or jax.devices()[0]).platform != "cpu":
+        return limit, "--max_memory"
+    return max(0, limit - (_status("VmRSS") or 0) - RESERVE), "--max_memory"
 
 
 # -- the choice -----------------------------------------------------------------------------------
