@@ -20,6 +20,7 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ class Timing:
     flops: float | None
     memory: dict[str, int] | None
     output: Any = None  # the last call's output
+    peak: dict[str, int] | None = None  # `PeakMemory` of the runs
 
     @property
     def median_s(self) -> float:
@@ -350,30 +352,77 @@ def memory_of(compiled: Any) -> dict[str, int] | None:
     return out
 
 
+class PeakMemory:
+    """The peak memory of a block of runs. On the CPU: the process's resident set above its
+    size at the start (the kernel's VmHWM, reset at the start through /proc/self/clear_refs
+    after malloc_trim hands freed heap memory back, so that reused heap counts again), and the
+    process's peak RSS since it started. On accelerators: the device's peak bytes in use."""
+
+    def __enter__(self) -> PeakMemory:
+        self.device = jax.devices()[0]
+        self.base = _rss_reset() if self.device.platform == "cpu" else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.platform == "cpu":
+            hwm = _status_bytes("VmHWM")
+            self.result = {
+                "rss_above_start": None if hwm is None or self.base is None else hwm - self.base,
+                "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        else:
+            stats = self.device.memory_stats() or {}
+            self.result = {"device_peak_in_use": stats.get("peak_bytes_in_use")}
+
+
+def _status_bytes(name: str) -> int | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _rss_reset() -> int | None:
+    """Frees what the heap holds, resets the peak RSS; the RSS now (None: not Linux)."""
+    libc = host_memory._glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
 def measure(
     program: Program, repeats: int, compiler_options: dict | None = None, *, warmup: bool = True
 ) -> Timing:
-    """Lower + compile, one warm-up call, then `repeats` timed calls (each synchronised).
-    Without `warmup` the first call is the only one (the quick suite: `times_s` holds it).
-    `compiler_options`: XLA options for the compile."""
+    """Lower + compile, one warm-up call, then `repeats` timed calls (each synchronised), their
+    peak memory measured (`PeakMemory`).
+        Without `warmup` the first call is the only one (the quick suite: `times_s` holds it).
+        `compiler_options`: XLA options for the compile."""
     t0 = time.perf_counter()
     lowered = program.jitted.lower(*program.args)
     t1 = time.perf_counter()
     compiled = lowered.compile(compiler_options=compiler_options)
     t2 = time.perf_counter()
     args = program.args
-    out = jax.block_until_ready(compiled(*args))
-    first = time.perf_counter() - t2
-    times = [] if warmup else [first]
-    repeats = repeats if warmup else 0
-    for _ in range(repeats):
-        args = program.advance(args, out)
-        t = time.perf_counter()
+    with PeakMemory() as peak:
+        t3 = time.perf_counter()
         out = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
+        first = time.perf_counter() - t3
+        times = [] if warmup else [first]
+        repeats = repeats if warmup else 0
+        for _ in range(repeats):
+            args = program.advance(args, out)
+            t = time.perf_counter()
+            out = jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t)
     program.args = program.advance(args, out)  # donated inputs are gone; keep live ones
     flops, memory = step_flops(compiled), memory_of(compiled)
-    return Timing(t1 - t0, t2 - t1, first, times, flops, memory, out)
+    return Timing(t1 - t0, t2 - t1, first, times, flops, memory, out, peak.result)
 
 
 def case_fields(case: Case, cfg: ml_collections.ConfigDict) -> dict:
@@ -408,6 +457,7 @@ def record(case: Case, cfg: ml_collections.ConfigDict, timing: Timing, extra: di
         "peak_flop_per_s": peak,  # bf16 dense peak of the device kind (None: unknown, CPUs)
         "mfu": achieved / peak if achieved and peak else None,
         "memory_bytes": timing.memory,
+        "peak_bytes": timing.peak,
         **extra,
         "env": env,
     }

@@ -30,18 +30,27 @@ def _runs(r: dict) -> str:
     return f"{r['median_s']:.3f} ({len(r['times_s'])})"
 
 
+def _peak(r: dict) -> str:
+    """The measured peak (harness.PeakMemory): RSS above the runs' start on the CPU, the
+    device's peak bytes in use on accelerators."""
+    peak = r.get("peak_bytes") or {}
+    value = peak.get("rss_above_start", peak.get("device_peak_in_use"))
+    return _num(value and value / 2**30, ".2f")
+
+
 def op_table(records: list[dict]) -> str:
     """One row per operation record (skipped ones say why)."""
     head = (
         "| op | config | dtype | clip BxTxHxW | compile s | median s (runs) | clips/s | "
-        "GFLOP | GFLOP/s | MFU | peak mem GiB (XLA est.) | torch s | jax / torch | max abs diff |"
+        "GFLOP | GFLOP/s | MFU | peak mem GiB (XLA est.) | peak GiB (measured) | torch s | "
+        "jax / torch | torch peak GiB (measured) | max abs diff |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 16]
     for r in records:
         if r.get("record") == "skipped":
             lines.append(
                 f"| {r['op']} | {r['config']} | {_dtype(r)} | {_clip(r)} | "
-                f"skipped: {r['reason']} |" + " |" * 9
+                f"skipped: {r['reason']} |" + " |" * 11
             )
             continue
         mem = (r.get("memory_bytes") or {}).get("peak")
@@ -51,8 +60,9 @@ def op_table(records: list[dict]) -> str:
             f"{_runs(r)} | {r['clips_per_s']:.3g} | {_num(r['flops'] and r['flops'] / 1e9, '.1f')} | "
             f"{_num(r['flop_per_s'] and r['flop_per_s'] / 1e9, '.1f')} | "
             f"{_num(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
-            f"{_num(mem and mem / 2**30, '.2f')} | {_num(ref.get('median_s'), '.3f')} | "
-            f"{_num(ref.get('jax_over_torch'), '.2f')} | {_num(ref.get('max_abs_diff'), '.1e')} |"
+            f"{_num(mem and mem / 2**30, '.2f')} | {_peak(r)} | {_num(ref.get('median_s'), '.3f')} | "
+            f"{_num(ref.get('jax_over_torch'), '.2f')} | {_peak(ref)} | "
+            f"{_num(ref.get('max_abs_diff'), '.1e')} |"
         )
     return "\n".join(lines)
 

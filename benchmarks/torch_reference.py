@@ -25,6 +25,7 @@ from harness import (
     ROOT,
     BenchmarkError,
     Case,
+    PeakMemory,
     case_config,
     input_video,
     measure,
@@ -71,8 +72,11 @@ def load_reference(path: str, cfg: Any, checkpoint: pathlib.Path) -> tuple[Any, 
     return ReducioVAE.from_torch_checkpoint(checkpoint, cfg), reference
 
 
-def time_reference(reference: Any, video: np.ndarray, repeats: int) -> tuple[list[float], Any]:
-    """One warm-up, then `repeats` timed runs of the reference's reconstruction stages."""
+def time_reference(
+    reference: Any, video: np.ndarray, repeats: int
+) -> tuple[list[float], Any, dict | None]:
+    """One warm-up, then `repeats` timed runs of the reference's reconstruction stages; their
+    times, the reconstruction and their peak memory (`harness.PeakMemory`, as ours)."""
     import torch
 
     from reducio_jax import parity
@@ -80,14 +84,14 @@ def time_reference(reference: Any, video: np.ndarray, repeats: int) -> tuple[lis
     torch.set_num_threads(
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), PeakMemory() as peak:
         parity.reference_stages(reference, video)
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             stages = parity.reference_stages(reference, video)
             times.append(time.perf_counter() - t)
-    return times, stages["recon"]
+    return times, stages["recon"], peak.result
 
 
 def compare(case: Case, path: str, repeats: int) -> dict:
@@ -102,7 +106,7 @@ def compare(case: Case, path: str, repeats: int) -> dict:
         vae, reference = load_reference(path, cfg, pathlib.Path(tmp) / "recipe.ckpt")
     program = vae_program("reconstruct", cfg, video, vae)
     timing = measure(program, repeats)
-    torch_times, torch_recon = time_reference(reference, video, repeats)
+    torch_times, torch_recon, torch_peak = time_reference(reference, video, repeats)
     diff = float(np.max(np.abs(np.asarray(timing.output, np.float32) - torch_recon)))
     torch_median = statistics.median(torch_times)
     extra = {
@@ -114,6 +118,7 @@ def compare(case: Case, path: str, repeats: int) -> dict:
             "times_s": [round(t, 4) for t in torch_times],
             "median_s": round(torch_median, 4),
             "max_abs_diff": diff,
+            "peak_bytes": torch_peak,
             "jax_over_torch": round(timing.median_s / torch_median, 4),
         },
     }

@@ -19,6 +19,11 @@ cropped back.
 Each method runs a compiled pure function of (graphdef, state, inputs), cached per input shape
 (so the methods also nest inside a user's `jax.jit`); frames taller than one
 tile window are tiled when the config enables tiling.
+
+The video methods choose their window batch from memory by default (`window_batch="auto"`,
+`plan_memory`, `reducio_jax/memory.py`): as many windows a call as the compiled program's
+memory analysis says fit in the memory available (or `max_memory`), tiling the frames one tile
+a step when one window does not fit, and `memory.OutOfMemory` when one tile does not either.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from reducio_jax import memory
 from reducio_jax.config import load_config
 from reducio_jax.convert.checkpoint import (
     ReducioWeights,
@@ -45,10 +51,18 @@ from reducio_jax.convert.hub import HubError, hub_name, is_hub, load_hub_weights
 from reducio_jax.models import VideoVAE, build_vae, latent_layer_norm
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
-from reducio_jax.models.windows import WindowPlan, cut_windows, pad_spatial, plan_windows, stitch
+from reducio_jax.models.windows import (
+    WindowPlan,
+    cut_windows,
+    pad_size,
+    pad_spatial,
+    plan_windows,
+    stitch,
+)
 from reducio_jax.sharding import make_mesh
 
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path
+WindowBatch = int | str | None  # a number, "auto" (from memory) or None (all windows at once)
 DEFAULT_OVERLAP = 4  # frames shared by neighbouring 16-frame windows (docs/video.md)
 
 
@@ -146,6 +160,7 @@ class ReducioVAE:
         self.weights = weights or ReducioWeights(vae=model)
         self.tiles = TileConfig.from_config(cfg)
         self.spatial_factor = model.sizes.spatial_factor
+        self._footprints: dict[tuple, memory.Footprint] = {}
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -202,27 +217,88 @@ class ReducioVAE:
         """(B, H, W, 3) -> content features (a grid of per-tile feature lists when tiled)."""
         return _content_jit(*nnx.split(self.model), frame, tiles=self.tiles)
 
-    def encode(self, video: jax.Array) -> DiagonalGaussian:
-        """(B, T, H, W, 3) -> posterior with mean/logvar (B, T/2**f_t, H/32, W/32, embed_dim)."""
+    def encode(self, video: jax.Array, *, plan: memory.Plan | None = None) -> DiagonalGaussian:
+        """(B, T, H, W, 3) -> posterior with mean/logvar (B, T/2**f_t, H/32, W/32, embed_dim).
+        (`plan`: the tiling of a `plan_memory` result instead of the config's.)"""
         _check_video(video, self.spatial_factor)
-        return _encode_jit(*nnx.split(self.model), video, tiles=self.tiles)
+        return _encode_jit(*nnx.split(self.model), video, tiles=self._tiles(plan))
 
     def latent(self, posterior: DiagonalGaussian, rng: jax.Array | None = None) -> jax.Array:
         """The decoder's input: posterior mean (rng None) or a sample, LayerNorm-ed per clip."""
         return _latent_jit(posterior, rng)
 
-    def decode(self, latent: jax.Array, content_frame: jax.Array) -> jax.Array:
+    def decode(
+        self, latent: jax.Array, content_frame: jax.Array, *, plan: memory.Plan | None = None
+    ) -> jax.Array:
         """Latent (B, t, h, w, z) + content frame (B, H, W, 3) -> video (B, T, H, W, 3)."""
         if content_frame.ndim != 4:
             raise ValueError(
                 f"content frame must be (B, H, W, 3), got shape {tuple(content_frame.shape)}"
             )
-        return _decode_jit(*nnx.split(self.model), latent, content_frame, tiles=self.tiles)
+        return _decode_jit(*nnx.split(self.model), latent, content_frame, tiles=self._tiles(plan))
 
-    def reconstruct(self, video: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def reconstruct(
+        self, video: jax.Array, rng: jax.Array | None = None, *, plan: memory.Plan | None = None
+    ) -> jax.Array:
         """encode -> latent -> decode with the middle frame as content, in one compiled call."""
         _check_video(video, self.spatial_factor)
-        return _reconstruct_jit(*nnx.split(self.model), video, rng, tiles=self.tiles)
+        return _reconstruct_jit(*nnx.split(self.model), video, rng, tiles=self._tiles(plan))
+
+    def _tiles(self, plan: memory.Plan | None) -> TileConfig | None:
+        return self.tiles if plan is None else plan.tiles
+
+    # -- memory ---------------------------------------------------------------------------------
+    def plan_memory(
+        self,
+        height: int,
+        width: int,
+        *,
+        op: str = "reconstruct",
+        max_memory: str | int | None = None,
+        cap: int | None = None,
+    ) -> memory.Plan:
+        """The window batch (<= `cap`, default 4 on the CPU, 16 on accelerators) and tiling for
+        `op` ("reconstruct", "encode" or "decode") of HxW frames, from the compiled program's
+        memory analysis and the memory available (`max_memory`: bytes or "8GB" for the whole
+        process instead). Raises `memory.OutOfMemory` when one tile of one window does not fit."""
+        f = self.spatial_factor
+        frame = (height + pad_size(height, f), width + pad_size(width, f))
+        resident = sum(x.nbytes for x in jax.tree.leaves(nnx.state(self.model)))
+        request = memory.Request(
+            measure=lambda batch, tiles: self.footprint(op, batch, frame, tiles),
+            resident=resident,
+            tiles=self.tiles,
+            fallback=_fallback_tiles(self.config, f),
+            frame=frame,
+            available=memory.budget(max_memory),
+            cap=cap or memory.default_cap(),
+        )
+        return memory.plan_windows_batch(request)
+
+    def footprint(
+        self, op: str, batch: int, frame: tuple[int, int], tiles: TileConfig | None
+    ) -> memory.Footprint:
+        """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples of
+        32) px, compiled once per shape (`jax.jit` reuses the compilation)."""
+        key = (op, batch, frame, tiles)
+        if key not in self._footprints:
+            self._footprints[key] = memory.Footprint.of(
+                self._lower(op, batch, frame, tiles).compile()
+            )
+        return self._footprints[key]
+
+    def _lower(self, op: str, batch: int, frame: tuple[int, int], tiles: TileConfig | None):
+        graphdef, state = nnx.split(self.model)
+        video = jax.ShapeDtypeStruct((batch, self.window, *frame, 3), jnp.float32)
+        if op == "reconstruct":
+            return _reconstruct_jit.lower(graphdef, state, video, None, tiles=tiles)
+        if op == "encode":
+            return _encode_jit.lower(graphdef, state, video, tiles=tiles)
+        if op == "decode":
+            posterior = jax.eval_shape(lambda v: _encode_jit(graphdef, state, v, tiles=None), video)
+            content = jax.ShapeDtypeStruct((batch, *frame, 3), jnp.float32)
+            return _decode_jit.lower(graphdef, state, posterior.mean, content, tiles=tiles)
+        raise ValueError(f"op must be reconstruct, encode or decode, got {op!r}")
 
     # -- videos of any length (overlapping windows, docs/video.md) ------------------------------
     @property
@@ -236,18 +312,21 @@ class ReducioVAE:
         *,
         overlap: int = DEFAULT_OVERLAP,
         rng: jax.Array | None = None,
-        window_batch: int | None = None,
+        window_batch: WindowBatch = "auto",
+        max_memory: str | int | None = None,
     ) -> VideoLatent:
         """(B, N, H, W, 3), any N >= 1 and H, W >= 32 -> the latents of its windows.
 
-        `window_batch` windows go through one compiled call (default: all B*K at once).
+        `window_batch` windows go through one compiled call: "auto" (default) as many as fit
+        in memory (`plan_memory`, `max_memory`), None all B*K at once.
         """
         _check_long_video(video)
         plan = plan_windows(video.shape[1], self.window, overlap)
         windows = cut_windows(pad_spatial(video, self.spatial_factor), plan)  # (B, K, T, H', W', 3)
         flat = windows.reshape(-1, *windows.shape[2:])  # (B*K, T, H', W', 3)
+        size, mem = self._window_batch(flat, window_batch, "encode", max_memory)
         latents = _in_batches(
-            lambda w, key: self.latent(self.encode(w), key), flat, window_batch, rng
+            lambda w, key: self.latent(self.encode(w, plan=mem), key), flat, size, rng
         )
         b, k = windows.shape[:2]
         return VideoLatent(
@@ -261,13 +340,21 @@ class ReducioVAE:
             overlap=overlap,
         )
 
-    def decode_video(self, latent: VideoLatent, *, window_batch: int | None = None) -> jax.Array:
-        """A `VideoLatent` -> the video (B, N, H, W, 3), windows cross-faded and cropped."""
+    def decode_video(
+        self,
+        latent: VideoLatent,
+        *,
+        window_batch: WindowBatch = "auto",
+        max_memory: str | int | None = None,
+    ) -> jax.Array:
+        """A `VideoLatent` -> the video (B, N, H, W, 3), windows cross-faded and cropped
+        (`window_batch` as `encode_video`'s)."""
         b, k = latent.latents.shape[:2]
         flat_z = latent.latents.reshape(b * k, *latent.latents.shape[2:])
         flat_frames = latent.content_frames.reshape(b * k, *latent.content_frames.shape[2:])
+        size, mem = self._window_batch(flat_frames[:, None], window_batch, "decode", max_memory)
         decoded = _in_batches(
-            lambda pair, _: self.decode(*pair), (flat_z, flat_frames), window_batch, None
+            lambda pair, _: self.decode(*pair, plan=mem), (flat_z, flat_frames), size, None
         )  # (B*K, T, H', W', 3)
         windows = decoded.reshape(b, k, *decoded.shape[1:])
         return stitch(windows, latent.plan)[:, :, : latent.height, : latent.width]
@@ -278,9 +365,11 @@ class ReducioVAE:
         *,
         overlap: int = DEFAULT_OVERLAP,
         rng: jax.Array | None = None,
-        window_batch: int | None = None,
+        window_batch: WindowBatch = "auto",
+        max_memory: str | int | None = None,
     ) -> jax.Array:
-        """(B, N, H, W, 3) -> its reconstruction, each window through the compiled `reconstruct`.
+        """(B, N, H, W, 3) -> its reconstruction, each window through the compiled `reconstruct`
+        (`window_batch` as `encode_video`'s).
 
         For N == 16 this is exactly `reconstruct` (one window, nothing to fade or pad).
         """
@@ -288,15 +377,38 @@ class ReducioVAE:
         plan = plan_windows(video.shape[1], self.window, overlap)
         windows = cut_windows(video, plan)  # (B, K, T, H, W, 3)
         flat = windows.reshape(-1, *windows.shape[2:])
-        recon = _in_batches(self.reconstruct_windows, flat, window_batch, rng)
+        size, mem = self._window_batch(flat, window_batch, "reconstruct", max_memory)
+        run = lambda w, key: self.reconstruct_windows(w, key, plan=mem)  # noqa: E731
+        recon = _in_batches(run, flat, size, rng)
         return stitch(recon.reshape(windows.shape), plan)
 
-    def reconstruct_windows(self, windows: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def reconstruct_windows(
+        self, windows: jax.Array, rng: jax.Array | None = None, *, plan: memory.Plan | None = None
+    ) -> jax.Array:
         """(K, 16, H, W, 3) windows of any H, W >= 32 -> reconstructions of the same shape
         (reflect-padded to multiples of 32 and cropped back). The streaming CLI's step."""
         h, w = windows.shape[2], windows.shape[3]
-        recon = self.reconstruct(pad_spatial(windows, self.spatial_factor), rng)
+        recon = self.reconstruct(pad_spatial(windows, self.spatial_factor), rng, plan=plan)
         return recon[:, :, :h, :w]
+
+    def _window_batch(
+        self, windows: jax.Array, window_batch: WindowBatch, op: str, max_memory
+    ) -> tuple[int | None, memory.Plan | None]:
+        """(batch size for `_in_batches`, the memory plan or None) for (K, T, H, W, 3) windows."""
+        if window_batch != "auto" or isinstance(windows, jax.core.Tracer):
+            return (None if window_batch == "auto" else window_batch), None  # inside a jit: one
+        k, h, w = windows.shape[0], windows.shape[2], windows.shape[3]
+        cap = min(k, memory.default_cap())
+        plan = self.plan_memory(h, w, op=op, max_memory=max_memory, cap=cap)
+        return plan.window_batch, plan
+
+
+def _fallback_tiles(cfg: ml_collections.ConfigDict, spatial_factor: int) -> TileConfig:
+    """The config's tile size, used when memory (not the config) calls for tiling."""
+    model = cfg.model
+    return TileConfig(
+        int(model.tile_sample_min_size), float(model.tile_overlap_factor), spatial_factor
+    )
 
 
 def _in_batches(fn, xs: Any, size: int | None, rng: jax.Array | None) -> jax.Array:

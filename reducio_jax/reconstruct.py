@@ -6,7 +6,15 @@ hold (the rule of `data/video.py`; `keep_fps` keeps the source rate), cut into t
 16-frame windows of `models/windows.py`, reconstructed `window_batch` windows per compiled
 call (`ReducioVAE.reconstruct_windows`: any frame size >= 32 px, tiled above one tile window
 when the config enables tiling), cross-faded, and encoded to H.264 frame by frame. Host memory
-holds the frames of one window batch, not the video. The output is written to a hidden
+holds the frames of one window batch, not the video.
+
+The window batch is chosen per video from memory by default (`window_batch="auto"`:
+`ReducioVAE.plan_memory`, `reducio_jax/memory.py`): as many windows a call (up to 4 on the CPU,
+16 on accelerators, and no more than the video has) as the compiled program's memory analysis
+says fit in the memory available or `max_memory`; frames are tiled one tile a step when one
+window does not fit, and when one tile does not either the video fails with `OutOfMemory` (an
+`InputError`: "not enough memory: ... needs X and ... leaves Y") before its output is started.
+A fixed `window_batch` that does not fit fails the same way. The output is written to a hidden
 temporary file next to OUT and renamed when complete; on any failure it is removed.
 
 Bad input (not a video, no frames, frames under 32 px) raises `InputError` before the model is
@@ -34,6 +42,7 @@ from tqdm import tqdm
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
 from reducio_jax.config import derived
 from reducio_jax.data.video import list_videos, to_uint8
+from reducio_jax.memory import OutOfMemory, Plan, default_cap, gib, parse_size
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
 from reducio_jax.models.windows import (
     Stitcher,
@@ -61,7 +70,8 @@ class ReconstructOptions:
     keep_fps: bool = False
     side_by_side: bool = False
     overlap: int = DEFAULT_OVERLAP
-    window_batch: int = 4
+    window_batch: int | str = "auto"  # or a fixed number of windows a call
+    max_memory: str | None = None  # e.g. "8GB": memory for the whole process (None: measured)
     crf: int = 18
     progress: bool = True
 
@@ -259,8 +269,11 @@ class _Pipeline:
     earlier: about `window_batch * stride + window` frames, whatever the video's length.
     """
 
-    def __init__(self, vae: ReducioVAE, opts: ReconstructOptions, writer: VideoWriter, bar):
+    def __init__(
+        self, vae: ReducioVAE, opts: ReconstructOptions, plan: Plan, writer: VideoWriter, bar
+    ):
         self.vae, self.opts, self.writer, self.bar = vae, opts, writer, bar
+        self.plan, self.batch = plan, plan.window_batch
         self.window = vae.window
         self.stitcher = Stitcher(opts.overlap)
         self.frames: list[np.ndarray] = []  # source frames from `base` on
@@ -284,7 +297,7 @@ class _Pipeline:
         if self.count == self.next_start + self.window:
             self._queue(self.next_start)
             self.next_start += self.window - self.opts.overlap
-        if len(self.queue) >= self.opts.window_batch:
+        if len(self.queue) >= self.batch:
             self._run(num_frames=None)
         self._trim()
 
@@ -314,7 +327,7 @@ class _Pipeline:
 
     def _run(self, num_frames: int | None) -> None:
         while self.queue:
-            starts = self.queue[: self.opts.window_batch]
+            starts = self.queue[: self.batch]
             del self.queue[: len(starts)]
             windows = np.stack([self._source(s, self.window) for s in starts])  # (k, T, H, W, 3)
             recon = self._reconstruct(windows)  # (k, T, H, W, 3) float32
@@ -327,11 +340,11 @@ class _Pipeline:
         return np.stack(self.frames[start - self.base : start - self.base + length])
 
     def _reconstruct(self, windows: np.ndarray) -> np.ndarray:
-        batch, rows = self.opts.window_batch, windows.shape[0]
+        batch, rows = self.batch, windows.shape[0]
         if rows < batch:  # one compiled shape: pad with copies of the last window
             windows = np.concatenate([windows, np.repeat(windows[-1:], batch - rows, axis=0)])
         video = jnp.asarray(windows, jnp.float32) / 127.5 - 1.0
-        return np.asarray(self.vae.reconstruct_windows(video))[:rows]
+        return np.asarray(self.vae.reconstruct_windows(video, plan=self.plan))[:rows]
 
     def _emit(self, recon: np.ndarray, num_frames: int | None) -> None:
         """Writes final frames (t, H, W, 3), the next ones after those already written."""
@@ -354,16 +367,44 @@ def reconstruct_file(
     """One video -> `output` (complete, or not there at all); returns its summary."""
     began = time.perf_counter()
     fps = info.fps if opts.keep_fps and info.fps > 0 else float(vae.config.data.fps)
+    plan = plan_memory(vae, info, opts, _expected_output_frames(info, fps))  # before any output
     report = DecodeReport()
     with video_file(output, fps, opts.crf) as writer:  # never a partial file left behind
-        pipeline = _stream(vae, info, opts, fps, writer, report)
+        pipeline = _stream(vae, info, opts, plan, fps, writer, report)
     return _summary(info, output, fps, report, pipeline, time.perf_counter() - began)
+
+
+def plan_memory(
+    vae: ReducioVAE, info: Probe, opts: ReconstructOptions, expected: int | None
+) -> Plan:
+    """The window batch and tiling for `info`'s frames: chosen from memory ("auto", at most the
+    windows the video has), or the fixed `window_batch` checked to fit. OutOfMemory if not."""
+    if opts.window_batch != "auto":
+        cap, fixed = opts.window_batch, opts.window_batch
+    else:
+        windows = (
+            None
+            if expected is None
+            else len(plan_windows(expected, vae.window, opts.overlap).starts)
+        )
+        cap, fixed = min(windows or default_cap(), default_cap()), None
+    plan = vae.plan_memory(info.height, info.width, max_memory=opts.max_memory, cap=cap)
+    if fixed is None or plan.window_batch == fixed:
+        return plan
+    need = vae.footprint("reconstruct", fixed, plan.frame, vae.tiles).need(plan.resident)
+    if need > plan.available:  # (the planner's linear estimate may have stopped short of it)
+        raise OutOfMemory(
+            f"--window_batch {fixed} needs {gib(need)} and {plan.source} leaves "
+            f"{gib(plan.available)}; leave --window_batch out to choose it from memory"
+        )
+    return dataclasses.replace(plan, window_batch=fixed, tiles=vae.tiles, need=need)
 
 
 def _stream(
     vae: ReducioVAE,
     info: Probe,
     opts: ReconstructOptions,
+    plan: Plan,
     fps: float,
     writer: VideoWriter,
     report: DecodeReport,
@@ -373,7 +414,7 @@ def _stream(
     windows = None if expected is None else plan_windows(expected, vae.window, opts.overlap)
     total = None if windows is None else len(windows.starts)
     with tqdm(total=total, desc=info.path.name, unit="window", disable=not opts.progress) as bar:
-        pipeline = _Pipeline(vae, opts, writer, bar)
+        pipeline = _Pipeline(vae, opts, plan, writer, bar)
         timed = source_frames(info.path, report)
         frames = (f for _, f in timed) if opts.keep_fps else resample(timed, fps, info.fps)
         for frame in frames:
@@ -407,6 +448,9 @@ def _summary(
         "fps": round(fps, 3),
         "size": [info.height, info.width],
         "windows": pipeline.windows,
+        "window_batch": pipeline.batch,
+        "tiled": pipeline.plan.tiled,
+        "memory_per_call": pipeline.plan.need,
         "psnr": round(totals.psnr / totals.frames, 3),
         "ssim": round(totals.ssim / totals.frames, 4),
         "lost_frames": lost,
@@ -415,7 +459,8 @@ def _summary(
     }
     print(
         f"{info.path} -> {output}: {totals.frames} frames at {summary['fps']:g} fps, "
-        f"{pipeline.windows} window{'s' if pipeline.windows != 1 else ''}, PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}"
+        f"{pipeline.windows} window{'s' if pipeline.windows != 1 else ''}, PSNR {summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}; "
+        f"{pipeline.plan.describe()}"
     )
     return summary
 
@@ -458,7 +503,9 @@ def plan_outputs(source: str, output: str) -> list[tuple[Path, Path]]:
 
 
 def _check_options(opts: ReconstructOptions, window: int) -> None:
-    if opts.window_batch < 1:
+    if opts.window_batch != "auto" and (
+        not isinstance(opts.window_batch, int) or opts.window_batch < 1
+    ):
         raise InputError(f"--window_batch {opts.window_batch} must be at least 1")
     try:
         check_overlap(window, opts.overlap)
@@ -491,6 +538,8 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
     """
     cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
     _check_options(opts, derived(cfg).num_frames)
+    if opts.max_memory is not None:
+        parse_size(opts.max_memory)  # a bad size fails before the model loads
     pairs = plan_outputs(opts.input, opts.output)
     single = not as_path(opts.input).is_dir()
     usable, skipped = _usable(pairs, single)

@@ -36,6 +36,10 @@ def test_record_fields(encode_record):
     assert rec["peak_flop_per_s"] is None and rec["mfu"] is None  # no MFU on a CPU
     mem = rec["memory_bytes"]
     assert mem["peak"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"] > 0
+    # measured around the runs: the resident set above its size at their start (the run's
+    # temporaries fault in afresh after malloc_trim), within the process's peak since it began
+    peak = rec["peak_bytes"]
+    assert 0 < peak["rss_above_start"] <= peak["process_peak_rss"]
     env = rec["env"]
     assert env["backend"] == "cpu" and env["cpu_cores"] >= 1 and env["cpu"]
     assert env["jax"] and env["jaxlib"] and env["flax"] and env["date"].endswith("UTC")
@@ -54,6 +58,8 @@ def test_results_section_replaced_in_place(encode_record, tmp_path):
     assert text.count("<!-- bench:quick -->") == 1 and text.count("<!-- /bench:quick -->") == 1
     assert "hand-written text" in text and "**a note**" in text
     row = next(line for line in text.splitlines() if line.startswith("| encode |"))
+    head = next(line for line in text.splitlines() if line.startswith("| op |"))
+    assert row.count("|") == head.count("|") and "peak GiB (measured)" in head
     assert (
         "| tiny | float32 | 1x16x32x32 |" in row and f"{encode_record['median_s']:.3f} (1)" in row
     )

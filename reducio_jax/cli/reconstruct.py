@@ -14,7 +14,10 @@ from absl import flags
 from reducio_jax.cli import shared_flags as shared
 from reducio_jax.errors import InputError
 
-USAGE = "INPUT OUTPUT --checkpoint CKPT_OR_DIR [--config FILE] [--keep_fps] [--side_by_side]"
+USAGE = (
+    "INPUT OUTPUT --checkpoint CKPT_OR_DIR [--config FILE] [--keep_fps] [--side_by_side] "
+    "[--window_batch auto|N] [--max_memory 8GB]"
+)
 
 
 def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
@@ -23,7 +26,8 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_bool(
         "side_by_side", False, "Write input | reconstruction side by side.", flag_values=fv
     )
-    shared.define_windows(fv, window_batch=4)
+    shared.define_windows(fv, window_batch="auto")
+    shared.define_max_memory(fv)
     flags.DEFINE_integer(
         "crf", 18, "H.264 quality (lower: better, larger).", lower_bound=0, flag_values=fv
     )

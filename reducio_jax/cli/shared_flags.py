@@ -59,6 +59,21 @@ class ResolutionParser(flags.ArgumentParser):
         return "N or HxW"
 
 
+class WindowBatchParser(flags.ArgumentParser):
+    """`auto` or a positive number of windows a compiled call."""
+
+    def parse(self, argument: Any) -> int | str | None:
+        if argument is None or isinstance(argument, int) or argument == "auto":
+            return argument
+        try:
+            return int(argument)
+        except ValueError:
+            raise ValueError(f"'{argument}' is not 'auto' or a number of windows") from None
+
+    def flag_type(self) -> str:
+        return "auto or N"
+
+
 def define_config(fv: flags.FlagValues, argv: Sequence[str], help_text: str = CONFIG_HELP):
     """--config (and its --config.KEY=VALUE overrides, which are found in `argv`)."""
     holder = config_flags.DEFINE_config_file(
@@ -138,10 +153,28 @@ def define_windows(fv: flags.FlagValues, window_batch: int | None, prefix: str =
         "overlap", 4, prefix + "Frames cross-faded between neighbour windows.", flag_values=fv
     )
     default = "" if window_batch else " (default: 4, rounded up to a multiple of the devices)"
-    flags.DEFINE_integer(
+    auto = (
+        " 'auto': as many as fit in memory (the compiled program's memory analysis against the "
+        "memory available or --max_memory), tiling large frames when one window does not fit"
+        if window_batch == "auto"
+        else ""
+    )
+    flags.DEFINE(
+        WindowBatchParser(),
         "window_batch",
         window_batch,
-        prefix + "Windows per compiled call" + default + ".",
+        prefix + "Windows per compiled call" + default + "." + auto,
+        flag_values=fv,
+    )
+
+
+def define_max_memory(fv: flags.FlagValues) -> None:
+    """--max_memory: the memory the window batch and tiling are chosen for."""
+    flags.DEFINE_string(
+        "max_memory",
+        None,
+        "Memory for the whole process, e.g. 8GB or 512MB (default: the RAM available, the cgroup "
+        "or ulimit -v limit, or the accelerator's free memory).",
         flag_values=fv,
     )
 
@@ -202,6 +235,7 @@ __all__ = [
     "define_devices",
     "define_distributed",
     "define_fps",
+    "define_max_memory",
     "define_num_clips",
     "define_out",
     "define_progress",

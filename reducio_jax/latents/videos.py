@@ -122,6 +122,10 @@ def window_batch_for(mesh: Mesh, window_batch: int | None) -> int:
     n = mesh.devices.size
     if window_batch is None:
         return -(-DEFAULT_WINDOW_BATCH // n) * n
+    if not isinstance(window_batch, int):  # the shared flag also parses 'auto' (reconstruct's)
+        raise InputError(
+            f"--window_batch {window_batch}: encode --whole_videos takes a number of windows"
+        )
     if window_batch <= 0 or window_batch % n:
         raise InputError(
             f"--window_batch {window_batch} must be a positive multiple of the {n} device(s)"

@@ -5,6 +5,11 @@ pixels; neighbouring outputs are cross-faded linearly over their overlap, visiti
 row so that each tile blends with its already-blended upper and left neighbours. Tiles of equal
 shape run as one batch (at most four shapes: interior, right edge, bottom edge, corner), so a
 whole frame costs one compiled call with a handful of batched encoder/decoder traces.
+
+Two fields bound the memory of a tiled call (set by the memory planner, `reducio_jax/memory.py`,
+never by a config): `max_batch` runs at most that many tiles of a shape at once (the rest in a
+`lax.map` loop, one chunk after another, so only one chunk's activations are alive), and `wide`
+also tiles frames that are only wider than one tile window (the reference looks at the height).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from reducio_jax.config import derived
 
@@ -26,6 +32,8 @@ class TileConfig:
     sample_size: int  # tile step in pixels (`tile_sample_min_size`)
     overlap: float  # `tile_overlap_factor`
     spatial_factor: int  # pixels per latent position (2**f_s)
+    max_batch: int | None = None  # tiles of one shape per step (None: all at once)
+    wide: bool = False  # also tile frames wider (not taller) than one tile window
 
     @property
     def latent_size(self) -> int:
@@ -51,9 +59,10 @@ class TileConfig:
             derived(model).spatial_factor,
         )
 
-    def applies_to(self, height: int) -> bool:
-        """The reference tiles when the frame height exceeds one tile window."""
-        return height > self.sample_window
+    def applies_to(self, height: int, width: int = 0) -> bool:
+        """The reference tiles when the frame height exceeds one tile window (with `wide`, the
+        width too)."""
+        return height > self.sample_window or (self.wide and width > self.sample_window)
 
 
 def blend(a: jax.Array, b: jax.Array, extent: int, axis: int) -> jax.Array:
@@ -85,8 +94,9 @@ def blend_grid(grid: Grid, blend_tile: Callable[[object, object, int], object]) 
     return out
 
 
-def run_batched(fn: Callable, tiles: Grid) -> Grid:
-    """Applies `fn` to every tile, batching tiles of equal shape into one call."""
+def run_batched(fn: Callable, tiles: Grid, max_batch: int | None = None) -> Grid:
+    """Applies `fn` to every tile, batching tiles of equal shape into one call (at most
+    `max_batch` tiles a call, the calls one after another in a loop)."""
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for i, row in enumerate(tiles):
         for j, tile in enumerate(row):
@@ -94,14 +104,44 @@ def run_batched(fn: Callable, tiles: Grid) -> Grid:
             groups.setdefault(shapes, []).append((i, j))
     out: Grid = [[None] * len(row) for row in tiles]
     for members in groups.values():
-        batch = jax.tree.map(
-            lambda *xs: jnp.concatenate(xs, axis=0), *[tiles[i][j] for i, j in members]
-        )
-        result = fn(batch)
+        result = _run_group(fn, [tiles[i][j] for i, j in members], max_batch)
         for k, (i, j) in enumerate(members):
             size = jax.tree.leaves(tiles[i][j])[0].shape[0]
             out[i][j] = jax.tree.map(lambda x, k=k, size=size: x[k * size : (k + 1) * size], result)
     return out
+
+
+def _run_group(fn: Callable, parts: list, max_batch: int | None):
+    """`fn` over the tiles `parts` (equal shapes) concatenated on axis 0; in chunks of
+    `max_batch` tiles through `lax.map` (the last chunk padded with copies of the last tile)."""
+    concat = lambda *xs: jnp.concatenate(xs, axis=0)  # noqa: E731
+    if max_batch is None or len(parts) <= max_batch:
+        return fn(jax.tree.map(concat, *parts))
+    chunks = -(-len(parts) // max_batch)
+    padded = parts + [parts[-1]] * (chunks * max_batch - len(parts))
+    steps = [
+        jax.tree.map(concat, *padded[c * max_batch : (c + 1) * max_batch]) for c in range(chunks)
+    ]
+    result = _looped(fn, jax.tree.map(lambda *xs: jnp.stack(xs), *steps))
+    rows = len(parts) * jax.tree.leaves(parts[0])[0].shape[0]
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:rows], result)
+
+
+def _looped(fn: Callable, xs: Any) -> Any:
+    """`lax.map(fn, xs)`. When `fn` is an nnx Module or a method of one, the module's state is
+    the loop's carry and the module is merged inside the loop, so that its layers (and their
+    `nnx.remat`) trace at the loop's level."""
+    owner = fn if isinstance(fn, nnx.Module) else getattr(fn, "__self__", None)
+    if not isinstance(owner, nnx.Module):
+        return jax.lax.map(fn, xs)
+    graphdef, state = nnx.split(owner)
+    method = None if owner is fn else fn.__name__
+
+    def body(carry, x):
+        module = nnx.merge(graphdef, carry)
+        return carry, (module if method is None else getattr(module, method))(x)
+
+    return jax.lax.scan(body, state, xs)[1]
 
 
 def split_tiles(x: jax.Array, step: int, window: int, h_axis: int) -> Grid:
@@ -134,7 +174,7 @@ def tiled_content_features(
 ) -> Grid:
     """(B, H, W, 3) -> a grid of per-tile content feature lists, seams blended per level."""
     tiles = split_tiles(frame, cfg.sample_size, cfg.sample_window, h_axis=1)
-    features = run_batched(encode_2d, tiles)
+    features = run_batched(encode_2d, tiles, cfg.max_batch)
 
     def blend_levels(
         a: Sequence[jax.Array], b: Sequence[jax.Array], direction: int
@@ -153,10 +193,20 @@ def tiled_moments(
 ) -> jax.Array:
     """(B, T, H, W, 3) -> posterior moments (B, t, h, w, 2z) assembled from blended tiles."""
     tiles = split_tiles(video, cfg.sample_size, cfg.sample_window, h_axis=2)
-    moments = run_batched(encode_3d, tiles)
+    moments = run_batched(encode_3d, tiles, cfg.max_batch)
     extent = int(cfg.latent_size * cfg.overlap)
     blended = blend_grid(moments, lambda a, b, d: blend(a, b, extent, 2 + d))
     return stitch(blended, cfg.latent_size, h_axis=2)
+
+
+class _Pairs(nnx.Module):
+    """`decode(latent, features)` as a module of one (latent, features) argument."""
+
+    def __init__(self, decode: Callable[[jax.Array, list[jax.Array]], jax.Array]):
+        self.decode = decode
+
+    def __call__(self, pair: tuple[jax.Array, list[jax.Array]]) -> jax.Array:
+        return self.decode(*pair)
 
 
 def tiled_decode(
@@ -170,7 +220,7 @@ def tiled_decode(
     paired = [
         [(tile, content_grid[i][j]) for j, tile in enumerate(row)] for i, row in enumerate(tiles)
     ]
-    videos = run_batched(lambda pair: decode(pair[0], pair[1]), paired)
+    videos = run_batched(_Pairs(decode), paired, cfg.max_batch)
     extent = int(cfg.sample_size * cfg.overlap)
     blended = blend_grid(videos, lambda a, b, d: blend(a, b, extent, 2 + d))
     return stitch(blended, cfg.sample_size, h_axis=2)

@@ -31,9 +31,10 @@ def _window(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def _tiled(tiles: TileConfig | None, height: int) -> bool:
-    """Tile when tiling is on and the frame is taller than one tile window (as the reference)."""
-    return tiles is not None and tiles.applies_to(height)
+def _tiled(tiles: TileConfig | None, height: int, width: int) -> bool:
+    """Tile when tiling is on and the frame is taller than one tile window (as the reference;
+    with the planner's `wide`, also wider)."""
+    return tiles is not None and tiles.applies_to(height, width)
 
 
 class VideoVAE(nnx.Module):
@@ -128,7 +129,7 @@ class VideoVAE(nnx.Module):
 
     def encode(self, video: jax.Array, *, tiles: TileConfig | None = None) -> DiagonalGaussian:
         """(B, T, H, W, 3) -> posterior over (B, T/2**f_t, H/2**f_s, W/2**f_s, embed_dim)."""
-        if _tiled(tiles, video.shape[2]):
+        if _tiled(tiles, video.shape[2], video.shape[3]):
             return DiagonalGaussian.from_moments(tiled_moments(self._moments, video, tiles))
         return DiagonalGaussian.from_moments(self._moments(video))
 
@@ -139,7 +140,7 @@ class VideoVAE(nnx.Module):
     def content_features(self, frame: jax.Array, *, tiles: TileConfig | None = None) -> Any:
         """(B, H, W, 3) content frame -> the 2D features the decoder attends to, fine to coarse
         (when tiled: a grid of per-tile feature lists)."""
-        if _tiled(tiles, frame.shape[1]):
+        if _tiled(tiles, frame.shape[1], frame.shape[2]):
             return tiled_content_features(self.encoder_2d, frame, tiles)
         return self.encoder_2d(frame)
 
@@ -160,7 +161,9 @@ class VideoVAE(nnx.Module):
         """
         z = self.post_quant_conv(latent.astype(self.dtype))
         features = None
-        if tiles is not None and _tiled(tiles, latent.shape[2] * tiles.spatial_factor):
+        if tiles is not None and _tiled(
+            tiles, latent.shape[2] * tiles.spatial_factor, latent.shape[3] * tiles.spatial_factor
+        ):
             if return_last_features:
                 raise ValueError("return_last_features is not available for tiled decoding")
             video = tiled_decode(self.decoder, z, content_features, tiles)

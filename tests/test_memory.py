@@ -1,0 +1,171 @@
+"""The memory planner (`reducio_jax/memory.py`): the window batch and tiling chosen from the
+compiled program's own memory analysis, and `reconstruct` under a real address-space limit
+(`ulimit -v`, set with `resource.setrlimit` in the child) completing where a fixed batch of 4
+does not fit, or ending in one `error:` line when one window does not fit at all.
+
+Every byte count below comes from the program's memory analysis (`ReducioVAE.footprint`) or
+from the child process itself; none is a constant of this machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from helpers import max_err, recipe_checkpoint, run_probe
+from test_reconstruct_cli import TINY, pattern, read_video, write_video
+
+from configs import tiny
+from reducio_jax import ReducioVAE
+from reducio_jax.memory import (
+    RESERVE,
+    OutOfMemory,
+    Plan,
+    Request,
+    gib,
+    parse_size,
+    plan_windows_batch,
+)
+from reducio_jax.models.tiling import TileConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(fixtures_dir, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("memory") / "tiny.ckpt"
+    return str(recipe_checkpoint(fixtures_dir, "tiny", path))
+
+
+@pytest.fixture(scope="module")
+def vae() -> ReducioVAE:
+    return ReducioVAE.from_config(tiny.get_config())
+
+
+def resident(vae: ReducioVAE) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(vae.model)))
+
+
+def request(vae: ReducioVAE, frame: tuple[int, int], room: int, cap: int = 4) -> Request:
+    fallback = TileConfig(256, 0.25, vae.spatial_factor)  # tiny.py's tile size
+    return Request(
+        measure=lambda batch, tiles: vae.footprint("reconstruct", batch, frame, tiles),
+        resident=resident(vae),
+        tiles=None,
+        fallback=fallback,
+        frame=frame,
+        available=(room, "the test's budget"),
+        cap=cap,
+    )
+
+
+def test_parse_size():
+    assert parse_size("8GB") == 8 * 2**30 and parse_size("512M") == 512 * 2**20
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("1000") == 1000
+    for bad in ("", "8 parsecs", "-1GB", "0"):
+        with pytest.raises(ValueError, match="--max_memory"):
+            parse_size(bad)
+
+
+def test_batch_from_the_programs_memory_analysis(vae):
+    one = vae.footprint("reconstruct", 1, (64, 64), None).need(resident(vae))
+    plan = plan_windows_batch(request(vae, (64, 64), int(2.5 * one)))
+    two = vae.footprint("reconstruct", 2, (64, 64), None).need(resident(vae))
+    assert plan.window_batch == 2 and plan.need == two <= 2.5 * one and not plan.tiled
+    assert plan_windows_batch(request(vae, (64, 64), 100 * one, cap=3)).window_batch == 3
+    assert plan_windows_batch(request(vae, (64, 64), one)).window_batch == 1
+    with pytest.raises(OutOfMemory, match=f"one 64x64 window needs {gib(one)}"):
+        plan_windows_batch(request(vae, (64, 64), one - 1))
+
+
+def test_tiles_when_one_window_does_not_fit(vae):
+    frame = (64, 704)  # wider than one 320 px tile window: three tiles, two of one shape
+    whole = vae.footprint("reconstruct", 1, frame, None).need(resident(vae))
+    big = TileConfig(256, 0.25, vae.spatial_factor, max_batch=1, wide=True)  # tiny.py's tiles
+    small = dataclasses.replace(big, sample_size=128)  # 160 px tiles every 128 px
+    need_big, need_small = (
+        vae.footprint("reconstruct", 1, frame, t).need(resident(vae)) for t in (big, small)
+    )
+    assert need_small < need_big < whole
+    plan = plan_windows_batch(request(vae, frame, (need_big + whole) // 2))
+    assert plan.tiled and plan.window_batch == 1 and plan.tiles == big and plan.need == need_big
+    plan = plan_windows_batch(request(vae, frame, (need_small + need_big) // 2))
+    assert plan.tiles == small and plan.need == need_small
+    with pytest.raises(OutOfMemory, match=f"one 160 px tile of one window needs {gib(need_small)}"):
+        plan_windows_batch(request(vae, frame, need_small - 1))
+
+
+def test_tiles_in_a_loop_match_all_at_once(vae):
+    """One tile a step (`max_batch`, a lax.scan over tiles of one shape) computes what all tiles
+    at once do (the tiled path the parity fixtures check)."""
+    video = jnp.asarray(pattern(16, 96, 160), jnp.float32)[None] / 127.5 - 1.0
+    tiles = TileConfig(64, 0.5, vae.spatial_factor)  # 96 px tiles every 64 px: two of 96x96
+    all_at_once = vae.reconstruct(video, plan=_plan(tiles))
+    looped = vae.reconstruct(video, plan=_plan(dataclasses.replace(tiles, max_batch=1)))
+    assert max_err(looped, all_at_once) < 1e-4
+
+
+def _plan(tiles: TileConfig) -> Plan:
+    return Plan(1, tiles, 0, 0, "test", (0, 0), 0)
+
+
+# -- the command under a real limit ---------------------------------------------------------------
+
+VMSIZE = (
+    "import sys, jax\n"
+    "from reducio_jax.runtime import load_vae\n"
+    "from reducio_jax.memory import _status\n"
+    "load_vae(sys.argv[1], sys.argv[2], None)\n"
+    "print(_status('VmSize'))\n"
+)
+
+
+def run_limited(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`python -m reducio_jax reconstruct ...` with its address space limited to `limit`."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "reducio_jax", "reconstruct", *args, "--noprogress"]
+    set_limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # noqa: E731
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=set_limit
+    )
+
+
+def test_reconstruct_under_an_address_space_limit(ckpt, tmp_path):
+    source = write_video(tmp_path / "in.mp4", pattern(52, 128, 128))  # four windows
+    model = ReducioVAE.from_torch_checkpoint(ckpt, tiny.get_config())
+    one, four = (
+        model.footprint("reconstruct", b, (128, 128), None).need(resident(model)) for b in (1, 4)
+    )
+    base = int(run_probe(VMSIZE, ckpt, TINY))  # the process's size once the model is loaded
+    limit = base + RESERVE + int(1.5 * one)
+    assert four > limit - base  # a fixed batch of 4 does not fit under this limit
+    out = tmp_path / "out.mp4"
+    done = run_limited(limit, str(source), str(out), "--checkpoint", ckpt, "--config", TINY)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 window(s) a call" in done.stdout and read_video(out)[0].shape == (52, 128, 128, 3)
+    fixed = run_limited(
+        limit, str(source), str(tmp_path / "fixed.mp4"), "--checkpoint", ckpt, "--config", TINY,
+        "--window_batch", "4",
+    )  # fmt: skip
+    _assert_one_error(fixed, "--window_batch 4 needs", tmp_path / "fixed.mp4")
+    small = run_limited(
+        base + RESERVE + one // 4, str(source), str(tmp_path / "small.mp4"),
+        "--checkpoint", ckpt, "--config", TINY,
+    )  # fmt: skip
+    _assert_one_error(small, f"one 128x128 window needs {gib(one)}", tmp_path / "small.mp4")
+
+
+def _assert_one_error(done: subprocess.CompletedProcess, match: str, out: pathlib.Path) -> None:
+    errors = done.stderr.splitlines()
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert errors[0].startswith("error: ") and match in errors[0] and "leaves" in errors[0]
+    assert not out.exists() and not list(out.parent.glob(".*partial*"))
