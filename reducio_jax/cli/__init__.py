@@ -12,8 +12,9 @@
 Every command takes absl flags (`--flag=value` or `--flag value`, booleans `--flag` /
 `--noflag`), `--config` is an `ml_collections` config flag (`--config.KEY=VALUE` overrides),
 and `COMMAND --help` lists the command's flags. Exit status: 0 done, 2 bad input, 1 the run
-failed (compile: 1 does not fit) (one `error: ...` line on stderr for both), 130 Ctrl-C, 143 SIGTERM (train, encode and
-eval stop after the step in flight; rerun the same command to continue).
+failed (one `error: ...` line on stderr for both; compile: 1 = does not fit), 130 Ctrl-C, 143
+SIGTERM (train, encode and eval stop after the step in flight; rerun the same command to
+continue).
 """
 
 from __future__ import annotations

@@ -41,9 +41,11 @@ def _one_error(capsys, argv: list[str]) -> str:
 def test_top_level_help_lists_every_command():
     result = _python("-m", "reducio_jax", "--help")
     assert result.returncode == 0, result.stderr
-    listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].splitlines()[:7]]
+    listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].splitlines()[:8]]
     assert listed == list(cli.COMMANDS)
-    assert set(listed) == {"train", "eval", "convert", "encode", "decode", "export", "reconstruct"}
+    assert set(listed) == {
+        "train", "eval", "convert", "encode", "decode", "export", "reconstruct", "compile"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
