@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,24 @@ def run_probe(code: str, *args: str, **env: str) -> str:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DIST_CONFIG = str(ROOT / "tests" / "train" / "dist_config.py")
+
+
+def start_training_process(i: int, port: int, workdir: str | os.PathLike, env: dict):
+    """Process `i` of a 2-process `train.py` run of tests/train/dist_config.py on localhost."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", DIST_CONFIG, "--workdir",
+           str(workdir), "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
+           "--process_id", str(i), "--noprogress"]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def losses_line(proc: subprocess.Popen) -> str:
+    """The "steps ...; L1 ..." part of a finished training process's `done:` line."""
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    done = [line for line in stdout.splitlines() if "done: " in line]
+    assert len(done) == 1, stdout
+    return re.search(r"done: (steps [^;]*; L1 [^;]*);", done[0]).group(1)

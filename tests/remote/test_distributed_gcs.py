@@ -9,35 +9,18 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
-import subprocess
 import sys
 
 import jax
 import numpy as np
 from gcs_server import free_port
+from helpers import losses_line, start_training_process
 
 from reducio_jax.paths import as_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "tests" / "train"
-CONFIG = str(TRAIN / "dist_config.py")
 sys.path.insert(0, str(TRAIN))
-
-
-def _start(i: int, port: int, workdir: str, env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", workdir,
-           "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-           "--process_id", str(i), "--noprogress"]  # fmt: skip
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _losses_line(proc: subprocess.Popen) -> str:
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    done = [line for line in stdout.splitlines() if "done: " in line]
-    assert len(done) == 1, stdout
-    return re.search(r"done: (steps [^;]*; L1 [^;]*);", done[0]).group(1)
 
 
 def test_two_processes_save_one_checkpoint_in_bucket(gcs, tmp_path):
@@ -50,11 +33,11 @@ def test_two_processes_save_one_checkpoint_in_bucket(gcs, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TRAIN)])}  # fmt: skip
     workdir = gcs.url("two")
     port = free_port()
-    procs = [_start(i, port, workdir, env) for i in range(2)]
+    procs = [start_training_process(i, port, workdir, env) for i in range(2)]
     try:
         one = run(dist_config.get_config(), tmp_path / "one", progress=False,
                   devices=jax.devices()[:8]).logs  # fmt: skip
-        lines = [_losses_line(p) for p in procs]
+        lines = [losses_line(p) for p in procs]
     finally:
         for p in procs:
             p.kill()

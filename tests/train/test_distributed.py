@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import socket
-import subprocess
-import sys
 
 import numpy as np
+from helpers import losses_line, start_training_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CONFIG = str(ROOT / "tests" / "train" / "dist_config.py")
 
 
 def _free_port() -> int:
@@ -23,27 +20,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(i: int, port: int, workdir: pathlib.Path, env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", CONFIG, "--workdir", str(workdir),
-           "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
-           "--process_id", str(i), "--noprogress"]  # fmt: skip
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _losses_line(proc: subprocess.Popen) -> str:
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-    done = [line for line in stdout.splitlines() if "done: " in line]
-    assert len(done) == 1, stdout
-    return re.search(r"done: (steps [^;]*; L1 [^;]*);", done[0]).group(1)
-
-
 def test_two_processes_train_together(tmp_path, subprocess_env, eight_device_run):
     env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     port, workdir = _free_port(), tmp_path / "two"
-    procs = [_start(i, port, workdir, env) for i in range(2)]
+    procs = [start_training_process(i, port, workdir, env) for i in range(2)]
     try:
-        lines = [_losses_line(p) for p in procs]
+        lines = [losses_line(p) for p in procs]
     finally:
         for p in procs:
             p.kill()
