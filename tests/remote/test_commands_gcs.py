@@ -114,9 +114,12 @@ def test_encode_decode_store_in_bucket(trees, pretrained):
 
 
 def _same_video(a: np.ndarray, b: np.ndarray) -> None:
-    """Two H.264 encodings of the same frames (see the module docstring)."""
+    """Two H.264 encodings of the same frames (see the module docstring): libx264's output for
+    identical frames differs between runs (seen: single pixels up to 30 levels, means of
+    0.5-1.4 levels), so they are compared by shape and a small mean difference; the arrays
+    behind them are compared exactly."""
     assert a.shape == b.shape
-    assert np.mean(np.abs(a.astype(np.float32) - b)) < 1.0
+    assert np.mean(np.abs(a.astype(np.float32) - b)) < 3.0
 
 
 def test_reconstruct_folder_from_and_to_bucket(trees, pretrained, capsys):
@@ -126,7 +129,8 @@ def test_reconstruct_folder_from_and_to_bucket(trees, pretrained, capsys):
         assert main(["reconstruct", *args, "--window_batch", "1", "--noprogress"]) == 0
         out[side] = _videos(f"{root}/recon")
         printed = capsys.readouterr().out.splitlines()
-        lines[side] = [x.replace(root, "ROOT") for x in printed if "PSNR" in x]
+        # the line up to the PSNR/SSIM (the memory plan after it follows the RAM free then)
+        lines[side] = [x.replace(root, "ROOT").split("; ")[0] for x in printed if "PSNR" in x]
     assert len(lines["local"]) == 2 and lines["local"] == lines["remote"]  # the same PSNR/SSIM
     assert sorted(out["local"]) == sorted(out["remote"]) == ["/a.mp4", "/sub/b.mp4"]
     for name, frames in out["local"].items():

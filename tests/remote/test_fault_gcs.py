@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from gcs_server import GcsServer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -39,6 +40,11 @@ def _step_folders(server: GcsServer, url: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
+@pytest.mark.skipif(
+    not os.environ.get("REDUCIO_SLOW_TESTS"),
+    reason="~7 min (Orbax's 300 s signal timeout); over 10 min beside the rest of the suite "
+    "on 2 cores: REDUCIO_SLOW_TESTS=1 runs it",
+)
 def test_server_lost_mid_run_then_resume(tmp_path):
     server = GcsServer(tmp_path / "gcs")
     (tmp_path / "gcs").mkdir()
