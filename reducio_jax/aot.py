@@ -29,11 +29,17 @@ from jax.sharding import Mesh
 
 from reducio_jax import api, losses
 from reducio_jax.config import derived
+from reducio_jax.data.config import frame_size
 from reducio_jax.errors import InputError
 from reducio_jax.models import build_vae
 from reducio_jax.models.convolution import traced_for
 from reducio_jax.models.tiling import TileConfig
-from reducio_jax.sharding import abstract_model, batch_sharding, make_mesh, tree_shardings
+from reducio_jax.sharding import (
+    abstract_model,
+    abstract_with_shardings,
+    batch_sharding,
+    make_mesh,
+)
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.step import batch_spec, jit_train_step
 
@@ -92,7 +98,7 @@ class CompileRecord:
     fits: bool
     hbm_bytes: int
     argument_bytes: int = 0  # parameters + optimizer state + batch (this chip's shards)
-    state_bytes: int = 0  # the parameters and optimizer state alone (train_step)
+    state_bytes: int = 0  # train state (train_step) or VAE parameters (inference) alone
     temp_bytes: int = 0
     output_bytes: int = 0
     alias_bytes: int = 0  # outputs that reuse donated arguments
@@ -181,12 +187,6 @@ def _sized(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_per_chip: int):
     return cfg
 
 
-def _sds(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
-    )
-
-
 def _lower_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     """The train command's jitted step (train/step.py) lowered for abstract, sharded inputs
     (with LPIPS unless `cfg.loss.perceptual_weight` is 0, as `train` does)."""
@@ -196,15 +196,23 @@ def _lower_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
         with nnx.use_eager_sharding(False):
             make = lambda: state_lib.make_lpips(cfg)  # noqa: E731
             lpips_graph, lpips_state = nnx.split(nnx.eval_shape(make))
-        lpips = _sds(lpips_state, tree_shardings(lpips_state, mesh, cfg.mesh.rules))
+        lpips = abstract_with_shardings(lpips_state, mesh, cfg.mesh.rules)
     weights = losses.LossWeights.from_config(cfg.loss, perceptual_weight=perceptual)
     vae_graph, disc_graph = state_lib.graphdefs(cfg)
     nets = state_lib.Networks(vae_graph, disc_graph, lpips_graph, lpips_state)
-    shardings = state_lib.state_shardings(cfg, mesh)
-    step = jit_train_step(cfg, nets, weights, mesh, shardings)
-    state = _sds(state_lib.abstract_state(cfg), shardings)
-    state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
-    return step.lower(state, batch_spec(cfg.data, mesh), lpips), state_bytes
+    step = jit_train_step(cfg, nets, weights, mesh, state_lib.state_shardings(cfg, mesh))
+    state = abstract_with_shardings(state_lib.abstract_state(cfg), mesh, cfg.mesh.rules)
+    return step.lower(state, batch_spec(cfg.data, mesh), lpips)
+
+
+def _state_bytes(cfg: ml_collections.ConfigDict, mesh: Mesh, program: str) -> int:
+    """One chip's share of what the program holds between steps: the train state (parameters,
+    buffers, optimizer moments) for train_step, the VAE's parameters otherwise."""
+    if program == "train_step":
+        state = abstract_with_shardings(state_lib.abstract_state(cfg), mesh, cfg.mesh.rules)
+    else:
+        state = abstract_model(lambda: build_vae(cfg.model), mesh, cfg.mesh.rules)[1]
+    return sum(_shard_bytes(x) for x in jax.tree.leaves(state))
 
 
 def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
@@ -215,7 +223,7 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 def _lower_inference(cfg: ml_collections.ConfigDict, mesh: Mesh, program: str):
     """The API's compiled encode / decode / reconstruct (api.py) for a sharded batch."""
     graphdef, state = abstract_model(lambda: build_vae(cfg.model), mesh, cfg.mesh.rules)
-    h, w = _hw(cfg.data.resolution)
+    h, w = frame_size(cfg.data.resolution)
     b, t = int(cfg.data.batch_size), int(cfg.data.num_frames)
     shard = batch_sharding(mesh)
     video = jax.ShapeDtypeStruct((b, t, h, w, 3), jnp.float32, sharding=shard)
@@ -228,11 +236,6 @@ def _lower_inference(cfg: ml_collections.ConfigDict, mesh: Mesh, program: str):
     latent = jax.ShapeDtypeStruct((b, *latent_shape), jnp.float32, sharding=shard)
     frame = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=shard)
     return api._decode_jit.lower(graphdef, state, latent, frame, tiles=tiles)
-
-
-def _hw(resolution: Any) -> tuple[int, int]:
-    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    return int(h), int(w)
 
 
 def _oom_figures(message: str) -> tuple[int, int]:
@@ -267,12 +270,12 @@ def compile_program(
     device = mesh.devices.flat[0]
     hbm = chip_hbm(device)
     record = _record_maker(cfg, program, mesh, topology, batch_per_chip, hbm)
-    state_bytes = 0
+    state_bytes = _state_bytes(cfg, mesh, program)
     start = time.perf_counter()
     try:
         with traced_for(device.platform):
             if program == "train_step":
-                lowered, state_bytes = _lower_train_step(cfg, mesh)
+                lowered = _lower_train_step(cfg, mesh)
             else:
                 lowered = _lower_inference(cfg, mesh, program)
             compiled = lowered.compile()
@@ -327,7 +330,7 @@ def _record_maker(
             num_chips=int(mesh.devices.size),
             mesh={str(k): int(v) for k, v in mesh.shape.items()},
             batch_per_chip=batch_per_chip,
-            resolution=_hw(cfg.data.resolution),
+            resolution=frame_size(cfg.data.resolution),
             dtype=str(cfg.model.dtype),
             remat=bool(cfg.model.remat),
             hbm_bytes=hbm,
@@ -352,13 +355,8 @@ def planned_record(
     parameters (and for train_step the optimizer state) and the batch shard of one chip."""
     mesh = make_mesh(cfg.mesh, devices)
     cfg = _sized(cfg, mesh, batch_per_chip)
-    if program == "train_step":
-        shardings = state_lib.state_shardings(cfg, mesh)
-        state = _sds(state_lib.abstract_state(cfg), shardings)
-    else:
-        state = abstract_model(lambda: build_vae(cfg.model), mesh, cfg.mesh.rules)[1]
-    state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
-    h, w = _hw(cfg.data.resolution)
+    state_bytes = _state_bytes(cfg, mesh, program)
+    h, w = frame_size(cfg.data.resolution)
     batch_bytes = batch_per_chip * int(cfg.data.num_frames) * h * w * 3 * 4
     total = state_bytes + batch_bytes + temp_bytes
     hbm = chip_hbm(mesh.devices.flat[0])

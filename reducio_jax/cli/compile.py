@@ -88,14 +88,13 @@ def _configured(fv: flags.FlagValues):
         cfg.model.remat = fv["remat"].value
     if fv["resolution"].value is not None:
         cfg.data.resolution = fv["resolution"].value
+    axes = {axis: fv[axis].value for axis in ("fsdp", "space") if fv[axis].value is not None}
+    for axis, size in axes.items():
+        if size < 1:
+            raise InputError(f"--{axis} must be at least 1, got {size}")
     shape = dict(cfg.mesh.shape)
-    for axis in ("fsdp", "space"):
-        size = fv[axis].value
-        if size is not None:
-            if size < 1:
-                raise InputError(f"--{axis} must be at least 1, got {size}")
-            shape = {**{k: v for k, v in shape.items() if k != "data"}, axis: size}
-            shape = {"data": -1, **shape}
+    if axes:  # the data axis takes the remaining chips
+        shape = {"data": -1, **{k: v for k, v in shape.items() if k != "data"}, **axes}
     cfg.mesh.shape = shape
     return cfg
 

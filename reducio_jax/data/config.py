@@ -51,3 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = config_dict.placeholder(int)
     c.synthetic_size = 1024
     return c
+
+
+def frame_size(resolution) -> tuple[int, int]:
+    """`data.resolution` (an int for square frames, or (H, W)) as (H, W)."""
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    return int(h), int(w)

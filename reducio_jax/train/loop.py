@@ -31,6 +31,7 @@ from reducio_jax import checkpoints, losses
 from reducio_jax import sharding as shard_lib
 from reducio_jax.config import derived
 from reducio_jax.data import make_loader
+from reducio_jax.data.config import frame_size
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
 from reducio_jax.paths import Path, PathLike, as_path, make_dirs
@@ -73,8 +74,7 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
     factor = sizes.spatial_factor
     res = cfg.data.resolution
-    hw = (res, res) if isinstance(res, int) else tuple(res)
-    if any(int(s) % factor for s in hw):
+    if any(s % factor for s in frame_size(res)):
         raise TrainingError(f"data.resolution {res} must be a multiple of {factor} for this model")
     shards = shard_lib.num_batch_shards(mesh)
     accum = int(cfg.train.grad_accum_steps)

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reducio_jax import losses
+from reducio_jax.data.config import frame_size
 from reducio_jax.models import content_frame_index, latent_layer_norm
 from reducio_jax.models.convolution import target_platform, traced_for
 from reducio_jax.sharding import batch_sharding, replicated, tree_shardings, video_sharding
@@ -49,14 +50,11 @@ def batch_shardings(mesh: Mesh) -> dict[str, Any]:
 
 def batch_spec(data_cfg: Any, mesh: Mesh) -> Batch:
     """ShapeDtypeStructs of one global batch of `data_cfg` (for lowering the step)."""
-    res = data_cfg.resolution
-    h, w = (res, res) if isinstance(res, int) else tuple(res)
+    h, w = frame_size(data_cfg.resolution)
     b, t = int(data_cfg.batch_size), int(data_cfg.num_frames)
     shard = batch_sharding(mesh)
     return {
-        "video": jax.ShapeDtypeStruct(
-            (b, t, int(h), int(w), 3), jnp.float32, sharding=video_sharding(mesh)
-        ),
+        "video": jax.ShapeDtypeStruct((b, t, h, w, 3), jnp.float32, sharding=video_sharding(mesh)),
         "index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shard),
     }
 
