@@ -187,7 +187,7 @@ def _sized(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_per_chip: int):
     return cfg
 
 
-def _lower_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
+def lower_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     """The train command's jitted step (train/step.py) lowered for abstract, sharded inputs
     (with LPIPS unless `cfg.loss.perceptual_weight` is 0, as `train` does)."""
     perceptual = float(cfg.loss.perceptual_weight)
@@ -275,7 +275,7 @@ def compile_program(
     try:
         with traced_for(device.platform):
             if program == "train_step":
-                lowered = _lower_train_step(cfg, mesh)
+                lowered = lower_train_step(cfg, mesh)
             else:
                 lowered = _lower_inference(cfg, mesh, program)
             compiled = lowered.compile()

@@ -54,6 +54,9 @@ DEFAULT_SHARDING_RULES = (
     ("embed", None),
     ("heads", "fsdp"),
     ("norm", None),
+    # activations (models/constraints.py): clips over the batch axes, frame rows over `space`
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_height", "space"),
 )
 
 

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reducio_jax.models import host_memory
+from reducio_jax.models import constraints, host_memory
 
 FEW_CHANNELS = 8  # at most this many input (output) channels: taps_as_channels (output_taps)
 # ... and at most this many input channels on frames of at least this many positions (H * W):
@@ -109,7 +109,18 @@ def cpu_forms_enabled() -> bool:
     return os.environ.get("REDUCIO_JAX_CPU_CONV", "1") != "0"
 
 
-def conv_general_dilated(
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated`, with the CPU forms for channels-last 3D convolutions; under a
+    mesh, a channels-last convolution takes its kernel whole and keeps its input and output
+    split over the batch (and space) axes (constraints.py)."""
+    dimension_numbers = kwargs.get("dimension_numbers")
+    if lhs.ndim not in (4, 5) or not _is_channels_last(lhs, rhs, dimension_numbers):
+        return _conv_forms(lhs, rhs, *args, **kwargs)
+    lhs, rhs = constraints.video(lhs), constraints.gathered(rhs)
+    return constraints.video(_conv_forms(lhs, rhs, *args, **kwargs))
+
+
+def _conv_forms(
     lhs: jax.Array,
     rhs: jax.Array,
     window_strides: Sequence[int],
@@ -123,7 +134,6 @@ def conv_general_dilated(
     preferred_element_type=None,
     **kwargs,
 ) -> jax.Array:
-    """`lax.conv_general_dilated`, with the CPU forms for channels-last 3D convolutions."""
     plain = lambda: lax.conv_general_dilated(  # noqa: E731
         lhs,
         rhs,

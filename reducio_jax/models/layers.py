@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reducio_jax.models import constraints
 from reducio_jax.models.convolution import (
     conv_general_dilated,
     cpu_forms_enabled,
@@ -107,8 +108,14 @@ def dense(
         param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(default_kernel_init, axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        dot_general=gathered_dot_general,
         rngs=rngs,
     )
+
+
+def gathered_dot_general(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+    """`lax.dot_general` with the kernel `rhs` whole on every device (constraints.py)."""
+    return jax.lax.dot_general(lhs, constraints.gathered(rhs), *args, **kwargs)
 
 
 def standardize(x: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:

@@ -197,7 +197,12 @@ def train_step_fn(
     platform = mesh.devices.flat[0].platform  # the forms of the devices it runs on
 
     def step(state: TrainState, batch: Batch, lpips_state: nnx.State | None):
-        with traced_for(platform):
+        # the layers' sharding constraints (models/constraints.py) follow this mesh and rules
+        with (
+            traced_for(platform),
+            jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+            nnx.logical_axis_rules(cfg.mesh.rules),
+        ):
             stats, g_grads, d_grads, metrics = _accumulate(
                 nets, w, state, lpips_state, batch, accum, mesh
             )
