@@ -43,7 +43,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--program", default="train_step")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2], help="clips per chip")
     p.add_argument("--remat", nargs="+", choices=["on", "off"], default=["on"])
-    p.add_argument("--fsdp", nargs="+", type=int, default=[1])
+    p.add_argument(
+        "--fsdp", nargs="+", type=int, default=[0], help="fsdp axis sizes; 0: all chips"
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--resolution", type=int, default=None, help="default: the config's")
     p.add_argument(
@@ -113,7 +115,7 @@ def make_config(name: str, args, remat: str, fsdp: int):
     cfg.model.dtype, cfg.model.remat = args.dtype, remat == "on"
     if args.resolution:
         cfg.data.resolution = args.resolution
-    cfg.mesh.shape = {"data": -1, "fsdp": fsdp}
+    cfg.mesh.shape = {"data": 1, "fsdp": -1} if fsdp == 0 else {"data": -1, "fsdp": fsdp}
     return cfg
 
 
