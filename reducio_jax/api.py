@@ -282,22 +282,24 @@ class ReducioVAE:
         32) px, compiled once per shape (`jax.jit` reuses the compilation)."""
         key = (op, batch, frame, tiles)
         if key not in self._footprints:
-            self._footprints[key] = memory.Footprint.of(
-                self._lower(op, batch, frame, tiles).compile()
-            )
+            lowered, inputs = self._lower(op, batch, frame, tiles)
+            inputs_bytes = sum(x.size * x.dtype.itemsize for x in inputs)
+            self._footprints[key] = memory.Footprint.of(lowered.compile(), inputs_bytes)
         return self._footprints[key]
 
     def _lower(self, op: str, batch: int, frame: tuple[int, int], tiles: TileConfig | None):
+        """(`op`'s program lowered for `batch` windows of `frame`, its non-parameter inputs)."""
         graphdef, state = nnx.split(self.model)
         video = jax.ShapeDtypeStruct((batch, self.window, *frame, 3), jnp.float32)
         if op == "reconstruct":
-            return _reconstruct_jit.lower(graphdef, state, video, None, tiles=tiles)
+            return _reconstruct_jit.lower(graphdef, state, video, None, tiles=tiles), [video]
         if op == "encode":
-            return _encode_jit.lower(graphdef, state, video, tiles=tiles)
+            return _encode_jit.lower(graphdef, state, video, tiles=tiles), [video]
         if op == "decode":
             posterior = jax.eval_shape(lambda v: _encode_jit(graphdef, state, v, tiles=None), video)
             content = jax.ShapeDtypeStruct((batch, *frame, 3), jnp.float32)
-            return _decode_jit.lower(graphdef, state, posterior.mean, content, tiles=tiles)
+            lowered = _decode_jit.lower(graphdef, state, posterior.mean, content, tiles=tiles)
+            return lowered, [posterior.mean, content]
         raise ValueError(f"op must be reconstruct, encode or decode, got {op!r}")
 
     # -- videos of any length (overlapping windows, docs/video.md) ------------------------------

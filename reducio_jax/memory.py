@@ -3,8 +3,9 @@
 The planner asks XLA, not a table: it compiles the per-window program (`lower().compile()`,
 which `jax.jit` then reuses) and reads its `memory_analysis()`: the bytes of its arguments,
 outputs and temporaries. What a call needs (`Footprint.need`) is that minus the parameters
-already resident, plus one host copy of the output, plus `HEADROOM` of it for what the
-analysis does not see (the CPU convolutions' per-thread scratch, the allocator's slack).
+already resident (those the program takes: an encode takes only the encoder's, XLA drops the
+arguments a program does not use), plus one host copy of the output, plus `HEADROOM` of it for
+what the analysis does not see (the CPU convolutions' per-thread scratch, the allocator's slack).
 
 What there is (`available_memory`): on an accelerator the device's `bytes_limit` less its
 `bytes_in_use`; on the CPU the least of the kernel's MemAvailable, the cgroup's limit less its
@@ -53,15 +54,17 @@ class Footprint:
     output: int
     temp: int
     alias: int = 0
+    inputs: int = 0  # bytes of the arguments that are not parameters (the video, the latent)
 
     @classmethod
-    def of(cls, compiled) -> Footprint:
+    def of(cls, compiled, inputs: int = 0) -> Footprint:
         m = compiled.memory_analysis()
         return cls(
             int(m.argument_size_in_bytes),
             int(m.output_size_in_bytes),
             int(m.temp_size_in_bytes),
             int(m.alias_size_in_bytes),
+            inputs,
         )
 
     @property
@@ -70,9 +73,11 @@ class Footprint:
         return self.argument + self.output + self.temp - self.alias
 
     def need(self, resident: int) -> int:
-        """Bytes a call adds to a process already holding `resident` bytes of its arguments
-        (the parameters): the program's, one host copy of its output, and `HEADROOM`."""
-        return int((self.total - resident + self.output) * (1 + HEADROOM))
+        """Bytes a call adds to a process already holding `resident` bytes of parameters: the
+        program's less the parameters among its arguments (at most `resident`), one host copy
+        of its output, and `HEADROOM`."""
+        held = min(resident, self.argument - self.inputs)
+        return int((self.total - held + self.output) * (1 + HEADROOM))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,14 @@ class Plan:
     @property
     def tiled(self) -> bool:
         return self.tiles is not None and self.tiles.applies_to(*self.frame)
+
+    def record(self) -> dict[str, int | bool]:
+        """The choice for a JSON summary: window batch, tiled or not, bytes a call needs."""
+        return {
+            "window_batch": self.window_batch,
+            "tiled": self.tiled,
+            "memory_per_call": self.need,
+        }
 
     def describe(self) -> str:
         tiled = f", tiled {self.tiles.sample_window} px" if self.tiled else ""

@@ -117,6 +117,15 @@ def _plan(tiles: TileConfig) -> Plan:
     return Plan(1, tiles, 0, 0, "test", (0, 0), 0)
 
 
+def test_a_program_holds_only_the_parameters_it_takes(vae):
+    """An encode takes the encoder's parameters only (XLA drops the unused arguments), so the
+    decoder's, held anyway, are not subtracted from what it needs."""
+    footprint = vae.footprint("encode", 1, (32, 32), None)
+    video = 16 * 32 * 32 * 3 * 4
+    assert footprint.inputs == video and footprint.argument - video < resident(vae)
+    assert footprint.need(resident(vae)) == footprint.need(footprint.argument - video) > 0
+
+
 # -- the command under a real limit ---------------------------------------------------------------
 
 VMSIZE = (
