@@ -42,7 +42,7 @@ from tqdm import tqdm
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
 from reducio_jax.config import derived
 from reducio_jax.data.video import list_videos, to_uint8
-from reducio_jax.memory import OutOfMemory, Plan, default_cap, gib, parse_size
+from reducio_jax.memory import Plan, parse_size
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
 from reducio_jax.models.windows import (
     Stitcher,
@@ -52,7 +52,7 @@ from reducio_jax.models.windows import (
     plan_windows,
 )
 from reducio_jax.paths import Path, PathLike, as_path, is_remote, open_media, staged
-from reducio_jax.runtime import ConfigSpec, InputError, load_vae, resolve_config
+from reducio_jax.runtime import ConfigSpec, InputError, load_vae, plan_batch, resolve_config
 
 MIN_SIZE = 32  # pixels: the model's spatial compression
 OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")
@@ -367,7 +367,7 @@ def reconstruct_file(
     """One video -> `output` (complete, or not there at all); returns its summary."""
     began = time.perf_counter()
     fps = info.fps if opts.keep_fps and info.fps > 0 else float(vae.config.data.fps)
-    plan = plan_memory(vae, info, opts, _expected_output_frames(info, fps))  # before any output
+    plan = plan_memory(vae, info, opts, expected_output_frames(info, fps))  # before any output
     report = DecodeReport()
     with video_file(output, fps, opts.crf) as writer:  # never a partial file left behind
         pipeline = _stream(vae, info, opts, plan, fps, writer, report)
@@ -379,25 +379,19 @@ def plan_memory(
 ) -> Plan:
     """The window batch and tiling for `info`'s frames: chosen from memory ("auto", at most the
     windows the video has), or the fixed `window_batch` checked to fit. OutOfMemory if not."""
-    if opts.window_batch != "auto":
-        cap, fixed = opts.window_batch, opts.window_batch
-    else:
-        windows = (
-            None
-            if expected is None
-            else len(plan_windows(expected, vae.window, opts.overlap).starts)
-        )
-        cap, fixed = min(windows or default_cap(), default_cap()), None
-    plan = vae.plan_memory(info.height, info.width, max_memory=opts.max_memory, cap=cap)
-    if fixed is None or plan.window_batch == fixed:
-        return plan
-    need = vae.footprint("reconstruct", fixed, plan.frame, vae.tiles).need(plan.resident)
-    if need > plan.available:  # (the planner's linear estimate may have stopped short of it)
-        raise OutOfMemory(
-            f"--window_batch {fixed} needs {gib(need)} and {plan.source} leaves "
-            f"{gib(plan.available)}; leave --window_batch out to choose it from memory"
-        )
-    return dataclasses.replace(plan, window_batch=fixed, tiles=vae.tiles, need=need)
+    windows = (
+        None if expected is None else len(plan_windows(expected, vae.window, opts.overlap).starts)
+    )
+    return plan_batch(
+        vae,
+        None,
+        info.height,
+        info.width,
+        op="reconstruct",
+        batch=opts.window_batch,
+        max_memory=opts.max_memory,
+        count=windows,
+    )
 
 
 def _stream(
@@ -410,7 +404,7 @@ def _stream(
     report: DecodeReport,
 ) -> _Pipeline:
     """Decodes, (resamples,) reconstructs and writes every frame; returns the finished pipeline."""
-    expected = _expected_output_frames(info, fps)
+    expected = expected_output_frames(info, fps)
     windows = None if expected is None else plan_windows(expected, vae.window, opts.overlap)
     total = None if windows is None else len(windows.starts)
     with tqdm(total=total, desc=info.path.name, unit="window", disable=not opts.progress) as bar:
@@ -465,7 +459,7 @@ def _summary(
     return summary
 
 
-def _expected_output_frames(info: Probe, fps: float) -> int | None:
+def expected_output_frames(info: Probe, fps: float) -> int | None:
     if info.expected_frames is None:
         return None
     if info.fps <= 0:

@@ -25,16 +25,19 @@ from test_reconstruct_cli import TINY, pattern, read_video, write_video
 
 from configs import tiny
 from reducio_jax import ReducioVAE
+from reducio_jax.errors import InputError
 from reducio_jax.memory import (
     RESERVE,
     OutOfMemory,
     Plan,
     Request,
+    _status,
     gib,
     parse_size,
     plan_windows_batch,
 )
 from reducio_jax.models.tiling import TileConfig
+from reducio_jax.runtime import local_mesh, plan_batch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -124,6 +127,20 @@ def test_a_program_holds_only_the_parameters_it_takes(vae):
     video = 16 * 32 * 32 * 3 * 4
     assert footprint.inputs == video and footprint.argument - video < resident(vae)
     assert footprint.need(resident(vae)) == footprint.need(footprint.argument - video) > 0
+
+
+def test_batch_on_a_mesh_of_cpu_devices(vae):
+    """CPU devices share the host's memory: a batch is a multiple of the devices, rounded down
+    from what fits; when one window per device does not fit, it fails."""
+    mesh = local_mesh(2)
+    need = {b: vae.footprint("encode", b, (64, 64), None).need(resident(vae)) for b in (1, 2, 3)}
+    plan = plan_batch(vae, mesh, 64, 64, op="encode", count=3)  # 3 fit (RAM), 2 is the multiple
+    assert plan.window_batch == 2 and plan.need == need[2]
+    leaves = (need[1] + need[2]) // 2  # one window fits, two do not
+    with pytest.raises(OutOfMemory, match=f"2 windows a call .one per device. need {gib(need[2])}"):
+        plan_batch(vae, mesh, 64, 64, op="encode", max_memory=_status("VmRSS") + RESERVE + leaves)
+    with pytest.raises(InputError, match="--batch_size 3 must be a positive multiple of the 2"):
+        plan_batch(vae, mesh, 64, 64, op="decode", batch=3, flag="--batch_size")
 
 
 # -- the command under a real limit ---------------------------------------------------------------
