@@ -112,6 +112,11 @@ class Plan:
         )
 
 
+def plan_records(plans: dict[tuple[int, int], Plan]) -> list[dict]:
+    """Plans per frame size (height, width) for a JSON summary: size, window batch, tiled, bytes."""
+    return [{"size": list(size), **plan.record()} for size, plan in plans.items()]
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 

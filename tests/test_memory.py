@@ -1,7 +1,8 @@
 """The memory planner (`reducio_jax/memory.py`): the window batch and tiling chosen from the
-compiled program's own memory analysis, and `reconstruct` under a real address-space limit
-(`ulimit -v`, set with `resource.setrlimit` in the child) completing where a fixed batch of 4
-does not fit, or ending in one `error:` line when one window does not fit at all.
+compiled program's own memory analysis, rounded to the devices of a mesh, and `reconstruct`
+and `encode --whole_videos` under a real address-space limit (`ulimit -v`, set with
+`resource.setrlimit` in the child) completing where a fixed batch of 4 does not fit, or ending
+in one `error:` line (and no output, no store) when one window does not fit at all.
 
 Every byte count below comes from the program's memory analysis (`ReducioVAE.footprint`) or
 from the child process itself; none is a constant of this machine.
@@ -10,6 +11,7 @@ from the child process itself; none is a constant of this machine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import resource
@@ -26,6 +28,7 @@ from test_reconstruct_cli import TINY, pattern, read_video, write_video
 from configs import tiny
 from reducio_jax import ReducioVAE
 from reducio_jax.errors import InputError
+from reducio_jax.latents import LatentStore
 from reducio_jax.memory import (
     RESERVE,
     OutOfMemory,
@@ -154,11 +157,11 @@ VMSIZE = (
 )
 
 
-def run_limited(limit: int, *args: str) -> subprocess.CompletedProcess:
-    """`python -m reducio_jax reconstruct ...` with its address space limited to `limit`."""
+def run_limited(limit: int, *args: str, command="reconstruct") -> subprocess.CompletedProcess:
+    """`python -m reducio_jax COMMAND ...` with its address space limited to `limit`."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "reducio_jax", "reconstruct", *args, "--noprogress"]
+    cmd = [sys.executable, "-m", "reducio_jax", command, *args, "--noprogress"]
     set_limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # noqa: E731
     return subprocess.run(
         cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=set_limit
@@ -190,8 +193,51 @@ def test_reconstruct_under_an_address_space_limit(ckpt, tmp_path):
     _assert_one_error(small, f"one 128x128 window needs {gib(one)}", tmp_path / "small.mp4")
 
 
-def _assert_one_error(done: subprocess.CompletedProcess, match: str, out: pathlib.Path) -> None:
+def _assert_one_error(done: subprocess.CompletedProcess, match: str, out=None) -> None:
+    """Exit 2 with one `error:` line holding `match`, and no `out` (nor a partial file)."""
     errors = done.stderr.splitlines()
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
     assert errors[0].startswith("error: ") and match in errors[0] and "leaves" in errors[0]
-    assert not out.exists() and not list(out.parent.glob(".*partial*"))
+    if out is not None:
+        assert not out.exists() and not list(out.parent.glob(".*partial*"))
+
+
+ENCODE_VMSIZE = (
+    "import sys, jax\n"
+    "from reducio_jax.latents.videos import as_path, probe\n"
+    "from reducio_jax.runtime import load_vae, local_mesh\n"
+    "from reducio_jax.memory import _status\n"
+    "load_vae(sys.argv[1], sys.argv[2], local_mesh())\n"
+    "probe(as_path(sys.argv[3]))\n"
+    "print(_status('VmSize'))\n"
+)
+
+
+def test_encode_whole_videos_under_an_address_space_limit(ckpt, tmp_path):
+    """The default window batch completes where a fixed 4 does not fit; a limit under one
+    window fails before the store is created, or (--overwrite) touched."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    source = write_video(folder / "in.mp4", pattern(52, 64, 64))  # four windows
+    model = ReducioVAE.from_torch_checkpoint(ckpt, tiny.get_config())
+    one, four = (model.footprint("encode", b, (64, 64), None).need(resident(model)) for b in (1, 4))
+    base = int(run_probe(ENCODE_VMSIZE, ckpt, TINY, str(source), XLA_FLAGS=""))
+    limit = base + RESERVE + (one + four) // 2  # more than one window, less than four
+    flags = ["--checkpoint", ckpt, "--config", TINY, "--data", str(folder), "--whole_videos"]
+    store = tmp_path / "store"
+    done = run_limited(limit, *flags, "--out", str(store), command="encode")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (memory,) = json.loads(done.stdout.splitlines()[-1])["memory"]
+    assert memory["size"] == [64, 64] and 1 <= memory["window_batch"] < 4
+    ((shard, video),) = LatentStore(store).videos()
+    assert len(video["starts"]) == 4 and video["num_frames"] == 52
+    fixed = run_limited(
+        limit, *flags, "--out", str(tmp_path / "fixed"), "--window_batch", "4", command="encode"
+    )
+    _assert_one_error(fixed, "--window_batch 4 needs", tmp_path / "fixed")
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
+    small = run_limited(
+        base + RESERVE + one // 4, *flags, "--out", str(store), "--overwrite", command="encode"
+    )
+    _assert_one_error(small, f"in.mp4: not enough memory: one 64x64 window needs {gib(one)}")
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before  # not touched

@@ -19,9 +19,10 @@ from reducio_jax.errors import InputError
 
 USAGE = (
     "--checkpoint CKPT_OR_DIR [--config FILE] --data DATA --out STORE [--num_shards N] "
-    "[--save_moments] [--whole_videos [--overlap 4] [--window_batch 4] [--keep_fps]]"
+    "[--save_moments] [--whole_videos [--overlap 4] [--window_batch auto|N] [--max_memory 8GB] "
+    "[--keep_fps]]"
 )
-WINDOW_FLAGS = ("keep_fps", "overlap", "window_batch")
+WINDOW_FLAGS = ("keep_fps", "overlap", "window_batch", "max_memory")
 
 
 def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
@@ -46,7 +47,11 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         "is given.",
         flag_values=fv,
     )
-    shared.define_windows(fv, window_batch=None, prefix="--whole_videos: ")
+    prefix = "--whole_videos: "
+    shared.define_windows(
+        fv, prefix, " With several devices: a multiple of their number (auto: rounded down)."
+    )
+    shared.define_max_memory(fv, prefix)
 
 
 def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
@@ -81,5 +86,6 @@ def _refuse_window_flags(fv: flags.FlagValues) -> None:
     given = [f"--{name}" for name in WINDOW_FLAGS if fv[name].present]
     if given:
         raise InputError(
-            f"{', '.join(given)} only apply with --whole_videos (16-frame clips have no windows)"
+            f"{', '.join(given)} only apply with --whole_videos (16-frame clips have no windows; "
+            "their batch is --batch_size)"
         )

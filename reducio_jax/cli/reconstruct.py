@@ -26,7 +26,7 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_bool(
         "side_by_side", False, "Write input | reconstruction side by side.", flag_values=fv
     )
-    shared.define_windows(fv, window_batch="auto")
+    shared.define_windows(fv)
     shared.define_max_memory(fv)
     flags.DEFINE_integer(
         "crf", 18, "H.264 quality (lower: better, larger).", lower_bound=0, flag_values=fv

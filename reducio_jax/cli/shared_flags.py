@@ -101,10 +101,10 @@ def define_devices(fv: flags.FlagValues) -> None:
     )
 
 
-def define_batch_size(fv: flags.FlagValues) -> None:
-    flags.DEFINE_integer(
-        "batch_size", None, "Global batch (default: one clip per device).", flag_values=fv
-    )
+def define_batch_size(
+    fv: flags.FlagValues, help_text: str = "Global batch (default: one clip per device)."
+) -> None:
+    flags.DEFINE_integer("batch_size", None, help_text, flag_values=fv)
 
 
 def define_fps(fv: flags.FlagValues, help_text: str) -> None:
@@ -140,9 +140,10 @@ def define_data(fv: flags.FlagValues) -> None:
     define_devices(fv)
 
 
-def define_windows(fv: flags.FlagValues, window_batch: int | None, prefix: str = "") -> None:
-    """--keep_fps / --overlap / --window_batch: how a video of any length is cut into 16-frame
-    windows (`reconstruct`, `encode --whole_videos`; docs/video.md)."""
+def define_windows(fv: flags.FlagValues, prefix: str = "", batch_note: str = "") -> None:
+    """--keep_fps / --overlap / --window_batch (default "auto": from memory): how a video of
+    any length is cut into 16-frame windows (`reconstruct`, `encode --whole_videos`;
+    docs/video.md)."""
     flags.DEFINE_bool(
         "keep_fps",
         False,
@@ -152,29 +153,24 @@ def define_windows(fv: flags.FlagValues, window_batch: int | None, prefix: str =
     flags.DEFINE_integer(
         "overlap", 4, prefix + "Frames cross-faded between neighbour windows.", flag_values=fv
     )
-    default = "" if window_batch else " (default: 4, rounded up to a multiple of the devices)"
-    auto = (
-        " 'auto': as many as fit in memory (the compiled program's memory analysis against the "
-        "memory available or --max_memory), tiling large frames when one window does not fit"
-        if window_batch == "auto"
-        else ""
-    )
     flags.DEFINE(
         WindowBatchParser(),
         "window_batch",
-        window_batch,
-        prefix + "Windows per compiled call" + default + "." + auto,
+        "auto",
+        prefix + "Windows per compiled call. 'auto': as many as fit in memory (the compiled "
+        "program's memory analysis against the memory available or --max_memory), tiling large "
+        "frames when one window does not fit; a number that does not fit is an error." + batch_note,
         flag_values=fv,
     )
 
 
-def define_max_memory(fv: flags.FlagValues) -> None:
+def define_max_memory(fv: flags.FlagValues, prefix: str = "") -> None:
     """--max_memory: the memory the window batch and tiling are chosen for."""
     flags.DEFINE_string(
         "max_memory",
         None,
-        "Memory for the whole process, e.g. 8GB or 512MB (default: the RAM available, the cgroup "
-        "or ulimit -v limit, or the accelerator's free memory).",
+        prefix + "Memory for the whole process, e.g. 8GB or 512MB (default: the RAM available, "
+        "the cgroup or ulimit -v limit, or the accelerator's free memory).",
         flag_values=fv,
     )
 

@@ -156,18 +156,25 @@ def _clear_store(root: Path) -> None:
     (root / META_FILE).unlink(missing_ok=True)
 
 
-def prepare_store(root: Path, meta: dict[str, Any], overwrite: bool) -> None:
-    """Creates `root` with store.json, or checks that an existing store can be resumed."""
+def check_store(root: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    """StoreError unless `root` can take a store of `meta` (new, resumed or, with `overwrite`,
+    replaced); reads only."""
     if root.exists() and not root.is_dir():
         raise StoreError(f"--out {root} exists and is not a directory")
     has_meta = (root / META_FILE).is_file()
     if root.is_dir() and not has_meta and any(root.iterdir()):
         raise StoreError(f"--out {root} is a non-empty folder that is not a latent store")
-    if has_meta and overwrite:
-        _clear_store(root)
-    elif has_meta:
+    if has_meta and not overwrite:
         check_resumable(read_meta(root), meta, root)
-        return
+
+
+def prepare_store(root: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    """Creates `root` with store.json, or checks that an existing store can be resumed."""
+    check_store(root, meta, overwrite)
+    if (root / META_FILE).is_file():
+        if not overwrite:
+            return
+        _clear_store(root)
     make_dirs(root)
     write_json_atomic(root / META_FILE, meta)
 
@@ -271,6 +278,7 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
 __all__ = [
     "EncodeOptions",
     "array_specs",
+    "check_store",
     "encode_batch",
     "encode_to_store",
     "prepare_store",

@@ -4,12 +4,19 @@ Each video file (of any length and size) is stored as its `VideoLatent` (docs/vi
 latents and content frames of its overlapping 16-frame windows, its window table and its size.
 Encoding streams as `reconstruct` does: frames are decoded with PyAV one at a time (resampled
 to the config's fps unless ``keep_fps``, or resized and centre-cropped to ``resolution`` when
-given), cut into windows (`windows.WindowCutter`), and each batch of ``window_batch`` windows
-is encoded and appended to the video's Zarr arrays, so host memory holds about one window
-batch whatever the video's length. Shards of videos are resumable as the clip store's are.
+given), cut into windows (`windows.WindowCutter`), and each batch of windows is encoded and
+appended to the video's Zarr arrays, so host memory holds about one window batch whatever the
+video's length. Shards of videos are resumable as the clip store's are.
 
-`decode_videos` streams back: window batches are decoded, cross-faded (`windows.Stitcher`),
-cropped and written to one H.264 file per video of the original length and size.
+The window batch and tiling are chosen per frame size from memory (``window_batch="auto"``,
+`runtime.plan_batch`: the compiled encoder's memory analysis against the memory available or
+``max_memory``), or a fixed ``window_batch`` is checked to fit; every frame size of the run
+(``resolution``, or each video's, read from its first frame) is planned before the store is
+created or touched, so a run that cannot fit fails with one `OutOfMemory` line and no store.
+
+`decode_videos` streams back: window batches (planned per frame size in the same way) are
+decoded, cross-faded (`windows.Stitcher`), cropped and written to one H.264 file per video of
+the original length and size.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -37,7 +44,7 @@ from reducio_jax.data.video import (
     safe_stem,
     to_uint8,
 )
-from reducio_jax.latents.encode import LATENT_DOC, EncodeOptions, prepare_store
+from reducio_jax.latents.encode import LATENT_DOC, EncodeOptions, check_store, prepare_store
 from reducio_jax.latents.store import (
     DONE_FILE,
     FORMAT,
@@ -46,6 +53,7 @@ from reducio_jax.latents.store import (
     VIDEOS_FILE,
     ArraySpec,
     LatentStore,
+    StoreError,
     create_array,
     default_num_shards,
     shard_done,
@@ -54,12 +62,21 @@ from reducio_jax.latents.store import (
     video_dir_name,
     write_json_atomic,
 )
+from reducio_jax.memory import OutOfMemory, Plan, parse_size, plan_records
 from reducio_jax.models import content_frame_index
-from reducio_jax.models.windows import Stitcher, WindowCutter, check_overlap, pad_spatial
+from reducio_jax.models.windows import (
+    Stitcher,
+    WindowCutter,
+    check_overlap,
+    pad_spatial,
+    plan_windows,
+)
 from reducio_jax.paths import Path, as_path, make_dirs, rmtree
 from reducio_jax.reconstruct import (
     DecodeReport,
+    Probe,
     check_size,
+    expected_output_frames,
     probe,
     resample,
     source_frames,
@@ -68,16 +85,18 @@ from reducio_jax.reconstruct import (
 )
 from reducio_jax.runtime import (
     InputError,
+    check_batch,
     clip_count,
     load_vae,
     local_mesh,
+    plan_batch,
     resolve_config,
     to_host,
 )
 from reducio_jax.sharding import batch_sharding
 
-DEFAULT_WINDOW_BATCH = 4
 VIDEOS_PER_SHARD = 16
+Size = tuple[int, int]  # frame height, width (before padding)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -87,7 +106,8 @@ class VideoEncodeOptions(EncodeOptions):
 
     keep_fps: bool = False  # keep each video's frame rate (default: `fps` or the config's)
     overlap: int = DEFAULT_OVERLAP  # frames shared by neighbouring windows
-    window_batch: int | None = None  # None: 4, rounded up to a multiple of the devices
+    window_batch: int | str = "auto"  # windows a call: from memory, or a multiple of the devices
+    max_memory: str | None = None  # memory for the whole process, e.g. "8GB" (None: measured)
 
 
 # -- options ----------------------------------------------------------------------------------
@@ -115,22 +135,8 @@ def _check_options(opts: VideoEncodeOptions, window: int) -> None:
         raise InputError(f"--num_shards {opts.num_shards} must be positive")
     if opts.resolution is not None and min(parse_resolution(opts.resolution)) < 32:
         raise InputError(f"--resolution {opts.resolution}: the model needs at least 32 px")
-
-
-def window_batch_for(mesh: Mesh, window_batch: int | None) -> int:
-    """Windows per compiled call: a positive multiple of the devices (default 4 rounded up)."""
-    n = mesh.devices.size
-    if window_batch is None:
-        return -(-DEFAULT_WINDOW_BATCH // n) * n
-    if not isinstance(window_batch, int):  # the shared flag also parses 'auto' (reconstruct's)
-        raise InputError(
-            f"--window_batch {window_batch}: encode --whole_videos takes a number of windows"
-        )
-    if window_batch <= 0 or window_batch % n:
-        raise InputError(
-            f"--window_batch {window_batch} must be a positive multiple of the {n} device(s)"
-        )
-    return window_batch
+    if opts.max_memory is not None:
+        parse_size(opts.max_memory)  # a bad size fails before the model loads
 
 
 # -- one batch of windows ---------------------------------------------------------------------
@@ -143,25 +149,32 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def encode_windows(
-    vae: ReducioVAE, windows: np.ndarray, mesh: Mesh, batch: int
+    vae: ReducioVAE, windows: np.ndarray, mesh: Mesh, batch: int, plan: Plan | None = None
 ) -> dict[str, np.ndarray]:
     """uint8 windows (k <= batch, T, H, W, 3) -> {"latent" (k, t, h, w, z) float32,
-    "content" (k, H', W', 3) uint8}, reflect-padded to multiples of 32 as `encode_video` pads."""
+    "content" (k, H', W', 3) uint8}, reflect-padded to multiples of 32 as `encode_video` pads
+    (`plan`: the tiling of a `plan_batch` result instead of the config's)."""
     padded = pad_spatial(windows, vae.spatial_factor)  # (k, T, H', W', 3)
     video = jax.device_put(_pad_rows(padded, batch), batch_sharding(mesh))
-    latent = vae.latent(vae.encode(video_to_float(video)))
+    latent = vae.latent(vae.encode(video_to_float(video), plan=plan))
     content = padded[:, content_frame_index(windows.shape[1])]
     return {"latent": to_host(latent)[: windows.shape[0]], "content": content}
 
 
 def decode_windows(
-    vae: ReducioVAE, latent: np.ndarray, content: np.ndarray, mesh: Mesh, batch: int
+    vae: ReducioVAE,
+    latent: np.ndarray,
+    content: np.ndarray,
+    mesh: Mesh,
+    batch: int,
+    plan: Plan | None = None,
 ) -> np.ndarray:
-    """Stored windows (k <= batch) -> decoded float32 (k, T, H', W', 3) in ~[-1, 1]."""
+    """Stored windows (k <= batch) -> decoded float32 (k, T, H', W', 3) in ~[-1, 1]
+    (`plan`: the tiling of a `plan_batch` result instead of the config's)."""
     sharding = batch_sharding(mesh)
     z = jax.device_put(_pad_rows(latent, batch), sharding)
     frames = jax.device_put(_pad_rows(content, batch), sharding)
-    return to_host(vae.decode(z, video_to_float(frames)))[: latent.shape[0]]
+    return to_host(vae.decode(z, video_to_float(frames), plan=plan))[: latent.shape[0]]
 
 
 # -- one video --------------------------------------------------------------------------------
@@ -193,9 +206,27 @@ class _Context:
     vae: ReducioVAE
     opts: VideoEncodeOptions
     mesh: Mesh
-    batch: int
     fps: float  # target frame rate (unless keep_fps)
     bar: Any = None
+    plans: dict[Size, Plan] = dataclasses.field(default_factory=dict)  # per frame size
+    probes: dict[int, Probe] = dataclasses.field(default_factory=dict)  # read while planning
+
+    def plan(self, size: Size, windows: int | None = None) -> Plan:
+        """The window batch and tiling for frames of `size` (planned once; OutOfMemory)."""
+        if size not in self.plans:
+            self.plans[size] = plan_batch(
+                self.vae,
+                self.mesh,
+                *size,
+                op="encode",
+                batch=self.opts.window_batch,
+                max_memory=self.opts.max_memory,
+                count=windows,
+            )
+        return self.plans[size]
+
+    def video_fps(self, info: Probe) -> float:
+        return info.fps if self.opts.keep_fps and info.fps > 0 else self.fps
 
 
 def _frames(ctx: _Context, info, fps: float, report: DecodeReport) -> Iterator[np.ndarray]:
@@ -222,10 +253,10 @@ def _latent_specs(vae: ReducioVAE, height: int, width: int) -> dict[str, ArraySp
 
 def encode_video_file(ctx: _Context, path: Path, index: int, folder: Path) -> dict[str, Any]:
     """One video file -> its arrays in `folder`; returns its record (InputError: unusable)."""
-    info = probe(path)
+    info = ctx.probes.pop(index, None) or probe(path)
     if ctx.opts.resolution is None:
         check_size(info)
-    fps = info.fps if ctx.opts.keep_fps and info.fps > 0 else ctx.fps
+    fps = ctx.video_fps(info)
     report = DecodeReport()
     stored = _encode_frames(ctx, _frames(ctx, info, fps, report), folder)
     if stored is None:
@@ -249,26 +280,29 @@ def _encode_frames(
     arrays, pending, starts = None, [], []
     for frame in frames:
         if arrays is None:  # the first frame gives the size
-            arrays = VideoArrays(folder, _latent_specs(ctx.vae, *frame.shape[:2]))
             height, width = frame.shape[:2]
+            plan = ctx.plan((height, width))  # (planned before the store unless a surprise)
+            arrays = VideoArrays(folder, _latent_specs(ctx.vae, height, width))
         pending += cutter.push(frame)
-        if len(pending) >= ctx.batch:
-            starts += _flush(ctx, arrays, pending)
+        if len(pending) >= plan.window_batch:
+            starts += _flush(ctx, plan, arrays, pending)
     if arrays is None:
         return None
     pending += cutter.finish()
     while pending:
-        starts += _flush(ctx, arrays, pending)
+        starts += _flush(ctx, plan, arrays, pending)
     size = {"height": int(height), "width": int(width)}
     return {"num_frames": cutter.num_frames, **size, "starts": starts}
 
 
-def _flush(ctx: _Context, arrays: VideoArrays, pending: list) -> list[int]:
-    """Encodes and stores the first `batch` pending windows (removed from `pending`)."""
-    chunk = pending[: ctx.batch]
+def _flush(ctx: _Context, plan: Plan, arrays: VideoArrays, pending: list) -> list[int]:
+    """Encodes and stores the first `plan.window_batch` pending windows (removed from
+    `pending`)."""
+    batch = plan.window_batch
+    chunk = pending[:batch]
     del pending[: len(chunk)]
     windows = np.stack([frames for _, frames in chunk])  # (k, T, H, W, 3) uint8
-    arrays.append(encode_windows(ctx.vae, windows, ctx.mesh, ctx.batch))
+    arrays.append(encode_windows(ctx.vae, windows, ctx.mesh, batch, plan))
     if ctx.bar is not None:
         ctx.bar.update(len(chunk))
     return [start for start, _ in chunk]
@@ -333,6 +367,64 @@ def _encode_shard(ctx: _Context, root: Path, shard: int, files, videos) -> list[
     return records
 
 
+def _frame_sizes(ctx: _Context, files: list[str], indices: Iterable[int]) -> dict[Size, tuple]:
+    """{frame size: (the first video of that size or None, the most windows a video of that
+    size has or None: unknown)} over the videos `indices`: `--resolution`'s one size, or each
+    video's (its first frame, kept in `ctx.probes` for its turn). Unusable videos are left
+    out here; they are skipped with their warning when their turn comes."""
+    if ctx.opts.resolution is not None:
+        return {parse_resolution(ctx.opts.resolution): (None, None)}
+    sizes: dict[Size, tuple] = {}
+    for index in indices:
+        try:
+            info = probe(as_path(files[index]))
+            check_size(info)
+        except InputError:
+            continue
+        ctx.probes[index] = info
+        expected = expected_output_frames(info, ctx.video_fps(info))
+        windows = None if expected is None else len(_starts(ctx, expected))
+        first, most = sizes.get((info.height, info.width), (str(info.path), 0))
+        sizes[(info.height, info.width)] = (
+            first,
+            None if None in (most, windows) else max(most, windows),
+        )
+    return sizes
+
+
+def _starts(ctx: _Context, num_frames: int) -> tuple[int, ...]:
+    return plan_windows(num_frames, ctx.vae.window, ctx.opts.overlap).starts
+
+
+def _plan_sizes(ctx: _Context, files: list[str], indices: Iterable[int]) -> None:
+    """Plans every frame size of the videos `indices` (the largest first); OutOfMemory names
+    the first video of a size that does not fit."""
+    sizes = _frame_sizes(ctx, files, indices)
+    for size in sorted(sizes, key=lambda s: -s[0] * s[1]):
+        first, windows = sizes[size]
+        try:
+            plan = ctx.plan(size, windows)
+        except OutOfMemory as err:
+            raise OutOfMemory(str(err) if first is None else f"{first}: {err}") from None
+        print(f"encode {size[0]}x{size[1]} frames: {plan.describe()}")
+
+
+def _before_the_store(step: Callable[[], None]) -> None:
+    """Runs `step` (every check before the store is created or touched). With several
+    processes all of them stop, none touching the store, when one of them fails."""
+    error = None
+    try:
+        step()
+    except (InputError, StoreError) as err:
+        error = err
+    if jax.process_count() > 1:
+        ok = multihost_utils.process_allgather(np.int32(error is None))
+        if error is None and not np.all(ok):
+            raise InputError("another process could not start (its error is on its stderr)")
+    if error is not None:
+        raise error
+
+
 def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
     """Encodes every video of `opts.data` whole into `opts.out`; returns a summary."""
     began = time.perf_counter()
@@ -342,19 +434,25 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
     n = clip_count(len(files), opts.num_clips)
     ranges = shard_ranges(n, opts.num_shards or default_num_shards(n, VIDEOS_PER_SHARD))
     mesh = local_mesh(opts.devices)
-    batch = window_batch_for(mesh, opts.window_batch)
+    check_batch(mesh, opts.window_batch, "--window_batch")
     vae = load_vae(opts.checkpoint, model_cfg, mesh)
     fps = float(opts.fps or model_cfg.data.fps)
     root = as_path(opts.out)
+    meta = _store_meta(opts, vae, fps, files, ranges)
+    mine = range(jax.process_index(), len(ranges), jax.process_count())
+    todo = [s for s in mine if opts.overwrite or not shard_done(root, s)]
+    ctx = _Context(vae, opts, mesh, fps)
+    videos = [i for s in todo for i in range(*ranges[s])]
+    _before_the_store(
+        lambda: (check_store(root, meta, opts.overwrite), _plan_sizes(ctx, files, videos))
+    )
     if jax.process_index() == 0:
-        prepare_store(root, _store_meta(opts, vae, fps, files, ranges), opts.overwrite)
+        prepare_store(root, meta, opts.overwrite)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("reducio_jax.latents.videos: store ready")
-    mine = range(jax.process_index(), len(ranges), jax.process_count())
-    todo = [s for s in mine if not shard_done(root, s)]
     records = []
     with tqdm(desc="encode", unit="window", disable=not opts.progress) as bar:
-        ctx = _Context(vae, opts, mesh, batch, fps, bar)
+        ctx.bar = bar
         for s in todo:
             records += _encode_shard(ctx, root, s, files, ranges[s])
     return {
@@ -366,11 +464,40 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
         "encoded_videos": sum(r["valid"] for r in records),
         "encoded_windows": sum(len(r.get("starts", ())) for r in records),
         "skipped_videos": [r["name"] for r in records if not r["valid"]],
+        "memory": plan_records(ctx.plans),
         "seconds": round(time.perf_counter() - began, 3),
     }
 
 
 # -- back to videos ---------------------------------------------------------------------------
+
+
+def plan_decode(
+    vae: ReducioVAE,
+    mesh: Mesh,
+    videos: list[tuple[int, dict[str, Any]]],
+    batch: int | str = "auto",
+    max_memory: str | None = None,
+) -> dict[Size, Plan]:
+    """The window batch and tiling (`runtime.plan_batch`) of each frame size of the stored
+    `videos` (the largest first; "auto": at most the windows the longest of them has)."""
+    most: dict[Size, int] = {}
+    for _, video in videos:
+        size = (int(video["height"]), int(video["width"]))
+        most[size] = max(most.get(size, 0), len(video["starts"]))
+    return {
+        size: plan_batch(
+            vae,
+            mesh,
+            *size,
+            op="decode",
+            batch=batch,
+            max_memory=max_memory,
+            count=most[size],
+            flag="--batch_size",
+        )
+        for size in sorted(most, key=lambda s: -s[0] * s[1])
+    }
 
 
 def decode_video_frames(
@@ -381,16 +508,18 @@ def decode_video_frames(
     mesh: Mesh,
     batch: int,
     bar: Any = None,
+    plan: Plan | None = None,
 ) -> Iterator[np.ndarray]:
     """One stored video -> its frames, float32 (t, H, W, 3) chunks in order, `batch` windows
-    decoded per call and cross-faded as they come (the same frames as `decode_video`)."""
+    decoded per call (tiled as `plan` says, default as the config does) and cross-faded as
+    they come (the same frames as `decode_video`)."""
     starts, num_frames = [int(s) for s in video["starts"]], int(video["num_frames"])
     h, w = int(video["height"]), int(video["width"])
     stitcher, written = Stitcher(int(store.meta["video"]["overlap"])), 0
     for i in range(0, len(starts), batch):
         z = store.read_windows(shard, video, "latent", i, i + batch)
         content = store.read_windows(shard, video, "content", i, i + batch)
-        decoded = decode_windows(vae, z, content, mesh, batch)  # (k, T, H', W', 3)
+        decoded = decode_windows(vae, z, content, mesh, batch, plan)  # (k, T, H', W', 3)
         for start, frames in zip(starts[i : i + batch], decoded, strict=True):
             final = stitcher.add(start, frames[None])[0][: max(0, num_frames - written)]
             written += final.shape[0]
@@ -403,25 +532,30 @@ def decode_video_frames(
 def decode_videos(
     vae: ReducioVAE,
     store: LatentStore,
+    videos: list[tuple[int, dict[str, Any]]],
     mesh: Mesh,
-    batch: int,
+    plans: dict[Size, Plan],
     out: Path,
     *,
-    num_videos: int | None = None,
     fps: float | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Writes `OUT/<index>_<name>.mp4` per stored video (its own length, size and fps)."""
-    videos = store.videos()[:num_videos]
+    """Writes `OUT/<index>_<name>.mp4` per stored video of `videos` ((shard, record) of
+    `store.videos()`), each at its own length, size and fps, as its size's plan says
+    (`plan_decode`)."""
     written = []
     total = sum(len(v["starts"]) for _, v in videos)
     with tqdm(total=total, desc="decode", unit="window", disable=not progress) as bar:
         for shard, video in videos:
+            plan = plans[(int(video["height"]), int(video["width"]))]
             path = out / f"{int(video['index']):06d}_{safe_stem(video['name'])}.mp4"
+            frames = decode_video_frames(
+                vae, store, shard, video, mesh, plan.window_batch, bar, plan
+            )
             with video_file(path, fps or float(video["fps"]), crf=18) as writer:
-                for frames in decode_video_frames(vae, store, shard, video, mesh, batch, bar):
-                    if frames.shape[0]:
-                        writer.write(to_uint8(frames))
+                for chunk in frames:
+                    if chunk.shape[0]:
+                        writer.write(to_uint8(chunk))
             written.append(os.fspath(path))
     return written
 
@@ -434,5 +568,5 @@ __all__ = [
     "encode_video_file",
     "encode_videos_to_store",
     "encode_windows",
-    "window_batch_for",
+    "plan_decode",
 ]

@@ -14,8 +14,10 @@ import shutil
 
 import av
 import grain
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import recipe_checkpoint
 
 from reducio_jax.__main__ import main
@@ -177,6 +179,25 @@ def test_decode_cli_writes_original_length_and_size(encoded, ckpt, tmp_path, cap
         assert _read(path).shape == (length, HEIGHT, WIDTH, 3)
 
 
+def test_decode_batch_from_memory(encoded, ckpt, vae, tmp_path, capsys):
+    """By default the windows a call come from the decoder's memory analysis for the stored
+    frame size, a multiple of the 2 devices (3 windows fit, 2 are taken); a budget under one
+    window fails before any file is written."""
+    args = ["decode", "--store", str(encoded[0]), "--checkpoint", str(ckpt), "--devices", "2"]
+    out = tmp_path / "decoded"
+    assert main([*args, "--out", str(out), "--num_clips", "1", "--noprogress"]) == 0
+    resident = sum(x.nbytes for x in jax.tree.leaves(nnx.state(vae.model)))
+    need = vae.footprint("decode", 2, (32, 64), None).need(resident)
+    memory = {"size": [32, 40], "window_batch": 2, "tiled": False, "memory_per_call": need}
+    assert _summary(capsys)["memory"] == [memory]
+    assert _read(out / "000001_1_long.mp4").shape == (40, HEIGHT, WIDTH, 3)
+    small = tmp_path / "small"
+    assert main([*args, "--out", str(small), "--max_memory", "1MB", "--noprogress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: not enough memory: one 32x64 window needs" in err[0], err
+    assert not small.exists()
+
+
 def test_latent_source_gives_windows(encoded):
     store = LatentStore(encoded[0])
     source = pickle.loads(pickle.dumps(LatentSource(encoded[0])))  # as Grain workers get it
@@ -226,6 +247,7 @@ def test_bad_input_and_wrong_readers(encoded, ckpt, folder, tmp_path, capsys):
         (["--data", str(folder), "--batch_size", "2"], "--batch_size does not apply"),
         (["--data", str(folder), "--overlap", "9"], "--overlap"),
         (["--data", str(folder), "--window_batch", "3"], "multiple of the 2 device"),
+        (["--data", str(folder), "--max_memory", "1MB"], "1_long.mp4: not enough memory: one"),
     ]
     for extra, message in cases:
         args = ["encode", "--checkpoint", str(ckpt), "--config", TINY, "--out", str(tmp_path / "s")]
