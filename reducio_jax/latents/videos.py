@@ -418,7 +418,7 @@ def _before_the_store(step: Callable[[], None]) -> None:
     except (InputError, StoreError) as err:
         error = err
     if jax.process_count() > 1:
-        ok = multihost_utils.process_allgather(np.int32(error is None))
+        ok = multihost_utils.process_allgather(np.array([error is None], np.int32))
         if error is None and not np.all(ok):
             raise InputError("another process could not start (its error is on its stderr)")
     if error is not None:
