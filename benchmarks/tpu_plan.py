@@ -122,12 +122,13 @@ def make_config(name: str, args, remat: str, fsdp: int):
 def until_buffer_assignment(argv: list[str], job: dict, dump: pathlib.Path) -> dict:
     """Runs one compile (`--child`) with XLA's dump in `dump`; returns its record, or once the
     step's buffer assignment is written and not refused, a record built from it."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*step.*"}
+    module = "step" if job.get("program", "train_step") == "train_step" else "run"  # jit names
+    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*{module}.*"}
     cmd = [sys.executable, __file__, *argv, "--child", json.dumps(job)]
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     start, seen = time.perf_counter(), None
     while child.poll() is None:
-        reports = list(dump.glob("*step*memory-usage-report.txt"))
+        reports = list(dump.glob(f"*{module}*memory-usage-report.txt"))
         if reports and seen is None:
             seen = time.perf_counter()
         if seen is not None and time.perf_counter() - seen > 20:  # the HBM check passed
@@ -190,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "batch": batch,
                         "remat": remat,
                         "fsdp": fsdp,
+                        "program": args.program,
                     }
                     with tempfile.TemporaryDirectory() as dump:
                         row = until_buffer_assignment(argv, job, pathlib.Path(dump))

@@ -75,6 +75,7 @@ WINOGRAD_MIN_FRAME_SIZE = 32 * 32 * 256
 WINOGRAD_MIN_CHANNELS_IN = 64
 WINOGRAD_MIN_CHANNELS_OUT = 32
 WINOGRAD_TILE = 4
+WINOGRAD_BAND_BYTES = 1 << 30  # the matmul product of one band of tile rows (winograd)
 # the per-tap outputs of output_taps stay below 1 GiB (a 16x256x256 clip to RGB: 340 MB; its
 # 128->3 convolution 1.75 s -> 0.59 s against temporal_taps)
 OUTPUT_TAPS_MAX_BYTES = 1 << 30
@@ -366,15 +367,43 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
 
     The input tiles are transformed once per frame; one batched matmul over the (m+2)^2 tile
     positions yields every temporal tap's output channels; the shifted sum over the taps and
-    the output transform follow. Each transform runs one tile axis at a time.
+    the output transform follow. Each transform runs one tile axis at a time. The tile rows go
+    through in bands (`winograd_band_rows`): the matmul's product holds (m+2)^2 / m^2 x kt
+    times the output's size in float32 (6.75x for m = 4, kt = 3: 11.5 GB for a 128-channel
+    conv of 16 x 288 x 640 frames), so a band at a time bounds it by WINOGRAD_BAND_BYTES.
     """
-    b_t, g, a_t = WINOGRAD[m]
-    n = m + 2  # input tile size
+    g_t = WINOGRAD[m][1]
     kt, _, _, c_in, c_out = w.shape
     b, _, h, wd, _ = x.shape
     tiles_h, tiles_w = -(-h // m), -(-wd // m)
     x = jnp.pad(x, [(0, 0), t_pad, (1, 1 + m * tiles_h - h), (1, 1 + m * tiles_w - wd), (0, 0)])
-    t_in = x.shape[1]
+    n = m + 2  # input tile size
+    g = jnp.asarray(g_t, jnp.float32)
+    u = jnp.einsum("ra,tabio,sb->rsito", g, w.astype(jnp.float32), g, precision="highest")
+    u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # taps' output channels side by side
+    band = winograd_band_rows(x.shape[:2], tiles_w, kt * c_out, m)
+    outputs = [
+        _winograd_band(x[:, :, m * r : m * min(r + band, tiles_h) + 2], u, kt, m, **kw)
+        for r in range(0, tiles_h, band)
+    ]  # each (B, T_out, m * rows, m * tiles_w, Co)
+    y = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+    return y[:, :, :h, :wd]
+
+
+def winograd_band_rows(bt_in: Sequence[int], tiles_w: int, taps_out: int, m: int) -> int:
+    """Tile rows per band: the matmul product of a band, (m+2)^2 x B x T_in x rows x tiles_w x
+    kt*Co float32 values, within WINOGRAD_BAND_BYTES (at least one row)."""
+    row_bytes = (m + 2) ** 2 * math.prod(bt_in) * tiles_w * taps_out * 4
+    return max(1, WINOGRAD_BAND_BYTES // row_bytes)
+
+
+def _winograd_band(x: jax.Array, u: jax.Array, kt: int, m: int, **kw) -> jax.Array:
+    """One band of `winograd`: x (B, T_in, m * rows + 2, m * tiles_w + 2, Ci) padded, u the
+    transformed kernel (n*n, Ci, kt*Co) -> (B, T_out, m * rows, m * tiles_w, Co)."""
+    b_t, _, a_t = WINOGRAD[m]
+    n = m + 2
+    b, t_in, h_in, w_in, c_in = x.shape
+    tiles_h, tiles_w = (h_in - 2) // m, (w_in - 2) // m
     t_out = t_in - kt + 1
     # The input transform one axis at a time. The rows' pass is materialised (a barrier), else
     # XLA recomputes it inside each of the n*n outputs of the columns' pass.
@@ -384,18 +413,15 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     for r in range(n):
         v += _combine([by_row[r, :, :, :, c : c + m * tiles_w : m] for c in range(n)], b_t)
     v = jnp.stack(v)  # (n*n, B, T_in, th, tw, Ci), tile position (r, s) at r*n + s
-    g = jnp.asarray(g, jnp.float32)
-    u = jnp.einsum("ra,tabio,sb->rsito", g, w.astype(jnp.float32), g, precision="highest")
-    u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # taps' output channels side by side
     z = lax.dot_general(v.reshape(n * n, -1, c_in), u, (((2,), (1,)), ((0,), (0,))), **kw)
-    z = z.reshape(n * n, b, t_in, tiles_h, tiles_w, kt, c_out)
+    z = z.reshape(n * n, b, t_in, tiles_h, tiles_w, kt, -1)
     z = functools.reduce(operator.add, [z[:, :, i : i + t_out, :, :, i] for i in range(kt)])
     # The output transform, rows' pass materialised as above: (n, n, ...) -> (m, n, ...) -> m x m.
     z = z.reshape(n, n, *z.shape[1:])
     by_row = lax.optimization_barrier(jnp.stack(_combine([z[r] for r in range(n)], a_t)))
     y = [_combine([by_row[i, s] for s in range(n)], a_t) for i in range(m)]  # y[row][column]
     y = jnp.stack([jnp.stack(y_u, axis=-2) for y_u in y], axis=3)  # (B, T, th, m, tw, m, Co)
-    return y.reshape(b, t_out, m * tiles_h, m * tiles_w, c_out)[:, :, :h, :wd]
+    return y.reshape(b, t_out, m * tiles_h, m * tiles_w, y.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

@@ -154,14 +154,19 @@ def test_upsampled_conv_is_cpu_only_and_switchable(monkeypatch):
     assert not convolution.phases_apply((1, 2, 2), (3, 3, 3, 4, 4), x_shape)
 
 
+@pytest.mark.parametrize("banded", [False, True])
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize(
     "x_shape, kt, t_pad",
     [((2, 5, 8, 6, 16), 3, (1, 1)), ((1, 4, 7, 9, 8), 3, (2, 0)), ((1, 3, 6, 10, 8), 1, (0, 0))],
 )
-def test_winograd_matches_float64_convolution(x_shape, kt, t_pad, m):
-    """Any frame size (tiles cut at the edges), causal or symmetric temporal padding, kt 1 or 3:
-    the error is float32 rounding grown by the transforms, far below the parity tolerances."""
+def test_winograd_matches_float64_convolution(x_shape, kt, t_pad, m, banded, monkeypatch):
+    """Any frame size (tiles cut at the edges), causal or symmetric temporal padding, kt 1 or 3,
+    whole or one band of tile rows at a time: the error is float32 rounding grown by the
+    transforms, far below the parity tolerances."""
+    if banded:  # the smallest band: one tile row
+        monkeypatch.setattr(convolution, "WINOGRAD_BAND_BYTES", 1)
+        assert convolution.winograd_band_rows(x_shape[:2], 4, 12 * kt, m) == 1
     x, w = _inputs(x_shape, (kt, 3, 3, x_shape[-1], 12))
     want = lax.conv_general_dilated(
         np.asarray(x, np.float64), np.asarray(w, np.float64), (1, 1, 1), [t_pad, (1, 1), (1, 1)],
