@@ -382,12 +382,25 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     u = jnp.einsum("ra,tabio,sb->rsito", g, w.astype(jnp.float32), g, precision="highest")
     u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # taps' output channels side by side
     band = winograd_band_rows(x.shape[:2], tiles_w, kt * c_out, m)
-    outputs = [
-        _winograd_band(x[:, :, m * r : m * min(r + band, tiles_h) + 2], u, kt, m, **kw)
-        for r in range(0, tiles_h, band)
-    ]  # each (B, T_out, m * rows, m * tiles_w, Co)
-    y = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=2)
+    if band >= tiles_h:
+        return _winograd_band(x, u, kt, m, **kw)[:, :, :h, :wd]
+    # Each band's output written into place: a concatenation would fuse every band's output
+    # transform into one op that reads all their products at once.
+    t_out = x.shape[1] - kt + 1
+    y = jnp.zeros((b, t_out, m * tiles_h, m * tiles_w, c_out), jnp.result_type(x, u))
+    for r in range(0, tiles_h, band):
+        x_band = _after(x[:, :, m * r : m * min(r + band, tiles_h) + 2], y)
+        y = lax.dynamic_update_slice_in_dim(y, _winograd_band(x_band, u, kt, m, **kw), m * r, 2)
     return y[:, :, :h, :wd]
+
+
+def _after(x: jax.Array, y: jax.Array) -> jax.Array:
+    """`x`, computed after `y`: plus a zero made from one of y's elements (its bits shifted
+    out, so always 0.0). XLA:CPU drops optimization barriers before it schedules, and its
+    scheduler ran every band's matmul first (all their products alive at once)."""
+    bits = lax.bitcast_convert_type(y.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+    zero = lax.shift_right_logical(lax.shift_right_logical(bits, jnp.uint32(31)), jnp.uint32(1))
+    return x + zero.astype(x.dtype)
 
 
 def winograd_band_rows(bt_in: Sequence[int], tiles_w: int, taps_out: int, m: int) -> int:
