@@ -273,7 +273,12 @@ def compile_program(
     state_bytes = _state_bytes(cfg, mesh, program)
     start = time.perf_counter()
     try:
-        with traced_for(device.platform):
+        # the layers' sharding constraints (models/constraints.py) follow the mesh and rules
+        with (
+            traced_for(device.platform),
+            jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+            nnx.logical_axis_rules(cfg.mesh.rules),
+        ):
             if program == "train_step":
                 lowered = lower_train_step(cfg, mesh)
             else:
