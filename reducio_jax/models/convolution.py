@@ -47,6 +47,7 @@ import math
 import operator
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -389,18 +390,22 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     t_out = x.shape[1] - kt + 1
     y = jnp.zeros((b, t_out, m * tiles_h, m * tiles_w, c_out), jnp.result_type(x, u))
     for r in range(0, tiles_h, band):
-        x_band = _after(x[:, :, m * r : m * min(r + band, tiles_h) + 2], y)
+        x_band = after(x[:, :, m * r : m * min(r + band, tiles_h) + 2], y)
         y = lax.dynamic_update_slice_in_dim(y, _winograd_band(x_band, u, kt, m, **kw), m * r, 2)
     return y[:, :, :h, :wd]
 
 
-def _after(x: jax.Array, y: jax.Array) -> jax.Array:
-    """`x`, computed after `y`: plus a zero made from one of y's elements (its bits shifted
-    out, so always 0.0). XLA:CPU drops optimization barriers before it schedules, and its
-    scheduler ran every band's matmul first (all their products alive at once)."""
-    bits = lax.bitcast_convert_type(y.reshape(-1)[0].astype(jnp.float32), jnp.uint32)
+def after(x: Any, y: Any) -> Any:
+    """`x` (a pytree), computed after `y` (a pytree): each floating leaf of x plus a zero made
+    from one element of y (its bits shifted out, so always 0.0; the multiply-by-zero XLA would
+    fold, or a NaN would spread, this never does). XLA:CPU drops optimization barriers before
+    it schedules, and its scheduler ran independent pieces side by side (every Winograd band's
+    matmul first, every tile group at once), all their buffers alive together."""
+    y0 = jax.tree.leaves(y)[0].reshape(-1)[0]
+    bits = lax.bitcast_convert_type(y0.astype(jnp.float32), jnp.uint32)
     zero = lax.shift_right_logical(lax.shift_right_logical(bits, jnp.uint32(31)), jnp.uint32(1))
-    return x + zero.astype(x.dtype)
+    add = lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    return jax.tree.map(add, x)
 
 
 def winograd_band_rows(bt_in: Sequence[int], tiles_w: int, taps_out: int, m: int) -> int:

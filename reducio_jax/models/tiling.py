@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from reducio_jax.config import derived
+from reducio_jax.models.convolution import after
 
 Grid = list[list]
 
@@ -103,8 +104,12 @@ def run_batched(fn: Callable, tiles: Grid, max_batch: int | None = None) -> Grid
             shapes = tuple(x.shape for x in jax.tree.leaves(tile))
             groups.setdefault(shapes, []).append((i, j))
     out: Grid = [[None] * len(row) for row in tiles]
+    result = None
     for members in groups.values():
-        result = _run_group(fn, [tiles[i][j] for i, j in members], max_batch)
+        parts = [tiles[i][j] for i, j in members]
+        if max_batch is not None and result is not None:  # bounded memory: one group at a time
+            parts = after(parts, result)
+        result = _run_group(fn, parts, max_batch)
         for k, (i, j) in enumerate(members):
             size = jax.tree.leaves(tiles[i][j])[0].shape[0]
             out[i][j] = jax.tree.map(lambda x, k=k, size=size: x[k * size : (k + 1) * size], result)
