@@ -81,6 +81,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 chip"
         total = f"> {gib(r['temp_bytes'])} (temp alone)" if r["error"] else gib(r["total_bytes"])
+        flops = "–" if r.get("stopped_at") or r["error"] else f"{r['flops_per_clip'] / 1e12:.2f}"
         if r.get("stopped_at"):
             total += " *"
         rows.append(
@@ -88,7 +89,7 @@ def table(records: list[dict]) -> str:
             f"{r['batch_per_chip']} | {'on' if r['remat'] else 'off'} | "
             f"{'yes' if r['fits'] else '**no**'} | {total} ({gib(r['hbm_bytes'])}) | "
             f"{gib(r['state_bytes'])} | {gib(r['temp_bytes'])} | "
-            f"{r['flops_per_clip'] / 1e12:.2f} | {r['compile_seconds']:.0f} |"
+            f"{flops} | {r['compile_seconds']:.0f} |"
         )
     return "\n".join([head, *rows])
 
@@ -113,6 +114,7 @@ def make_config(name: str, args, remat: str, fsdp: int):
 
     cfg = load_config(ROOT / "configs" / f"{name}.py")
     cfg.model.dtype, cfg.model.remat = args.dtype, remat == "on"
+    cfg.loss.perceptual_chunk = 1 if cfg.model.remat else 0  # as the released configs set it
     if args.resolution:
         cfg.data.resolution = args.resolution
     cfg.mesh.shape = {"data": 1, "fsdp": -1} if fsdp == 0 else {"data": -1, "fsdp": fsdp}

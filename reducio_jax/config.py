@@ -91,9 +91,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     loss.loss_norm = "l1"  # reconstruction distance: "l1" or "l2"
     loss.rec_weight = 1.0  # weight of the reconstruction (+ perceptual) loss
     loss.perceptual_weight = 0.1  # LPIPS weight inside the reconstruction loss
-    loss.perceptual_chunk = (
-        0  # LPIPS on this many frames at a time, recomputed in backward (0: all)
-    )
+    loss.perceptual_chunk = 0  # LPIPS on this many frames of each clip at a time (0: all)
     loss.disc_loss = "hinge"  # discriminator loss: "hinge" or "vanilla"
     loss.disc_loss_scale = 0.1  # discriminator learning rate / VAE learning rate
     loss.use_adaptive_gan = True  # GAN weight from last-layer gradient norms (else fixed)
@@ -268,8 +266,8 @@ def make_config(
         model.remat = bool(params["ddconfig"]["use_checkpoint"])
 
     cfg.loss.update(_block(params, "lossconfig"))
-    # the reference's gradient checkpointing covers LPIPS here too: 2 frames at a time
-    cfg.loss.perceptual_chunk = 2 if model.remat else 0
+    # the reference's gradient checkpointing covers LPIPS here too: a frame of each clip at a time
+    cfg.loss.perceptual_chunk = 1 if model.remat else 0
     if base_learning_rate is None:
         base_learning_rate = params.get("base_learning_rate", cfg.optim.base_learning_rate)
     cfg.optim.base_learning_rate = float(base_learning_rate)

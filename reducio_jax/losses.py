@@ -72,25 +72,29 @@ def perceptual_per_frame(
 ) -> Array:
     """LPIPS of every frame pair: (B, T, H, W, 3) x2 -> (B, T).
 
-    `chunk` > 0 on GPU/TPU: `chunk` frame pairs at a time, each piece recomputed in the
-    backward pass, so the VGG activations of one piece are alive at a time instead of those of
-    all B * T frames (the released models at 256 px: 5.5 GiB per clip kept for the backward
-    pass otherwise). The CPU takes all frames at once (XLA:CPU runs convolutions inside a loop
-    several times slower)."""
+    `chunk` > 0 on GPU/TPU: `chunk` frames of every clip at a time, each piece recomputed in
+    the backward pass, so the VGG activations of B * chunk frames are alive at a time instead
+    of those of all B * T frames (the released models at 256 px: 5.5 GiB per clip kept for the
+    backward pass otherwise). The loop runs over the frame axis, so a batch sharded over
+    devices stays sharded: each device computes its own clips' pieces (a loop over the batch
+    axis would gather the global batch onto every device and compute all of it there). The
+    CPU takes all frames at once (XLA:CPU runs convolutions inside a loop several times
+    slower)."""
     b, t = x.shape[:2]
-    frames = lambda v: v.reshape(b * t, *v.shape[2:])  # noqa: E731  (B*T, H, W, 3)
-    if chunk <= 0 or chunk >= b * t or target_platform() == "cpu":
+    if chunk <= 0 or chunk >= t or target_platform() == "cpu":
+        frames = lambda v: v.reshape(b * t, *v.shape[2:])  # noqa: E731  (B*T, H, W, 3)
         return lpips_fn(frames(x), frames(recon)).astype(jnp.float32).reshape(b, t)
-    n, pieces = b * t, -(-(b * t) // chunk)
+    pieces = -(-t // chunk)
 
-    def split(v: Array) -> Array:  # (B, T, H, W, 3) -> (pieces, chunk, H, W, 3), last row repeated
-        v = frames(v)
-        v = jnp.concatenate([v, jnp.repeat(v[-1:], pieces * chunk - n, axis=0)])
-        return v.reshape(pieces, chunk, *v.shape[1:])
+    def split(v: Array) -> Array:  # (B, T, H, W, 3) -> (pieces, B * chunk, H, W, 3)
+        v = jnp.concatenate([v, jnp.repeat(v[:, -1:], pieces * chunk - t, axis=1)], axis=1)
+        v = v.reshape(b, pieces, chunk, *v.shape[2:]).swapaxes(0, 1)  # (pieces, B, chunk, ...)
+        return v.reshape(pieces, b * chunk, *v.shape[3:])
 
     piece = jax.checkpoint(lambda pair: lpips_fn(*pair).astype(jnp.float32))
-    per_frame = jax.lax.map(piece, (split(x), split(recon)))  # (pieces, chunk)
-    return per_frame.reshape(-1)[:n].reshape(b, t)
+    per_frame = jax.lax.map(piece, (split(x), split(recon)))  # (pieces, B * chunk)
+    per_frame = per_frame.reshape(pieces, b, chunk).swapaxes(0, 1)  # (B, pieces, chunk)
+    return per_frame.reshape(b, pieces * chunk)[:, :t]
 
 
 def reconstruction_terms(

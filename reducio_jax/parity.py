@@ -10,7 +10,7 @@ latent and the reconstruction, plus the PSNR between the two reconstructions.
 The official code is imported from the user's own checkout (``--reference-repo``, which must
 hold ``ldm/models/reducio_vae.py``); it is never vendored. It needs torch. Optional
 dependencies of the official module that are not installed are replaced by generic stand-ins
-written here: ``xformers.ops.memory_efficient_attention`` (plain softmax attention, scale
+written here: ``xformers.ops.memory_efficient_attention`` (torch's fused softmax attention, scale
 1/sqrt(d)), ``taming.modules.losses.lpips.LPIPS`` (unused for inference; fails if built) and
 ``pytorch_lightning.LightningModule`` (a ``torch.nn.Module``). The reference model is built
 without its loss; checkpoint keys under ``loss.`` are not loaded into it.
@@ -152,13 +152,14 @@ def _module(name: str, **attrs: Any) -> types.ModuleType:
 
 
 def _attention(q, k, v, attn_bias=None, **_: Any):
-    """xformers' memory_efficient_attention on (B, N, d) inputs, as plain softmax attention."""
-    import torch
+    """xformers' memory_efficient_attention on (B, N, d) inputs: softmax attention, scale
+    1/sqrt(d), through torch's fused `scaled_dot_product_attention`, which like xformers never
+    holds the whole (N, M) score matrix (so memory figures of the official code are fair)."""
+    import torch.nn.functional as F
 
     if attn_bias is not None:
         raise NotImplementedError("the attention stand-in supports attn_bias=None only")
-    scores = torch.einsum("bnd,bmd->bnm", q, k) * q.shape[-1] ** -0.5
-    return torch.einsum("bnm,bmd->bnd", scores.softmax(dim=-1), v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def install_shims() -> list[str]:

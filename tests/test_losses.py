@@ -117,3 +117,34 @@ def test_penalty_and_hinge_formulas():
     np.testing.assert_allclose(
         float(losses.hinge_d_loss(jnp.asarray(real), jnp.asarray(fake))), want, rtol=1e-6
     )
+
+
+def test_lpips_pieces_keep_a_sharded_batch_on_its_devices():
+    """The recomputed LPIPS pieces loop over frames: with the clips sharded over 8 devices,
+    no device gathers the others' frames (a loop over the batch axis would), and the values
+    are those of all frames at once."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from reducio_jax.models.convolution import traced_for
+
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(build_lpips(seed=1))
+    lpips_fn = lambda a, b: nnx.merge(graphdef, state, copy=True)(a, b)  # noqa: E731
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    clips = NamedSharding(mesh, PartitionSpec("data"))
+    scalar = NamedSharding(mesh, PartitionSpec())
+    x, r = (
+        jax.device_put(jax.random.uniform(jax.random.key(i), (8, 3, 16, 16, 3), minval=-1), clips)
+        for i in (1, 2)
+    )
+
+    def loss(r, chunk):
+        return jnp.sum(losses.perceptual_per_frame(lpips_fn, x, r, chunk))
+
+    with traced_for("tpu"):
+        grad = jax.jit(jax.value_and_grad(loss), static_argnums=1, out_shardings=(scalar, clips))
+        compiled = grad.lower(r, 1).compile()
+        (value, d_r), (whole, d_whole) = compiled(r), grad(r, 0)
+    assert "all-gather" not in compiled.as_text()
+    np.testing.assert_allclose(value, whole, rtol=1e-5)
+    np.testing.assert_allclose(d_r, d_whole, rtol=1e-4, atol=1e-6)

@@ -86,6 +86,7 @@ def _configured(fv: flags.FlagValues):
         cfg.model.dtype = fv["dtype"].value
     if fv["remat"].value is not None:
         cfg.model.remat = fv["remat"].value
+        cfg.loss.perceptual_chunk = 1 if cfg.model.remat else 0  # remat covers LPIPS too
     if fv["resolution"].value is not None:
         cfg.data.resolution = fv["resolution"].value
     axes = {axis: fv[axis].value for axis in ("fsdp", "space") if fv[axis].value is not None}

@@ -51,7 +51,7 @@ def test_lpips_in_recomputed_pieces_matches_all_frames_at_once():
     with nnx.use_eager_sharding(False):
         graphdef, state = nnx.split(build_lpips(seed=1))
     lpips_fn = lambda a, b: nnx.merge(graphdef, state, copy=True)(a, b)  # noqa: E731
-    x, r = (jax.random.uniform(jax.random.key(i), (1, 5, 32, 32, 3), minval=-1) for i in (1, 2))
+    x, r = (jax.random.uniform(jax.random.key(i), (2, 5, 32, 32, 3), minval=-1) for i in (1, 2))
 
     def per_frame(chunk):
         fn = lambda r: losses.perceptual_per_frame(lpips_fn, x, r, chunk)  # noqa: E731
@@ -60,7 +60,7 @@ def test_lpips_in_recomputed_pieces_matches_all_frames_at_once():
             return value, pull(jnp.cos(value))[0]
 
     whole, d_whole = per_frame(0)
-    pieces, d_pieces = per_frame(2)  # 5 frames: pieces of 2, the last one padded
-    assert whole.shape == (1, 5)
+    pieces, d_pieces = per_frame(2)  # 5 frames a clip: pieces of 2, the last one padded
+    assert whole.shape == (2, 5)
     np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(d_pieces, d_whole, rtol=1e-4, atol=1e-6)
