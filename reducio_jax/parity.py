@@ -159,7 +159,8 @@ def _attention(q, k, v, attn_bias=None, **_: Any):
 
     if attn_bias is not None:
         raise NotImplementedError("the attention stand-in supports attn_bias=None only")
-    return F.scaled_dot_product_attention(q, k, v)
+    # (B, 1, N, d): torch's CPU flash kernel takes 4-D inputs only (3-D ones take the plain path)
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
 
 
 def install_shims() -> list[str]:
