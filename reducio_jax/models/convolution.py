@@ -383,20 +383,28 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     # and keep them all alive (ft4 at 256 px: 2.2 GB of the reconstruction's 5.5 GB peak).
     w = after(w, x)
     tiles_h, tiles_w = -(-h // m), -(-wd // m)
-    x = jnp.pad(x, [(0, 0), t_pad, (1, 1 + m * tiles_h - h), (1, 1 + m * tiles_w - wd), (0, 0)])
     n = m + 2  # input tile size
     g = jnp.asarray(g_t, jnp.float32)
     u = jnp.einsum("ra,tabio,sb->rsito", g, w.astype(jnp.float32), g, precision="highest")
     u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # taps' output channels side by side
-    band = winograd_band_rows(x.shape[:2], tiles_w, kt * c_out, m)
+
+    def padded_rows(lo: int, hi: int) -> jax.Array:
+        """Rows [lo, hi) of the padded input (its row i is x's row i - 1), padded on its own:
+        the whole padded input (bigger than x) is never materialised, and an elementwise
+        producer of x (a norm and its activation) fuses into each band's piece."""
+        top, first, last = max(0, 1 - lo), max(lo - 1, 0), max(min(hi - 1, h), max(lo - 1, 0))
+        rows = [(0, 0), t_pad, (top, hi - lo - top - (last - first)), (1, 1 + m * tiles_w - wd)]
+        return jnp.pad(x[:, :, first:last], [*rows, (0, 0)])
+
+    t_in = x.shape[1] + t_pad[0] + t_pad[1]
+    band = winograd_band_rows((b, t_in), tiles_w, kt * c_out, m)
     if band >= tiles_h:
-        return _winograd_band(x, u, kt, m, **kw)[:, :, :h, :wd]
+        return _winograd_band(padded_rows(0, m * tiles_h + 2), u, kt, m, **kw)[:, :, :h, :wd]
     # Each band's output written into place: a concatenation would fuse every band's output
     # transform into one op that reads all their products at once.
-    t_out = x.shape[1] - kt + 1
-    y = jnp.zeros((b, t_out, m * tiles_h, m * tiles_w, c_out), jnp.result_type(x, u))
+    y = jnp.zeros((b, t_in - kt + 1, m * tiles_h, m * tiles_w, c_out), jnp.result_type(x, u))
     for r in range(0, tiles_h, band):
-        x_band = after(x[:, :, m * r : m * min(r + band, tiles_h) + 2], y)
+        x_band = after(padded_rows(m * r, m * min(r + band, tiles_h) + 2), y)
         y = lax.dynamic_update_slice_in_dim(y, _winograd_band(x_band, u, kt, m, **kw), m * r, 2)
     return y[:, :, :h, :wd]
 
