@@ -43,11 +43,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--program", default="train_step")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2], help="clips per chip")
     p.add_argument("--remat", nargs="+", choices=["on", "off"], default=["on"])
-    p.add_argument(
-        "--fsdp", nargs="+", type=int, default=[0], help="fsdp axis sizes; 0: all chips"
-    )
+    p.add_argument("--fsdp", nargs="+", type=int, default=[0], help="fsdp axis sizes; 0: all chips")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--resolution", type=int, default=None, help="default: the config's")
+    p.add_argument(
+        "--tile_batch", type=int, default=None, help="tiled inference: tiles of a shape per step"
+    )
     p.add_argument(
         "--stop_at_first_misfit",
         action="store_true",
@@ -84,8 +85,11 @@ def table(records: list[dict]) -> str:
         flops = "–" if r.get("stopped_at") or r["error"] else f"{r['flops_per_clip'] / 1e12:.2f}"
         if r.get("stopped_at"):
             total += " *"
+        program = r["program"]
+        if r.get("tile_batch"):
+            program += f" ({r['tile_batch']} tile{'s' if r['tile_batch'] > 1 else ''} a step)"
         rows.append(
-            f"| {r['config']} | {r['program']} | {r['topology']} ({r['num_chips']}) | {mesh} | "
+            f"| {r['config']} | {program} | {r['topology']} ({r['num_chips']}) | {mesh} | "
             f"{r['batch_per_chip']} | {'on' if r['remat'] else 'off'} | "
             f"{'yes' if r['fits'] else '**no**'} | {total} ({gib(r['hbm_bytes'])}) | "
             f"{gib(r['state_bytes'])} | {gib(r['temp_bytes'])} | "
@@ -161,7 +165,12 @@ def child_compile(args) -> int:
     cfg = make_config(job["config"], args, job["remat"], job["fsdp"])
     devices = aot.target_devices(job["topology"])
     rec = aot.compile_program(
-        cfg, args.program, devices, batch_per_chip=job["batch"], topology=job["topology"]
+        cfg,
+        args.program,
+        devices,
+        batch_per_chip=job["batch"],
+        topology=job["topology"],
+        tile_batch=args.tile_batch,
     )
     print(json.dumps(rec.as_json()), flush=True)
     return 0
@@ -208,9 +217,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             seconds=row["compile_seconds"],
                         )
                         row = {**rec.as_json(), "stopped_at": row["stopped_at"]}
+                        row["tile_batch"] = args.tile_batch
                 else:
                     rec = aot.compile_program(
-                        cfg, args.program, devices, batch_per_chip=batch, topology=topology
+                        cfg,
+                        args.program,
+                        devices,
+                        batch_per_chip=batch,
+                        topology=topology,
+                        tile_batch=args.tile_batch,
                     )
                     row = rec.as_json()
                 row = {"config": name, **row}

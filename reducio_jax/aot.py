@@ -13,6 +13,7 @@ fits with a stated headroom. The `compile` command (reducio_jax/cli/compile.py) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -106,6 +107,7 @@ class CompileRecord:
     flops_per_chip: float = 0.0
     compile_seconds: float = 0.0
     error: str = ""  # the compiler's message when it did not compile
+    tile_batch: int | None = None  # tiles of one shape per step (None: all at once / untiled)
 
     @property
     def flops_per_clip(self) -> float:
@@ -220,14 +222,19 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
     return math.prod(shape) * jnp.dtype(x.dtype).itemsize
 
 
-def _lower_inference(cfg: ml_collections.ConfigDict, mesh: Mesh, program: str):
-    """The API's compiled encode / decode / reconstruct (api.py) for a sharded batch."""
+def _lower_inference(
+    cfg: ml_collections.ConfigDict, mesh: Mesh, program: str, tile_batch: int | None = None
+):
+    """The API's compiled encode / decode / reconstruct (api.py) for a sharded batch; a tiled
+    config's tiles `tile_batch` of a shape at a time (the memory planner's `max_batch`)."""
     graphdef, state = abstract_model(lambda: build_vae(cfg.model), mesh, cfg.mesh.rules)
     h, w = frame_size(cfg.data.resolution)
     b, t = int(cfg.data.batch_size), int(cfg.data.num_frames)
     shard = batch_sharding(mesh)
     video = jax.ShapeDtypeStruct((b, t, h, w, 3), jnp.float32, sharding=shard)
     tiles = TileConfig.from_config(cfg)
+    if tile_batch is not None:
+        tiles = dataclasses.replace(tiles, max_batch=tile_batch)
     if program == "encode":
         return api._encode_jit.lower(graphdef, state, video, tiles=tiles)
     if program == "reconstruct":
@@ -255,6 +262,7 @@ def compile_program(
     batch_per_chip: int = 1,
     topology: str = "",
     headroom: float = 0.0,
+    tile_batch: int | None = None,
 ) -> CompileRecord:
     """Lowers and compiles `program` for `devices` (mesh `cfg.mesh.shape` over them); the
     per-chip figures. `fits`: compiled, and the total is within (1 - headroom) of HBM."""
@@ -262,6 +270,13 @@ def compile_program(
         raise InputError(f"program '{program}' is not one of {', '.join(PROGRAMS)}")
     if batch_per_chip < 1:
         raise InputError(f"the per-chip batch must be at least 1, got {batch_per_chip}")
+    if tile_batch is not None and (
+        tile_batch < 1 or program == "train_step" or not cfg.model.use_tiling
+    ):
+        raise InputError(
+            f"--tile_batch {tile_batch}: give at least 1, for encode, decode or reconstruct "
+            "of a config that tiles (model.use_tiling, e.g. configs/reducio_ft4_1024px.py)"
+        )
     try:
         mesh = make_mesh(cfg.mesh, devices)
     except ValueError as err:
@@ -269,7 +284,9 @@ def compile_program(
     cfg = _sized(cfg, mesh, batch_per_chip)
     device = mesh.devices.flat[0]
     hbm = chip_hbm(device)
-    record = _record_maker(cfg, program, mesh, topology, batch_per_chip, hbm)
+    record = functools.partial(
+        _record_maker(cfg, program, mesh, topology, batch_per_chip, hbm), tile_batch=tile_batch
+    )
     state_bytes = _state_bytes(cfg, mesh, program)
     start = time.perf_counter()
     try:
@@ -282,7 +299,7 @@ def compile_program(
             if program == "train_step":
                 lowered = lower_train_step(cfg, mesh)
             else:
-                lowered = _lower_inference(cfg, mesh, program)
+                lowered = _lower_inference(cfg, mesh, program, tile_batch)
             compiled = lowered.compile()
     except Exception as err:  # noqa: BLE001 - XlaRuntimeError; only "does not fit" is expected
         if "RESOURCE_EXHAUSTED" not in str(err):

@@ -17,13 +17,11 @@ from reducio_jax import aot, cli
 from reducio_jax.cli.compile import format_record
 from reducio_jax.config import load_config
 
-pytestmark = [
-    pytest.mark.skipif(
-        importlib.util.find_spec("libtpu") is None,
-        reason='libtpu is not installed (pip install -e ".[tpu]")',
-    ),
-    pytest.mark.xdist_group("aot"),  # one worker: the module's compiles are shared
-]
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='libtpu is not installed (pip install -e ".[tpu]")',
+)
+pytestmark = pytest.mark.xdist_group("aot")  # one worker: the module's compiles are shared
 TOPOLOGY = "v5e:2x2"
 MICRO = "tests/train/micro_config.py"
 
@@ -56,6 +54,7 @@ def fsdp_command(tmp_path_factory) -> tuple[int, dict]:
     return status, json.loads(out.read_text())[0]
 
 
+@needs_libtpu
 def test_train_step_compiles_for_the_tpu(data_parallel):
     r = data_parallel
     assert r.fits and not r.error, r.error
@@ -66,6 +65,7 @@ def test_train_step_compiles_for_the_tpu(data_parallel):
     assert "fits: total" in format_record(r)
 
 
+@needs_libtpu
 def test_command_exits_0_and_writes_the_record(fsdp_command):
     status, record = fsdp_command
     assert status == 0
@@ -73,6 +73,7 @@ def test_command_exits_0_and_writes_the_record(fsdp_command):
     assert record["program"] == "train_step" and record["batch_per_chip"] == 1
 
 
+@needs_libtpu
 def test_state_bytes_per_chip_shrink_with_fsdp(data_parallel, fsdp_command):
     """fsdp=2 halves every parameter and Adam moment whose sharded axis 2 divides; what the
     rules leave replicated (norm scales, the 3-channel convolutions' odd axes) stays whole."""
@@ -86,6 +87,7 @@ def test_state_bytes_per_chip_shrink_with_fsdp(data_parallel, fsdp_command):
     assert saved >= 0.9 * (full - fsdp["state_bytes"])
 
 
+@needs_libtpu
 def test_find_batch_returns_a_batch_that_fits_and_the_next_does_not(devices):
     """On the encoder (a forward program: two quick compiles), judged against a limit between
     its totals at batch 1 and batch 2."""
@@ -108,6 +110,7 @@ def test_find_batch_returns_a_batch_that_fits_and_the_next_does_not(devices):
     assert aot.find_batch(lambda b: aot.with_limit(compile_at(b), one.total_bytes - 1))[0] == 0
 
 
+@needs_libtpu
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -115,9 +118,27 @@ def test_find_batch_returns_a_batch_that_fits_and_the_next_does_not(devices):
         (["--topology", "v5e:3x3"], "libtpu cannot build topology"),
         (["--topology", TOPOLOGY, "--fsdp", "3"], "mesh shape"),
         (["--topology", TOPOLOGY, "--headroom", "1.5"], "--headroom"),
+        (["--topology", TOPOLOGY, "--tile_batch", "2"], "--tile_batch 2"),
     ],
 )
 def test_bad_input_is_one_error_line(args, fragment, capsys):
     assert cli.main(["compile", *args, "--config", MICRO]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+def test_tile_batch_bounds_a_tiled_program():
+    """`tile_batch` lowers a tiled reconstruct as the memory planner runs it, that many tiles
+    of a shape at a time: fewer temporaries than all tiles at once (compiled here for this
+    host's CPU, which needs no libtpu)."""
+    from reducio_jax.sharding import make_mesh
+
+    cfg = load_config("configs/tiny.py")
+    cfg.model.use_tiling, cfg.model.tile_sample_min_size = True, 32
+    cfg.data.resolution, cfg.data.batch_size, cfg.mesh.shape = 96, 1, {"data": 1}
+    mesh = make_mesh(cfg.mesh, jax.devices("cpu")[:1])
+    temps = {
+        n: aot._lower_inference(cfg, mesh, "reconstruct", n).compile().memory_analysis()
+        for n in (None, 1)
+    }
+    assert 0 < temps[1].temp_size_in_bytes < temps[None].temp_size_in_bytes

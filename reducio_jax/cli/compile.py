@@ -58,6 +58,13 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_enum(
         "dtype", None, DTYPES, "Compute dtype (default: the config's).", flag_values=fv
     )
+    flags.DEFINE_integer(
+        "tile_batch",
+        None,
+        "Tiled encode/decode/reconstruct (model.use_tiling): tiles of one shape per step, as "
+        "the memory planner bounds them on a device (default: all tiles at once).",
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "remat",
         None,
@@ -120,6 +127,7 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
             batch_per_chip=batch,
             topology=fv["topology"].value,
             headroom=headroom,
+            tile_batch=fv["tile_batch"].value,
         )
         print(format_record(record), flush=True)
         return record
@@ -146,7 +154,7 @@ def format_record(r) -> str:
     head = (
         f"{r.program} {r.topology or r.device_kind} ({r.num_chips} chips, {mesh}) "
         f"batch/chip {r.batch_per_chip} {r.resolution[0]}x{r.resolution[1]} {r.dtype}"
-        f"{' remat' if r.remat else ''}:"
+        f"{' remat' if r.remat else ''}{f' tiles {r.tile_batch} a step' if r.tile_batch else ''}:"
     )
     if r.error:
         return (
