@@ -79,6 +79,10 @@ WINOGRAD_TILE = 4
 # the matmul product of one band of tile rows (winograd): 256 MiB cut the tiny model's
 # 16x256x256 reconstruction from 1.71 to 1.16 GiB of temporaries at the same speed (1 GiB)
 WINOGRAD_BAND_BYTES = 256 << 20
+# ... in at most this many bands a convolution: each band is its own ops in the program, and
+# a whole 720p frame took 230 bands of 256 MiB per 128-channel convolution (a compile of more
+# than 25 minutes and 16 GB); frames that large are tiled by the memory planner anyway
+WINOGRAD_MAX_BANDS = 32
 # the per-tap outputs of output_taps stay below 1 GiB (a 16x256x256 clip to RGB: 340 MB; its
 # 128->3 convolution 1.75 s -> 0.59 s against temporal_taps)
 OUTPUT_TAPS_MAX_BYTES = 1 << 30
@@ -397,7 +401,7 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
         return jnp.pad(x[:, :, first:last], [*rows, (0, 0)])
 
     t_in = x.shape[1] + t_pad[0] + t_pad[1]
-    band = winograd_band_rows((b, t_in), tiles_w, kt * c_out, m)
+    band = winograd_band_rows((b, t_in), tiles_w, kt * c_out, m, tiles_h)
     if band >= tiles_h:
         return _winograd_band(padded_rows(0, m * tiles_h + 2), u, kt, m, **kw)[:, :, :h, :wd]
     # Each band's output written into place: a concatenation would fuse every band's output
@@ -422,11 +426,14 @@ def after(x: Any, y: Any) -> Any:
     return jax.tree.map(add, x)
 
 
-def winograd_band_rows(bt_in: Sequence[int], tiles_w: int, taps_out: int, m: int) -> int:
+def winograd_band_rows(
+    bt_in: Sequence[int], tiles_w: int, taps_out: int, m: int, tiles_h: int = 0
+) -> int:
     """Tile rows per band: the matmul product of a band, (m+2)^2 x B x T_in x rows x tiles_w x
-    kt*Co float32 values, within WINOGRAD_BAND_BYTES (at least one row)."""
+    kt*Co float32 values, within WINOGRAD_BAND_BYTES (at least one row), in at most
+    WINOGRAD_MAX_BANDS bands of `tiles_h` rows (the bands are unrolled: compile time)."""
     row_bytes = (m + 2) ** 2 * math.prod(bt_in) * tiles_w * taps_out * 4
-    return max(1, WINOGRAD_BAND_BYTES // row_bytes)
+    return max(1, WINOGRAD_BAND_BYTES // row_bytes, -(-tiles_h // WINOGRAD_MAX_BANDS))
 
 
 def _winograd_band(x: jax.Array, u: jax.Array, kt: int, m: int, **kw) -> jax.Array:

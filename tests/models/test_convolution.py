@@ -203,3 +203,11 @@ def test_winograd_chosen_for_large_frames_with_direct_gradients(monkeypatch):
     chosen.clear()
     ours(x[..., :64], w[:, :, :, :64])
     assert chosen == []
+
+
+def test_winograd_bands_are_at_most_winograd_max_bands(monkeypatch):
+    """Bands are unrolled ops: a tall frame takes bigger bands rather than more of them."""
+    monkeypatch.setattr(convolution, "WINOGRAD_BAND_BYTES", 1)  # one tile row a band by bytes
+    rows = convolution.WINOGRAD_MAX_BANDS * 3 + 1
+    assert convolution.winograd_band_rows((1, 18), 8, 96, 4, tiles_h=rows) == 4
+    assert convolution.winograd_band_rows((1, 18), 8, 96, 4, tiles_h=3) == 1
