@@ -310,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = "python benchmarks/memory_side_by_side.py " + shlex.join(sys.argv[1:])
         note = args.note or f"whole run {time.perf_counter() - start:.0f} s"
         head = results.env_block(env, command, note)
-        results.update_section(pathlib.Path(args.results), args.section, args.section, head + body)
+        results.update_section(
+            pathlib.Path(args.results), args.section, args.section, head + "\n\n" + body
+        )
     return 0
 
 

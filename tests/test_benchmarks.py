@@ -5,7 +5,9 @@ assertions: speed is judged from benchmarks/RESULTS.md."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -81,3 +83,25 @@ def test_bad_resolution_is_one_error_line(capsys):
     assert run.main(["--config", "tiny", "--resolution", "40", "--op", "encode"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "multiple of 32" in err[0]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("REDUCIO_REFERENCE_REPO"),
+    reason="set REDUCIO_REFERENCE_REPO to an official checkout",
+)
+def test_memory_side_by_side_writes_both_sides(tmp_path):
+    """benchmarks/memory_side_by_side.py: each side in its own process, the same
+    reconstruction (float32 rounding), a peak above set-up for each, one RESULTS section."""
+    out, rows = tmp_path / "RESULTS.md", tmp_path / "rows.jsonl"
+    argv = [sys.executable, str(BENCH / "memory_side_by_side.py"), "--case", "tiny:16x32x32"]
+    argv += ["--torch-reference", os.environ["REDUCIO_REFERENCE_REPO"], "--write-results"]
+    done = subprocess.run(
+        [*argv, "--results", str(out), "--jsonl", str(rows)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(rows.read_text())
+    assert record["max_abs_diff"] < 1e-4
+    assert record["jax"]["run_above"] > 0 and record["torch"]["run_above"] > 0
+    assert record["jax"]["process_peak"] >= record["jax"]["setup_rss"]
+    text = out.read_text()
+    assert text.count("| tiny | 16x32x32 |") == 2 and "ours / official" in text
