@@ -266,6 +266,7 @@ class ReducioVAE:
         resident = sum(x.nbytes for x in jax.tree.leaves(nnx.state(self.model)))
         request = memory.Request(
             measure=lambda batch, tiles: self.footprint(op, batch, frame, tiles),
+            probe=lambda size: self.footprint(op, 1, size, None),
             resident=resident,
             tiles=self.tiles,
             fallback=_fallback_tiles(self.config, f),

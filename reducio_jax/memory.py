@@ -17,11 +17,18 @@ CPU less the process's resident set and `RESERVE`).
 the batch it chose to check it; when one whole window does not fit it tiles the frames (one
 tile a step, the config's tile size, then half of it), and when the smallest tile does not
 fit either it raises `OutOfMemory`, which names what is needed and what there is.
+
+A frame of more than `PROBE_AREAS` tiles is not compiled whole to learn that it does not fit
+(for ft4 at 720p that compile alone took more than 25 minutes and 16 GB): the need of its
+whole window is first estimated from two untiled programs at one and two tiles' area (with
+the frame's aspect), as a program's memory is close to affine in the frame's area, and the
+whole frame is only compiled when that estimate is under `SKIP_OVER` times the room.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import re
 import resource
@@ -39,6 +46,8 @@ HEADROOM = 0.15  # fraction of a call's bytes added for what the analysis does n
 RESERVE = 2**30
 CPU_MAX_BATCH = 4  # more windows a call buy no speed on the CPU (benchmarks/RESULTS.md)
 DEVICE_MAX_BATCH = 16
+PROBE_AREAS = 4  # frames over this many tiles' area: estimate the whole window before compiling
+SKIP_OVER = 1.5  # tile without compiling the whole window when its estimate is this far over
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -207,13 +216,15 @@ def budget(max_memory: str | int | None, device: jax.Device | None = None) -> tu
 # -- the choice -----------------------------------------------------------------------------------
 
 Measure = Callable[[int, TileConfig | None], Footprint]  # (window batch, tiles) -> its footprint
+Probe = Callable[[tuple[int, int]], Footprint]  # (height, width) -> one untiled window's footprint
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What to plan for: `measure`, the parameters' bytes already `resident`, the config's
     `tiles` (or None), the `fallback` tiles for frames that do not fit untiled, the (padded)
-    frame size, the memory `available` and the largest batch worth having (`cap`)."""
+    frame size, the memory `available` and the largest batch worth having (`cap`); `probe`
+    (one untiled window of another frame size) lets a large frame's need be estimated first."""
 
     measure: Measure
     resident: int
@@ -222,6 +233,7 @@ class Request:
     frame: tuple[int, int]
     available: tuple[int, str]
     cap: int
+    probe: Probe | None = None
 
 
 def plan_windows_batch(req: Request) -> Plan:
@@ -229,6 +241,9 @@ def plan_windows_batch(req: Request) -> Plan:
     when one window does not fit; `OutOfMemory` when one tile does not either."""
     measure, resident, tiles, cap = req.measure, req.resident, req.tiles, req.cap
     room, source = req.available
+    estimate = untiled_estimate(req)
+    if estimate is not None and estimate > SKIP_OVER * room:
+        return _tiled_plan(req, estimate, estimated=True)
     need = measure(1, tiles).need(resident)
     if need > room:
         return _tiled_plan(req, need)
@@ -241,16 +256,38 @@ def plan_windows_batch(req: Request) -> Plan:
     return Plan(1, tiles, need, room, source, req.frame, resident)
 
 
-def _tiled_plan(req: Request, untiled: int) -> Plan:
+def untiled_estimate(req: Request) -> int | None:
+    """Bytes one untiled window of a frame over `PROBE_AREAS` tiles would need, extrapolated
+    in area from untiled windows of one and two tiles' area; None for smaller frames, frames
+    the config tiles, or without a `probe`."""
+    h, w = req.frame
+    tile_area = req.fallback.sample_size**2
+    configured = req.tiles is not None and req.tiles.applies_to(h, w)
+    if req.probe is None or configured or h * w <= PROBE_AREAS * tile_area:
+        return None
+    f = req.fallback.spatial_factor
+    points = []
+    for area in (tile_area, 2 * tile_area):
+        scale = math.sqrt(area / (h * w))
+        frame = (max(f, round(h * scale / f) * f), max(f, round(w * scale / f) * f))
+        points.append((frame[0] * frame[1], req.probe(frame).need(req.resident)))
+    (a1, n1), (a2, n2) = points
+    slope = max(0.0, (n2 - n1) / (a2 - a1)) if a2 != a1 else n2 / a2
+    return int(n2 + slope * (h * w - a2))
+
+
+def _tiled_plan(req: Request, untiled: int, estimated: bool = False) -> Plan:
     """One window, one tile a step: the config's tiles (else the fallback's), then tiles of
     half that size while they fit the model's grid. A tile size whose share of the whole
-    window's need is clearly over the room is not compiled (but the smallest always is)."""
+    window's need is clearly over the room is not compiled (but the smallest always is).
+    `estimated`: `untiled` is `untiled_estimate`'s, not a compiled program's."""
     room, source = req.available
+    about = "about " if estimated else ""
     sizes = [t for t in tile_sizes(req.tiles or req.fallback) if t.applies_to(*req.frame)]
     if not sizes:
         raise OutOfMemory(
             f"not enough memory: one {req.frame[0]}x{req.frame[1]} window needs "
-            f"{gib(untiled)} and {source} leaves {gib(room)}"
+            f"{about}{gib(untiled)} and {source} leaves {gib(room)}"
         )
     for tiles in sizes:
         share = min(1.0, tiles.sample_window**2 / (req.frame[0] * req.frame[1]))
@@ -262,7 +299,7 @@ def _tiled_plan(req: Request, untiled: int) -> Plan:
     raise OutOfMemory(
         f"not enough memory: one {tiles.sample_window} px tile of one window needs "
         f"{gib(need)} and {source} leaves {gib(room)} (a whole "
-        f"{req.frame[0]}x{req.frame[1]} window: {gib(untiled)})"
+        f"{req.frame[0]}x{req.frame[1]} window: {about}{gib(untiled)})"
     )
 
 

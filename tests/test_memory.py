@@ -31,6 +31,7 @@ from reducio_jax.errors import InputError
 from reducio_jax.latents import LatentStore
 from reducio_jax.memory import (
     RESERVE,
+    SKIP_OVER,
     OutOfMemory,
     Plan,
     Request,
@@ -38,6 +39,7 @@ from reducio_jax.memory import (
     gib,
     parse_size,
     plan_windows_batch,
+    untiled_estimate,
 )
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.runtime import local_mesh, plan_batch
@@ -107,6 +109,34 @@ def test_tiles_when_one_window_does_not_fit(vae):
     assert plan.tiles == small and plan.need == need_small
     with pytest.raises(OutOfMemory, match=f"one 160 px tile of one window needs {gib(need_small)}"):
         plan_windows_batch(request(vae, frame, need_small - 1))
+
+
+def test_a_large_frame_is_estimated_before_it_is_compiled_whole():
+    """Over `PROBE_AREAS` tiles, the whole window's need is extrapolated from untiled programs
+    of one and two tiles' area; far over the room, the planner tiles without compiling the
+    whole window (for ft4 at 720p that compile alone took more than 25 minutes)."""
+    vae = ReducioVAE.from_config(tiny.get_config())  # its own compile cache
+    frame = (160, 160)  # 6.25 tiles of 64 px
+    req = dataclasses.replace(
+        request(vae, frame, 0),
+        fallback=TileConfig(64, 0.25, vae.spatial_factor),
+        probe=lambda size: vae.footprint("reconstruct", 1, size, None),
+    )
+    estimate = untiled_estimate(req)
+    probed = {key[2] for key in vae._footprints}
+    assert probed == {(64, 64), (96, 96)}  # one and two tiles' area, multiples of 32
+    whole_key = ("reconstruct", 1, frame, None)
+    plan = plan_windows_batch(dataclasses.replace(req, available=(estimate // 2, "test")))
+    assert plan.tiled and whole_key not in vae._footprints
+    with pytest.raises(OutOfMemory, match=r"a whole 160x160 window: about"):
+        plan_windows_batch(dataclasses.replace(req, available=(1, "test")))
+    assert whole_key not in vae._footprints
+    room = 2 * estimate  # the estimate is under the room: the whole window is compiled
+    plan = plan_windows_batch(dataclasses.replace(req, available=(room, "test"), cap=1))
+    whole = vae._footprints[whole_key].need(resident(vae))
+    assert not plan.tiled and plan.need == whole
+    assert whole / SKIP_OVER < estimate < whole * SKIP_OVER
+    assert untiled_estimate(dataclasses.replace(req, frame=(128, 128))) is None  # 4 tiles
 
 
 def test_tiles_in_a_loop_match_all_at_once(vae):
