@@ -296,12 +296,17 @@ def compile_program(
             jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
             nnx.logical_axis_rules(cfg.mesh.rules),
         ):
+            options = None
             if program == "train_step":
                 lowered = lower_train_step(cfg, mesh)
+                options = state_lib.step_compiler_options(cfg, device.platform) or None
             else:
                 lowered = _lower_inference(cfg, mesh, program, tile_batch)
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=options)
     except Exception as err:  # noqa: BLE001 - XlaRuntimeError; only "does not fit" is expected
+        if "Failed to parse" in str(err) or "No such compile option" in str(err):
+            first = str(err).strip().splitlines()[0]
+            raise InputError(f"train.tpu_compiler_options: {first}") from err
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         need, _ = _oom_figures(str(err))

@@ -134,6 +134,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     train.async_checkpointing = True  # write checkpoints in the background
     train.preview_every = 5000  # reconstruction preview (PNG + GIF + TensorBoard image)
     train.fast_compile = False  # XLA without expensive LLVM passes: faster compile, slower steps
+    # XLA options of the train step on TPUs only. The latency-hiding scheduler may plan for 60%
+    # of HBM (libtpu's default, more, overlaps more collectives and kept ft4 at 2 clips a chip
+    # off a v5e-256: benchmarks/RESULTS.md, "TPU memory plan: the scheduler's memory limit")
+    train.tpu_compiler_options = {"xla_tpu_scheduler_percent_shared_memory_limit": 60}
     train.lpips_weights = ""  # LPIPS source when --init_from has none (see docs/training.md)
 
     cfg.mesh = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ import pytest
 from reducio_jax import aot, cli
 from reducio_jax.cli.compile import format_record
 from reducio_jax.config import load_config
+from reducio_jax.errors import InputError
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -125,6 +126,18 @@ def test_bad_input_is_one_error_line(args, fragment, capsys):
     assert cli.main(["compile", *args, "--config", MICRO]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+@needs_libtpu
+def test_the_configs_tpu_options_reach_the_tpu_compiler(devices):
+    """`train.tpu_compiler_options` go to the TPU compile of the step: a value libtpu refuses
+    is an input error that names it (one `error:` line from the command). The CPU train tests
+    run the same configs, whose TPU-only options the CPU compiler would refuse: they never
+    reach it."""
+    cfg = _config(1)
+    cfg.train.tpu_compiler_options = {"xla_tpu_scheduler_percent_shared_memory_limit": "lots"}
+    with pytest.raises(InputError, match="tpu_compiler_options.*lots"):
+        aot.compile_program(cfg, "train_step", devices, topology=TOPOLOGY)
 
 
 def test_tile_batch_bounds_a_tiled_program():

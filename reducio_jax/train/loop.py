@@ -179,9 +179,9 @@ def compiled_step(
         t0 = time.perf_counter()
         shardings = state_lib.state_shardings(cfg, mesh)
         fn = jit_train_step(cfg, nets, weights, mesh, shardings)
-        options = state_lib.FAST_COMPILE if cfg.train.get("fast_compile", False) else None
+        options = state_lib.step_compiler_options(cfg, mesh.devices.flat[0].platform)
         lowered = fn.lower(state, batch_spec(cfg.data, mesh), nets.lpips_state)
-        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+        compiled = lowered.compile(compiler_options=options or None)
         _COMPILED[key] = (compiled, step_flops(compiled))
         log.info("Compiled the train step in %.1f s.", time.perf_counter() - t0)
     return (*_COMPILED[key], key)

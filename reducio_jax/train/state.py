@@ -157,6 +157,16 @@ def state_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Any:
 
 # XLA options for programs that run once (or in tests): skip the expensive LLVM passes.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def step_compiler_options(cfg: ml_collections.ConfigDict, platform: str) -> dict[str, Any]:
+    """XLA options of the train step's compile for `platform`: FAST_COMPILE with
+    `train.fast_compile`, and on TPUs `train.tpu_compiler_options` (TPU-only flags, which
+    other platforms' compilers refuse)."""
+    options = dict(FAST_COMPILE) if cfg.train.get("fast_compile", False) else {}
+    if platform == "tpu":
+        options.update(dict(cfg.train.get("tpu_compiler_options", None) or {}))
+    return options
 _INIT_FNS: dict[str, Callable[[], TrainState]] = {}  # jitted initialisers of this process
 
 
