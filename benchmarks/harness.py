@@ -37,6 +37,8 @@ from flax import nnx
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's package, not another installed copy
 
+import proc_memory  # noqa: E402  (benchmarks/)
+
 from reducio_jax.api import ReducioVAE, load_config  # noqa: E402
 from reducio_jax.models import host_memory  # noqa: E402
 from reducio_jax.train.monitor import peak_flops, step_flops  # noqa: E402
@@ -360,12 +362,12 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         self.device = jax.devices()[0]
-        self.base = _rss_reset() if self.device.platform == "cpu" else None
+        self.base = proc_memory.reset_peak() if self.device.platform == "cpu" else None
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.platform == "cpu":
-            hwm = _status_bytes("VmHWM")
+            hwm = proc_memory.status_bytes("VmHWM")
             self.result = {
                 "rss_above_start": None if hwm is None or self.base is None else hwm - self.base,
                 "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -373,27 +375,6 @@ class PeakMemory:
         else:
             stats = self.device.memory_stats() or {}
             self.result = {"device_peak_in_use": stats.get("peak_bytes_in_use")}
-
-
-def _status_bytes(name: str) -> int | None:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _rss_reset() -> int | None:
-    """Frees what the heap holds, resets the peak RSS; the RSS now (None: not Linux)."""
-    libc = host_memory._glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _status_bytes("VmRSS")
 
 
 def measure(

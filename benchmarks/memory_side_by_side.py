@@ -37,6 +37,8 @@ from collections.abc import Sequence
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import proc_memory  # noqa: E402  (benchmarks/: JAX-free, so is the torch side's set-up)
+
 GiB = 1 << 30
 
 
@@ -68,26 +70,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # -- one side, in its own process -----------------------------------------------------------------
 
 
-def _status_bytes(name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {name}")
-
-
 _PEAKS: list[int] = []  # VmHWM of set-up and of each measured block
+
+
+def _peak() -> int:
+    return proc_memory.status_bytes("VmHWM") or 0
 
 
 def trimmed_rss() -> int:
     """The resident set once glibc hands freed heap memory back (the peak so far noted)."""
-    from reducio_jax.models import host_memory
-
-    _PEAKS.append(_status_bytes("VmHWM"))
-    libc = host_memory._glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-    return _status_bytes("VmRSS")
+    _PEAKS.append(_peak())
+    proc_memory.trim_heap()
+    return proc_memory.status_bytes("VmRSS") or 0
 
 
 class Above:
@@ -95,16 +89,17 @@ class Above:
     heap memory is handed back and the kernel's high-water mark is reset)."""
 
     def __enter__(self) -> Above:
-        self.start_rss = trimmed_rss()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        _PEAKS.append(_peak())
+        self.start_rss = proc_memory.reset_peak()
+        if self.start_rss is None:
+            raise RuntimeError("this kernel cannot reset the peak resident set (Linux only)")
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
-        self.peak_above = _status_bytes("VmHWM") - self.start_rss
-        _PEAKS.append(_status_bytes("VmHWM"))
+        self.peak_above = _peak() - self.start_rss
+        _PEAKS.append(_peak())
 
 
 def clip_and_config(job: dict):
