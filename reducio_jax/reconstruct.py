@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -367,7 +368,12 @@ def reconstruct_file(
     """One video -> `output` (complete, or not there at all); returns its summary."""
     began = time.perf_counter()
     fps = info.fps if opts.keep_fps and info.fps > 0 else float(vae.config.data.fps)
+    note = functools.partial(print, f"{info.path.name}:", file=sys.stderr, flush=True)
+    if opts.progress:  # planning compiles programs: minutes for large frames and models
+        note(f"planning memory for {info.width}x{info.height} frames (compiling) ...")
     plan = plan_memory(vae, info, opts, expected_output_frames(info, fps))  # before any output
+    if opts.progress:
+        note(plan.describe())
     report = DecodeReport()
     with video_file(output, fps, opts.crf) as writer:  # never a partial file left behind
         pipeline = _stream(vae, info, opts, plan, fps, writer, report)
