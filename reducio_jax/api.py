@@ -48,7 +48,7 @@ from reducio_jax.convert.checkpoint import (
     save_pretrained,
 )
 from reducio_jax.convert.hub import HubError, hub_name, is_hub, load_hub_weights
-from reducio_jax.models import VideoVAE, build_vae, latent_layer_norm
+from reducio_jax.models import VideoVAE, build_vae, host_memory, latent_layer_norm
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.models.windows import (
@@ -146,6 +146,16 @@ _content_jit = _compiled(_content)
 _encode_jit = _compiled(_encode)
 _decode_jit = _compiled(_decode)
 _reconstruct_jit = _compiled(_reconstruct)
+_PROGRAMS = {"encode": _encode_jit, "decode": _decode_jit, "reconstruct": _reconstruct_jit}
+
+
+def _measured_only() -> dict[str, Any]:
+    """Jits of their own for programs that are measured and never run: JAX's caches hold a
+    program's lowering and executable only while its jit lives, so they go with these."""
+    return {"encode": _compiled(_encode), "decode": _compiled(_decode),
+            "reconstruct": _compiled(_reconstruct)}  # fmt: skip
+
+
 _latent_jit = jax.jit(_latent)
 
 
@@ -257,7 +267,7 @@ class ReducioVAE:
         max_memory: str | int | None = None,
         cap: int | None = None,
     ) -> memory.Plan:
-        """The window batch (<= `cap`, default 4 on the CPU, 16 on accelerators) and tiling for
+        """The window batch (<= `cap`, default 1 on the CPU, 16 on accelerators) and tiling for
         `op` ("reconstruct", "encode" or "decode") of HxW frames, from the compiled program's
         memory analysis and the memory available (`max_memory`: bytes or "8GB" for the whole
         process instead). Raises `memory.OutOfMemory` when one tile of one window does not fit."""
@@ -266,7 +276,7 @@ class ReducioVAE:
         resident = sum(x.nbytes for x in jax.tree.leaves(nnx.state(self.model)))
         request = memory.Request(
             measure=lambda batch, tiles: self.footprint(op, batch, frame, tiles),
-            probe=lambda size: self.footprint(op, 1, size, None),
+            probe=lambda size: self.footprint(op, 1, size, None, run=False),
             resident=resident,
             tiles=self.tiles,
             fallback=_fallback_tiles(self.config, f),
@@ -274,34 +284,52 @@ class ReducioVAE:
             available=memory.budget(max_memory),
             cap=cap or memory.default_cap(),
         )
-        return memory.plan_windows_batch(request)
+        plan = memory.plan_windows_batch(request)
+        if max_memory is not None:  # the user's figure, not the machine's
+            return plan
+        host_memory.release_freed_memory()  # what the planner's compiles freed
+        return memory.replan_if_short(plan, request, memory.physical_room())
 
     def footprint(
-        self, op: str, batch: int, frame: tuple[int, int], tiles: TileConfig | None
+        self,
+        op: str,
+        batch: int,
+        frame: tuple[int, int],
+        tiles: TileConfig | None,
+        *,
+        run: bool = True,
     ) -> memory.Footprint:
         """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples of
-        32) px, compiled once per shape (`jax.jit` reuses the compilation)."""
+        32) px, compiled once per shape (`jax.jit` reuses the compilation). `run=False`: a
+        program only measured (the planner's probes), whose executable is not kept."""
         key = (op, batch, frame, tiles)
         if key not in self._footprints:
-            lowered, inputs = self._lower(op, batch, frame, tiles)
+            programs = _PROGRAMS if run else _measured_only()
+            lowered, inputs = self._lower(programs, op, batch, frame, tiles)
             inputs_bytes = sum(x.size * x.dtype.itemsize for x in inputs)
             self._footprints[key] = memory.Footprint.of(lowered.compile(), inputs_bytes)
         return self._footprints[key]
 
-    def _lower(self, op: str, batch: int, frame: tuple[int, int], tiles: TileConfig | None):
+    def _lower(
+        self,
+        programs: dict[str, Any],
+        op: str,
+        batch: int,
+        frame: tuple[int, int],
+        tiles: TileConfig | None,
+    ):
         """(`op`'s program lowered for `batch` windows of `frame`, its non-parameter inputs)."""
+        if op not in programs:
+            raise ValueError(f"op must be reconstruct, encode or decode, got {op!r}")
         graphdef, state = nnx.split(self.model)
         video = jax.ShapeDtypeStruct((batch, self.window, *frame, 3), jnp.float32)
-        if op == "reconstruct":
-            return _reconstruct_jit.lower(graphdef, state, video, None, tiles=tiles), [video]
-        if op == "encode":
-            return _encode_jit.lower(graphdef, state, video, tiles=tiles), [video]
-        if op == "decode":
-            posterior = jax.eval_shape(lambda v: _encode_jit(graphdef, state, v, tiles=None), video)
-            content = jax.ShapeDtypeStruct((batch, *frame, 3), jnp.float32)
-            lowered = _decode_jit.lower(graphdef, state, posterior.mean, content, tiles=tiles)
-            return lowered, [posterior.mean, content]
-        raise ValueError(f"op must be reconstruct, encode or decode, got {op!r}")
+        if op != "decode":
+            args = (video, None) if op == "reconstruct" else (video,)  # (no posterior noise)
+            return programs[op].lower(graphdef, state, *args, tiles=tiles), [video]
+        posterior = jax.eval_shape(lambda v: _encode_jit(graphdef, state, v, tiles=None), video)
+        content = jax.ShapeDtypeStruct((batch, *frame, 3), jnp.float32)
+        lowered = programs[op].lower(graphdef, state, posterior.mean, content, tiles=tiles)
+        return lowered, [posterior.mean, content]
 
     # -- videos of any length (overlapping windows, docs/video.md) ------------------------------
     @property

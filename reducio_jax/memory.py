@@ -23,6 +23,12 @@ A frame of more than `PROBE_AREAS` tiles is not compiled whole to learn that it 
 whole window is first estimated from two untiled programs at one and two tiles' area (with
 the frame's aspect), as a program's memory is close to affine in the frame's area, and the
 whole frame is only compiled when that estimate is under `SKIP_OVER` times the room.
+
+Compiling takes memory of its own that the analysis does not count, part of which the process
+keeps (executables, caches): once a plan is made from the memory available, the heap's free
+memory goes back to the kernel and the plan is checked against the RAM (or accelerator
+memory) left (`physical_room`, `replan_if_short`), so that it is made again rather than run
+into the kernel's OOM killer.
 """
 
 from __future__ import annotations
@@ -44,7 +50,11 @@ HEADROOM = 0.15  # fraction of a call's bytes added for what the analysis does n
 # model's tiled 288x640 program raised the peak RSS by 1.1 GB; with 512 MiB kept, a run under
 # --max_memory 5GB peaked at 5.0 GiB)
 RESERVE = 2**30
-CPU_MAX_BATCH = 4  # more windows a call buy no speed on the CPU (benchmarks/RESULTS.md)
+# One window a call on the CPU: more buy no speed there, and XLA:CPU's compile of a batched
+# program grows far faster than the batch (the released ft4 at 256 px: planning with 2
+# windows a call peaked at 16.0 GiB resident while compiling, and 4 were killed for memory on
+# 24 GB, before a single window ran; benchmarks/RESULTS.md, "Memory")
+CPU_MAX_BATCH = 1
 DEVICE_MAX_BATCH = 16
 PROBE_AREAS = 4  # frames over this many tiles' area: estimate the whole window before compiling
 SKIP_OVER = 1.5  # tile without compiling the whole window when its estimate is this far over
@@ -153,12 +163,13 @@ def available_memory(device: jax.Device | None = None) -> tuple[int, str]:
     return max(0, free - RESERVE), source
 
 
-def host_available() -> tuple[int, str]:
-    """The least of MemAvailable, the cgroup's room and the address-space limit's room."""
+def host_available(address_space: bool = True) -> tuple[int, str]:
+    """The least of MemAvailable, the cgroup's room and (with `address_space`) the
+    address-space limit's room."""
     found = [(_meminfo("MemAvailable"), "available RAM")]
     found.append((_cgroup_room(), "the cgroup's memory limit"))
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
+    if address_space and soft != resource.RLIM_INFINITY:
         size = _status("VmSize")
         found.append((soft - size if size is not None else None, "the address-space limit"))
     return min((f for f in found if f[0] is not None), key=lambda f: f[0])
@@ -200,6 +211,17 @@ def _cgroup_room() -> int | None:
             return None
         return int(cap) - int(used)
     return None
+
+
+def physical_room(device: jax.Device | None = None) -> tuple[int, str]:
+    """The memory whose exhaustion ends in the kernel's OOM killer, free now: an accelerator's,
+    or the host's RAM and cgroup room less `RESERVE` (not the address-space limit: there an
+    allocation fails, with an error)."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        return available_memory(device)
+    free, source = host_available(address_space=False)
+    return max(0, free - RESERVE), source
 
 
 def budget(max_memory: str | int | None, device: jax.Device | None = None) -> tuple[int, str]:
@@ -254,6 +276,16 @@ def plan_windows_batch(req: Request) -> Plan:
             return Plan(batch, tiles, need_b, room, source, req.frame, resident)
         batch = max(1, min(batch - 1, int(batch * room / need_b)))
     return Plan(1, tiles, need, room, source, req.frame, resident)
+
+
+def replan_if_short(plan: Plan, req: Request, now: tuple[int, str]) -> Plan:
+    """`plan` again against the memory there is `now`, after its compiles: XLA's compiler
+    keeps part of what it took (its executables, caches), which the room measured before
+    did not know of. A plan that no longer fits is made again with the room left (smaller
+    tiles, or `OutOfMemory`), rather than run into the kernel's OOM killer."""
+    if plan.need <= now[0]:
+        return plan
+    return plan_windows_batch(dataclasses.replace(req, available=now))
 
 
 def untiled_estimate(req: Request) -> int | None:

@@ -39,6 +39,7 @@ from reducio_jax.memory import (
     gib,
     parse_size,
     plan_windows_batch,
+    replan_if_short,
     untiled_estimate,
 )
 from reducio_jax.models.tiling import TileConfig
@@ -137,6 +138,20 @@ def test_a_large_frame_is_estimated_before_it_is_compiled_whole():
     assert not plan.tiled and plan.need == whole
     assert whole / SKIP_OVER < estimate < whole * SKIP_OVER
     assert untiled_estimate(dataclasses.replace(req, frame=(128, 128))) is None  # 4 tiles
+
+
+def test_a_plan_short_of_memory_after_its_compiles_is_made_again(vae):
+    """What the compiles kept is seen after planning: a plan whose need no longer fits the
+    memory left is made again (here: tiles instead of the whole window), or fails cleanly."""
+    frame = (64, 704)
+    whole = vae.footprint("reconstruct", 1, frame, None).need(resident(vae))
+    req = request(vae, frame, 2 * whole, cap=1)
+    plan = plan_windows_batch(req)
+    assert not plan.tiled and replan_if_short(plan, req, (whole, "now")) is plan
+    again = replan_if_short(plan, req, (whole - 1, "the memory left"))
+    assert again.tiled and again.need < whole and again.source == "the memory left"
+    with pytest.raises(OutOfMemory, match="the memory left"):
+        replan_if_short(plan, req, (1, "the memory left"))
 
 
 def test_tiles_in_a_loop_match_all_at_once(vae):

@@ -91,6 +91,13 @@ def share_one_heap() -> bool:
     return _one_heap
 
 
+def release_freed_memory() -> bool:
+    """Hands the heap's free memory back to the kernel (glibc's `malloc_trim`), e.g. what a
+    compile freed, so that the memory available reads true again; whether it could."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
 def one_heap_shared() -> bool:
     """Whether `share_one_heap()` has given this process one heap (e.g. for a benchmark's record)."""
     return _one_heap

@@ -167,6 +167,8 @@ def step_compiler_options(cfg: ml_collections.ConfigDict, platform: str) -> dict
     if platform == "tpu":
         options.update(dict(cfg.train.get("tpu_compiler_options", None) or {}))
     return options
+
+
 _INIT_FNS: dict[str, Callable[[], TrainState]] = {}  # jitted initialisers of this process
 
 
