@@ -147,13 +147,13 @@ _encode_jit = _compiled(_encode)
 _decode_jit = _compiled(_decode)
 _reconstruct_jit = _compiled(_reconstruct)
 _PROGRAMS = {"encode": _encode_jit, "decode": _decode_jit, "reconstruct": _reconstruct_jit}
+_OP_FNS = {"encode": _encode, "decode": _decode, "reconstruct": _reconstruct}
 
 
 def _measured_only() -> dict[str, Any]:
     """Jits of their own for programs that are measured and never run: JAX's caches hold a
     program's lowering and executable only while its jit lives, so they go with these."""
-    return {"encode": _compiled(_encode), "decode": _compiled(_decode),
-            "reconstruct": _compiled(_reconstruct)}  # fmt: skip
+    return {op: _compiled(fn) for op, fn in _OP_FNS.items()}
 
 
 _latent_jit = jax.jit(_latent)
@@ -288,7 +288,7 @@ class ReducioVAE:
         if max_memory is not None:  # the user's figure, not the machine's
             return plan
         host_memory.release_freed_memory()  # what the planner's compiles freed
-        return memory.replan_if_short(plan, request, memory.physical_room())
+        return memory.replan_if_short(plan, request, memory.available_memory(address_space=False))
 
     def footprint(
         self,

@@ -27,7 +27,7 @@ whole frame is only compiled when that estimate is under `SKIP_OVER` times the r
 Compiling takes memory of its own that the analysis does not count, part of which the process
 keeps (executables, caches): once a plan is made from the memory available, the heap's free
 memory goes back to the kernel and the plan is checked against the RAM (or accelerator
-memory) left (`physical_room`, `replan_if_short`), so that it is made again rather than run
+memory) left (`available_memory(address_space=False)`, `replan_if_short`), so that it is made again rather than run
 into the kernel's OOM killer.
 """
 
@@ -151,15 +151,20 @@ def parse_size(text: str) -> int:
 # -- what there is --------------------------------------------------------------------------------
 
 
-def available_memory(device: jax.Device | None = None) -> tuple[int, str]:
-    """(bytes free for a program, where that figure comes from) on `device` (default: the first)."""
+def available_memory(
+    device: jax.Device | None = None, address_space: bool = True
+) -> tuple[int, str]:
+    """(bytes free for a program, where that figure comes from) on `device` (default: the
+    first). `address_space=False`: leave out the address-space limit (`ulimit -v`), where an
+    allocation fails with an error, and keep the memory whose exhaustion ends in the kernel's
+    OOM killer."""
     device = device or jax.devices()[0]
     if device.platform != "cpu":
         stats = device.memory_stats() or {}
         if stats.get("bytes_limit"):
             free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
             return free, f"free memory of {device.device_kind}"
-    free, source = host_available()
+    free, source = host_available(address_space)
     return max(0, free - RESERVE), source
 
 
@@ -211,17 +216,6 @@ def _cgroup_room() -> int | None:
             return None
         return int(cap) - int(used)
     return None
-
-
-def physical_room(device: jax.Device | None = None) -> tuple[int, str]:
-    """The memory whose exhaustion ends in the kernel's OOM killer, free now: an accelerator's,
-    or the host's RAM and cgroup room less `RESERVE` (not the address-space limit: there an
-    allocation fails, with an error)."""
-    device = device or jax.devices()[0]
-    if device.platform != "cpu":
-        return available_memory(device)
-    free, source = host_available(address_space=False)
-    return max(0, free - RESERVE), source
 
 
 def budget(max_memory: str | int | None, device: jax.Device | None = None) -> tuple[int, str]:
