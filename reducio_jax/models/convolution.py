@@ -79,10 +79,6 @@ WINOGRAD_TILE = 4
 # the matmul product of one band of tile rows (winograd): 256 MiB cut the tiny model's
 # 16x256x256 reconstruction from 1.71 to 1.16 GiB of temporaries at the same speed (1 GiB)
 WINOGRAD_BAND_BYTES = 256 << 20
-# ... in at most this many bands a convolution: each band is its own ops in the program, and
-# a whole 720p frame took 230 bands of 256 MiB per 128-channel convolution (a compile of more
-# than 25 minutes and 16 GB); frames that large are tiled by the memory planner anyway
-WINOGRAD_MAX_BANDS = 32
 # the per-tap outputs of output_taps stay below 1 GiB (a 16x256x256 clip to RGB: 340 MB; its
 # 128->3 convolution 1.75 s -> 0.59 s against temporal_taps)
 OUTPUT_TAPS_MAX_BYTES = 1 << 30
@@ -401,15 +397,29 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
         return jnp.pad(x[:, :, first:last], [*rows, (0, 0)])
 
     t_in = x.shape[1] + t_pad[0] + t_pad[1]
-    band = winograd_band_rows((b, t_in), tiles_w, kt * c_out, m, tiles_h)
+    band = winograd_band_rows((b, t_in), tiles_w, kt * c_out, m)
     if band >= tiles_h:
         return _winograd_band(padded_rows(0, m * tiles_h + 2), u, kt, m, **kw)[:, :, :h, :wd]
     # Each band's output written into place: a concatenation would fuse every band's output
-    # transform into one op that reads all their products at once.
+    # transform into one op that reads all their products at once. The first and the last
+    # band (padded rows, the last one shorter) are unrolled, the bands between go through one
+    # loop: the program (and XLA's compile of it) stays the same size whatever the frame.
     y = jnp.zeros((b, t_in - kt + 1, m * tiles_h, m * tiles_w, c_out), jnp.result_type(x, u))
-    for r in range(0, tiles_h, band):
-        x_band = after(padded_rows(m * r, m * min(r + band, tiles_h) + 2), y)
-        y = lax.dynamic_update_slice_in_dim(y, _winograd_band(x_band, u, kt, m, **kw), m * r, 2)
+    y = lax.dynamic_update_slice_in_dim(
+        y, _winograd_band(padded_rows(0, m * band + 2), u, kt, m, **kw), 0, 2
+    )
+    last = (tiles_h - 1) // band * band  # the first row of the last band
+
+    def inner_band(k: jax.Array, y: jax.Array) -> jax.Array:
+        """Band k (rows k*band ..): all its rows lie inside x, only W and T are padded."""
+        lo = m * band * k  # its first padded row, x's row lo - 1
+        x_band = lax.dynamic_slice_in_dim(x, lo - 1, m * band + 2, axis=2)
+        x_band = jnp.pad(x_band, [(0, 0), t_pad, (0, 0), (1, 1 + m * tiles_w - wd), (0, 0)])
+        return lax.dynamic_update_slice_in_dim(y, _winograd_band(x_band, u, kt, m, **kw), lo, 2)
+
+    y = lax.fori_loop(1, last // band, inner_band, y)
+    x_band = after(padded_rows(m * last, m * tiles_h + 2), y)
+    y = lax.dynamic_update_slice_in_dim(y, _winograd_band(x_band, u, kt, m, **kw), m * last, 2)
     return y[:, :, :h, :wd]
 
 
@@ -426,14 +436,11 @@ def after(x: Any, y: Any) -> Any:
     return jax.tree.map(add, x)
 
 
-def winograd_band_rows(
-    bt_in: Sequence[int], tiles_w: int, taps_out: int, m: int, tiles_h: int = 0
-) -> int:
+def winograd_band_rows(bt_in: Sequence[int], tiles_w: int, taps_out: int, m: int) -> int:
     """Tile rows per band: the matmul product of a band, (m+2)^2 x B x T_in x rows x tiles_w x
-    kt*Co float32 values, within WINOGRAD_BAND_BYTES (at least one row), in at most
-    WINOGRAD_MAX_BANDS bands of `tiles_h` rows (the bands are unrolled: compile time)."""
+    kt*Co float32 values, within WINOGRAD_BAND_BYTES (at least one row)."""
     row_bytes = (m + 2) ** 2 * math.prod(bt_in) * tiles_w * taps_out * 4
-    return max(1, WINOGRAD_BAND_BYTES // row_bytes, -(-tiles_h // WINOGRAD_MAX_BANDS))
+    return max(1, WINOGRAD_BAND_BYTES // row_bytes)
 
 
 def _winograd_band(x: jax.Array, u: jax.Array, kt: int, m: int, **kw) -> jax.Array:

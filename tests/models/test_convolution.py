@@ -205,9 +205,26 @@ def test_winograd_chosen_for_large_frames_with_direct_gradients(monkeypatch):
     assert chosen == []
 
 
-def test_winograd_bands_are_at_most_winograd_max_bands(monkeypatch):
-    """Bands are unrolled ops: a tall frame takes bigger bands rather than more of them."""
-    monkeypatch.setattr(convolution, "WINOGRAD_BAND_BYTES", 1)  # one tile row a band by bytes
-    rows = convolution.WINOGRAD_MAX_BANDS * 3 + 1
-    assert convolution.winograd_band_rows((1, 18), 8, 96, 4, tiles_h=rows) == 4
-    assert convolution.winograd_band_rows((1, 18), 8, 96, 4, tiles_h=3) == 1
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("rows_per_band", [1, 2, 4])
+def test_winograd_bands_between_the_edges_go_through_one_loop(m, rows_per_band, monkeypatch):
+    """First band, the loop over the bands between, and a shorter last band: the result is the
+    convolution's, and the program is as large for a frame 4x taller (its size, and XLA's
+    compile of it, do not grow with the frame)."""
+    kt, t_pad, tiles_w = 3, (1, 1), 3
+    row_bytes = (m + 2) ** 2 * 1 * 5 * tiles_w * kt * 12 * 4
+    monkeypatch.setattr(convolution, "WINOGRAD_BAND_BYTES", rows_per_band * row_bytes)
+    sizes = {}
+    for height in (23, 95):
+        x, w = _inputs((1, 3, height, m * tiles_w - 1, 8), (kt, 3, 3, 8, 12))
+        assert convolution.winograd_band_rows((1, 5), tiles_w, kt * 12, m) == rows_per_band
+        want = lax.conv_general_dilated(
+            np.asarray(x, np.float64), np.asarray(w, np.float64), (1, 1, 1),
+            [t_pad, (1, 1), (1, 1)], dimension_numbers=DN,
+        )  # fmt: skip
+        got = convolution.winograd(x, w, t_pad, m)
+        bound = {2: 2e-6, 4: 2e-5}[m] * float(np.max(np.abs(want)))
+        assert float(np.max(np.abs(np.asarray(got, np.float64) - want))) < bound
+        jaxpr = jax.make_jaxpr(lambda x, w: convolution.winograd(x, w, t_pad, m))(x, w)
+        sizes[height] = len(str(jaxpr).splitlines())
+    assert sizes[23] == sizes[95]
