@@ -81,7 +81,6 @@ class Program:
     args: tuple
     advance: Callable[[tuple, Any], tuple] = lambda args, out: args
     extra: dict = dataclasses.field(default_factory=dict)  # notes for the record
-    compiler_options: dict | None = None  # XLA options the package compiles it with
 
 
 @dataclasses.dataclass
@@ -249,29 +248,20 @@ def vae_program(
 ) -> Program:
     """encode / decode / reconstruct through the public `ReducioVAE` methods (nested in a jit),
     on `vae` or a randomly initialised one."""
-    from reducio_jax.models import content_frame_index, convolution
+    from reducio_jax.models import content_frame_index
 
     vae = vae or random_vae(cfg)
     graph, state = nnx.split(vae.model)
     api = _api(graph, cfg)
     video = jnp.asarray(video)
-    options = convolution.compiler_options()  # as the package's own jits of these programs
     if op == "encode":
-        return Program(
-            jax.jit(lambda s, v: api(s).encode(v)), (state, video), compiler_options=options
-        )
+        return Program(jax.jit(lambda s, v: api(s).encode(v)), (state, video))
     if op == "reconstruct":
-        return Program(
-            jax.jit(lambda s, v: api(s).reconstruct(v)), (state, video), compiler_options=options
-        )
+        return Program(jax.jit(lambda s, v: api(s).reconstruct(v)), (state, video))
     latent_spec = jax.eval_shape(lambda s, v: api(s).latent(api(s).encode(v)), state, video)
     latent = jax.random.normal(jax.random.key(1), latent_spec.shape, latent_spec.dtype)
     frame = video[:, content_frame_index(video.shape[1])]  # (B, H, W, 3)
-    return Program(
-        jax.jit(lambda s, z, f: api(s).decode(z, f)),
-        (state, latent, frame),
-        compiler_options=options,
-    )
+    return Program(jax.jit(lambda s, z, f: api(s).decode(z, f)), (state, latent, frame))
 
 
 def train_program(cfg: ml_collections.ConfigDict, video: np.ndarray) -> Program:
@@ -461,7 +451,6 @@ def run_case(
     t = time.perf_counter()
     program = build_program(case, cfg)
     build_s = time.perf_counter() - t
-    compiler_options = compiler_options or program.compiler_options
     timing = measure(program, repeats, compiler_options, warmup=warmup)
     extra = {"build_s": round(build_s, 3), **program.extra}
     if compiler_options:

@@ -124,7 +124,6 @@ def run_ours(job: dict) -> dict:
     from flax import nnx
 
     from reducio_jax.api import ReducioVAE
-    from reducio_jax.models import convolution
 
     cfg, video = clip_and_config(job)
     vae = ReducioVAE.from_torch_checkpoint(job["checkpoint"], cfg)
@@ -133,7 +132,7 @@ def run_ours(job: dict) -> dict:
     video = jax.device_put(video)
     setup = trimmed_rss()
     with Above() as compile_block:
-        compiled = fn.lower(state, video).compile(compiler_options=convolution.compiler_options())
+        compiled = fn.lower(state, video).compile()
     with Above() as run_block:
         recon = np.asarray(compiled(state, video))
     np.save(job["output"], recon)

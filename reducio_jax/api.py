@@ -48,7 +48,7 @@ from reducio_jax.convert.checkpoint import (
     save_pretrained,
 )
 from reducio_jax.convert.hub import HubError, hub_name, is_hub, load_hub_weights
-from reducio_jax.models import VideoVAE, build_vae, convolution, host_memory, latent_layer_norm
+from reducio_jax.models import VideoVAE, build_vae, host_memory, latent_layer_norm
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.models.windows import (
@@ -132,45 +132,20 @@ def _reconstruct(
     return model(video, rng, tiles=tiles)[0]
 
 
-class _Compiled:
-    """jit over (graphdef, state, *args): a pure function, so it also nests in a user's jax.jit.
-    Compiled at the top level with the XLA options of the platform it is traced for
-    (`convolution.compiler_options`: XLA:CPU's memory-minded scheduler), one jit per set."""
+def _compiled(fn):
+    """jit over (graphdef, state, *args): a pure function, so it also nests in a user's jax.jit."""
 
-    def __init__(self, fn):
-        def run(graphdef: nnx.GraphDef, state: nnx.State, *args, tiles: TileConfig | None):
-            return fn(nnx.merge(graphdef, state), *args, tiles)
+    @functools.partial(jax.jit, static_argnames=("graphdef", "tiles"))
+    def run(graphdef: nnx.GraphDef, state: nnx.State, *args, tiles: TileConfig | None):
+        return fn(nnx.merge(graphdef, state), *args, tiles)
 
-        self._run = run
-        self._jits: dict[tuple, Any] = {}
-
-    def _jit(self, args: tuple):
-        options = convolution.compiler_options() if _top_level(args) else None
-        key = tuple(sorted((options or {}).items()))
-        if key not in self._jits:
-            self._jits[key] = jax.jit(
-                self._run, static_argnames=("graphdef", "tiles"), compiler_options=options
-            )
-        return self._jits[key]
-
-    def __call__(self, *args, **kwargs):
-        return self._jit(args)(*args, **kwargs)
-
-    def lower(self, *args, **kwargs):
-        return self._jit(args).lower(*args, **kwargs)
+    return run
 
 
-def _top_level(args: tuple) -> bool:
-    """Not called inside another trace (a user's jit, grad or vmap), where JAX takes no
-    compiler options: no traced argument, and JAX's trace state clean."""
-    clean = getattr(jax._src.core, "trace_state_clean", lambda: True)
-    return clean() and not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args))
-
-
-_content_jit = _Compiled(_content)
-_encode_jit = _Compiled(_encode)
-_decode_jit = _Compiled(_decode)
-_reconstruct_jit = _Compiled(_reconstruct)
+_content_jit = _compiled(_content)
+_encode_jit = _compiled(_encode)
+_decode_jit = _compiled(_decode)
+_reconstruct_jit = _compiled(_reconstruct)
 _PROGRAMS = {"encode": _encode_jit, "decode": _decode_jit, "reconstruct": _reconstruct_jit}
 _OP_FNS = {"encode": _encode, "decode": _decode, "reconstruct": _reconstruct}
 
@@ -178,7 +153,7 @@ _OP_FNS = {"encode": _encode, "decode": _decode, "reconstruct": _reconstruct}
 def _measured_only() -> dict[str, Any]:
     """Jits of their own for programs that are measured and never run: JAX's caches hold a
     program's lowering and executable only while its jit lives, so they go with these."""
-    return {op: _Compiled(fn) for op, fn in _OP_FNS.items()}
+    return {op: _compiled(fn) for op, fn in _OP_FNS.items()}
 
 
 _latent_jit = jax.jit(_latent)

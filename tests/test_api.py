@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from helpers import max_err, recipe_checkpoint
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -58,26 +57,6 @@ def test_methods_run_under_user_jit(vae):
     eager = vae.reconstruct(video)
     jitted = jax.jit(lambda v: vae.decode(vae.latent(vae.encode(v)), v[:, 7]))(video)
     assert max_err(eager, jitted) < 1e-5
-
-
-def test_the_cpu_programs_compile_with_the_cpu_options(vae, monkeypatch):
-    """The package's jits compile with `convolution.compiler_options()` (XLA:CPU's memory-minded
-    scheduler): a value XLA refuses reaches its compiler and fails there; without the CPU
-    forms there are no options."""
-    from reducio_jax import api
-    from reducio_jax.models import convolution
-
-    assert convolution.compiler_options() == convolution.CPU_COMPILER_OPTIONS
-    bad = {"xla_cpu_scheduler_type": "NOT_A_SCHEDULER"}
-    monkeypatch.setattr(convolution, "CPU_COMPILER_OPTIONS", bad)
-    video = jax.ShapeDtypeStruct((1, 16, 32, 32, 3), jnp.float32)
-    lowered = api._encode_jit.lower(*nnx.split(vae.model), video, tiles=None)
-    with pytest.raises(Exception, match="NOT_A_SCHEDULER"):
-        lowered.compile()
-    monkeypatch.setenv("REDUCIO_JAX_CPU_CONV", "0")
-    assert convolution.compiler_options() is None
-    lowered = api._encode_jit.lower(*nnx.split(vae.model), video, tiles=None)
-    assert lowered.compile().memory_analysis() is not None
 
 
 def test_bfloat16_compute_tracks_float32(ckpt, vae):

@@ -113,18 +113,6 @@ def cpu_forms_enabled() -> bool:
     return os.environ.get("REDUCIO_JAX_CPU_CONV", "1") != "0"
 
 
-# XLA:CPU's memory-minded scheduler for the inference programs (`compiler_options`): with the
-# Winograd bands in a loop it took XLA's temporaries for one window from 4.50 to 4.00 GiB (ft4,
-# 256 px) and from 3.16 to 2.86 GiB (tiny, 288x640), at the same speed
-CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
-def compiler_options() -> dict[str, str] | None:
-    """XLA options for compiling an inference program for the platform traced for: the CPU
-    forms' `CPU_COMPILER_OPTIONS`, else None."""
-    return dict(CPU_COMPILER_OPTIONS) if cpu_forms_enabled() else None
-
-
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
     """`lax.conv_general_dilated`, with the CPU forms for channels-last 3D convolutions; under a
     mesh, a channels-last convolution takes its kernel whole and keeps its input and output
