@@ -388,13 +388,16 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     u = jnp.einsum("ra,tabio,sb->rsito", g, w.astype(jnp.float32), g, precision="highest")
     u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # taps' output channels side by side
 
+    def pad_band(x_rows: jax.Array, row_pads: tuple[int, int] = (0, 0)) -> jax.Array:
+        """Rows of x padded as the whole input would be (T by `t_pad`, W to whole tiles plus
+        the halo), on their own: the whole padded input (bigger than x) is never made."""
+        return jnp.pad(x_rows, [(0, 0), t_pad, row_pads, (1, 1 + m * tiles_w - wd), (0, 0)])
+
     def padded_rows(lo: int, hi: int) -> jax.Array:
-        """Rows [lo, hi) of the padded input (its row i is x's row i - 1), padded on its own:
-        the whole padded input (bigger than x) is never materialised, and an elementwise
-        producer of x (a norm and its activation) fuses into each band's piece."""
+        """Rows [lo, hi) of the padded input (its row i is x's row i - 1); an elementwise
+        producer of x (a norm and its activation) fuses into the piece."""
         top, first, last = max(0, 1 - lo), max(lo - 1, 0), max(min(hi - 1, h), max(lo - 1, 0))
-        rows = [(0, 0), t_pad, (top, hi - lo - top - (last - first)), (1, 1 + m * tiles_w - wd)]
-        return jnp.pad(x[:, :, first:last], [*rows, (0, 0)])
+        return pad_band(x[:, :, first:last], (top, hi - lo - top - (last - first)))
 
     t_in = x.shape[1] + t_pad[0] + t_pad[1]
     band = winograd_band_rows((b, t_in), tiles_w, kt * c_out, m)
@@ -403,7 +406,8 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     # Each band's output written into place: a concatenation would fuse every band's output
     # transform into one op that reads all their products at once. The first and the last
     # band (padded rows, the last one shorter) are unrolled, the bands between go through one
-    # loop: the program (and XLA's compile of it) stays the same size whatever the frame.
+    # loop: the program (and XLA's compile of it) stays the same size whatever the frame. (The
+    # loop takes x materialised: a producer of x no longer fuses into those bands' pieces.)
     y = jnp.zeros((b, t_in - kt + 1, m * tiles_h, m * tiles_w, c_out), jnp.result_type(x, u))
     y = lax.dynamic_update_slice_in_dim(
         y, _winograd_band(padded_rows(0, m * band + 2), u, kt, m, **kw), 0, 2
@@ -413,8 +417,7 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     def inner_band(k: jax.Array, y: jax.Array) -> jax.Array:
         """Band k (rows k*band ..): all its rows lie inside x, only W and T are padded."""
         lo = m * band * k  # its first padded row, x's row lo - 1
-        x_band = lax.dynamic_slice_in_dim(x, lo - 1, m * band + 2, axis=2)
-        x_band = jnp.pad(x_band, [(0, 0), t_pad, (0, 0), (1, 1 + m * tiles_w - wd), (0, 0)])
+        x_band = pad_band(lax.dynamic_slice_in_dim(x, lo - 1, m * band + 2, axis=2))
         return lax.dynamic_update_slice_in_dim(y, _winograd_band(x_band, u, kt, m, **kw), lo, 2)
 
     y = lax.fori_loop(1, last // band, inner_band, y)
