@@ -27,8 +27,8 @@ whole frame is only compiled when that estimate is under `SKIP_OVER` times the r
 Compiling takes memory of its own that the analysis does not count, part of which the process
 keeps (executables, caches): once a plan is made from the memory available, the heap's free
 memory goes back to the kernel and the plan is checked against the RAM (or accelerator
-memory) left (`available_memory(address_space=False)`, `replan_if_short`), so that it is made again rather than run
-into the kernel's OOM killer.
+memory) left (`available_memory(address_space=False)`, `replan_if_short`), so that it is
+made again rather than run into the kernel's OOM killer.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ holds the frames of one window batch, not the video.
 The window batch is chosen per video from memory by default (`window_batch="auto"`:
 `ReducioVAE.plan_memory`, `reducio_jax/memory.py`): one window a call on the CPU, on
 accelerators as many (up to 16, and no more than the video has) as the compiled program's
-memory analysis says fit in the memory available or `max_memory`; frames are tiled one tile a step when one
-window does not fit, and when one tile does not either the video fails with `OutOfMemory` (an
-`InputError`: "not enough memory: ... needs X and ... leaves Y") before its output is started.
+memory analysis says fit in the memory available or `max_memory`; frames are tiled one tile
+a step when one window does not fit, and when one tile does not either the video fails with
+`OutOfMemory` (an `InputError`: "not enough memory: ... needs X and ... leaves Y") before its
+output is started.
 A fixed `window_batch` that does not fit fails the same way. The output is written to a hidden
 temporary file next to OUT and renamed when complete; on any failure it is removed.
 
