@@ -4,7 +4,7 @@ An operation is built as a `Program` (a `jax.jit` function and its arguments) th
 package's public code: `ReducioVAE.encode` / `decode` / `reconstruct` nested in a `jax.jit`,
 the training step of `reducio_jax.train.step.jit_train_step` (generator and discriminator
 update, LPIPS on, a step past `disc_start` so the GAN term is on), and eval's per-clip metrics
-(`reducio_jax.evaluate.image_metrics` and `lpips_per_clip`). `measure` lowers and compiles it
+(`reducio_jax.runs.evaluate.image_metrics` and `lpips_per_clip`). `measure` lowers and compiles it
 (the compile time), runs it once (warm-up), then `repeats` times (steady state, median), and
 reads the FLOPs and memory of the compiled program from XLA.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, not another installed 
 import proc_memory  # noqa: E402  (benchmarks/)
 
 from reducio_jax.api import ReducioVAE, load_config  # noqa: E402
-from reducio_jax.models import host_memory  # noqa: E402
+from reducio_jax.programs import allocator  # noqa: E402
 from reducio_jax.train.monitor import peak_flops, step_flops  # noqa: E402
 
 OPS = ("encode", "decode", "reconstruct", "train_step", "eval_metrics")
@@ -151,8 +151,8 @@ def _git_commit() -> str | None:
 
 
 def _malloc() -> str:
-    """How this process's threads allocate (reducio_jax/models/host_memory.py)."""
-    if host_memory.one_heap_shared():
+    """How this process's threads allocate (reducio_jax/programs/allocator.py)."""
+    if allocator.one_heap_shared():
         return "one heap for all threads, as the inference commands run"
     return "glibc per-thread arenas"
 
@@ -305,8 +305,8 @@ def train_program(cfg: ml_collections.ConfigDict, video: np.ndarray) -> Program:
 def eval_program(video: np.ndarray) -> Program:
     """eval.py's per-clip metrics (PSNR, SSIM, LPIPS in float32, as eval.py) of a clip and a
     perturbed copy standing in for its reconstruction."""
-    from reducio_jax.evaluate import image_metrics, lpips_per_clip
     from reducio_jax.models import build_lpips
+    from reducio_jax.runs.evaluate import image_metrics, lpips_per_clip
 
     with nnx.use_eager_sharding(False):
         graph, lpips_state = nnx.split(build_lpips())

@@ -17,7 +17,7 @@ from there on the CPU with the kernel's counters (`/proc/self/status`: VmHWM, re
   parent's figure at `exec`, and the reset of VmHWM resets it too.)
 
 Our side runs as the inference commands do (one malloc heap for all threads, freed memory kept
-for the next run: reducio_jax/models/host_memory.py). The two reconstructions are compared
+for the next run: reducio_jax/programs/allocator.py). The two reconstructions are compared
 (max abs difference).
 """
 
@@ -116,9 +116,9 @@ def clip_and_config(job: dict):
 
 
 def run_ours(job: dict) -> dict:
-    from reducio_jax.models import host_memory
+    from reducio_jax.programs import allocator
 
-    host_memory.share_one_heap()  # as the inference commands, before JAX starts
+    allocator.share_one_heap()  # as the inference commands, before JAX starts
     import jax
     import numpy as np
     from flax import nnx
@@ -156,7 +156,7 @@ def run_torch(job: dict) -> dict:
     import numpy as np
     import torch
 
-    from reducio_jax import parity
+    from reducio_jax.convert import parity
     from reducio_jax.convert.torch_format import load_state_dict
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -192,7 +192,7 @@ def write_checkpoint(reference: str, config: str, path: pathlib.Path) -> None:
     import torch
     from torch_reference import recipe_state_dict
 
-    from reducio_jax import parity
+    from reducio_jax.convert import parity
 
     cfg, _ = clip_and_config({"config": config, "frames": 1, "height": 8, "width": 8})
     with contextlib.redirect_stdout(sys.stderr):

@@ -297,13 +297,13 @@ def _main(args: argparse.Namespace, argv: list[str], start: float) -> int:
     import jax
     from harness import BenchmarkError, case_config
 
-    from reducio_jax.models import host_memory
+    from reducio_jax.programs import allocator
 
     cases, opts = plan(args)
     for case in cases:
         case_config(case)  # bad input stops here, before anything runs
     if all(case.op != "train_step" for case in cases):
-        host_memory.share_one_heap()  # before JAX starts; the records say whether it took
+        allocator.share_one_heap()  # before JAX starts; the records say whether it took
     out = Output(args.jsonl)
     if args.dry_run:
         dry_run(cases, args, out)

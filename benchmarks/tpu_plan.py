@@ -159,12 +159,12 @@ def _report_total(path: pathlib.Path) -> int:
 
 def child_compile(args) -> int:
     """One compile from `--child JOB`; its record as the last stdout line."""
-    from reducio_jax import aot
+    from reducio_jax.aot import sizing, topologies
 
     job = json.loads(args.child)
     cfg = make_config(job["config"], args, job["remat"], job["fsdp"])
-    devices = aot.target_devices(job["topology"])
-    rec = aot.compile_program(
+    devices = topologies.target_devices(job["topology"])
+    rec = sizing.compile_program(
         cfg,
         args.program,
         devices,
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     if args.child:
         return child_compile(args)
-    from reducio_jax import aot
+    from reducio_jax.aot import sizing, topologies
     from reducio_jax.errors import InputError
 
     start = time.perf_counter()
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, topology, remat, fsdp in itertools.product(
             args.config, args.topology, args.remat, args.fsdp
         ):
-            devices = aot.target_devices(topology)
+            devices = topologies.target_devices(topology)
             for batch in sorted(args.batch):
                 cfg = make_config(name, args, remat, fsdp)
                 if args.stop_at_buffer_assignment:
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     with tempfile.TemporaryDirectory() as dump:
                         row = until_buffer_assignment(argv, job, pathlib.Path(dump))
                     if "stopped_at" in row:
-                        rec = aot.planned_record(
+                        rec = sizing.planned_record(
                             cfg,
                             args.program,
                             devices,
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         row = {**rec.as_json(), "stopped_at": row["stopped_at"]}
                         row["tile_batch"] = args.tile_batch
                 else:
-                    rec = aot.compile_program(
+                    rec = sizing.compile_program(
                         cfg,
                         args.program,
                         devices,
@@ -229,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     row = rec.as_json()
                 row = {"config": name, **row}
-                rec = aot.CompileRecord(
-                    **{k: v for k, v in row.items() if k in aot.CompileRecord.__dataclass_fields__}
+                rec = sizing.CompileRecord(
+                    **{k: v for k, v in row.items() if k in sizing.CompileRecord.__dataclass_fields__}
                 )
                 records.append(row)
                 line = json.dumps(row)

@@ -16,14 +16,16 @@ docs/video.md): each window has its own content frame (its middle frame), the ov
 cross-faded in time, and frame sizes that are not multiples of 32 are reflect-padded and
 cropped back.
 
-Each method runs a compiled pure function of (graphdef, state, inputs), cached per input shape
-(so the methods also nest inside a user's `jax.jit`); frames taller than one
-tile window are tiled when the config enables tiling.
+Each method runs the model's compiled program for its inputs' shapes (`self.programs`,
+`reducio_jax/programs/`: compiled once per shape and kept; inside a user's `jax.jit` the
+program's jit is called instead, so the methods nest); frames taller than one tile window are
+tiled when the config enables tiling.
 
 The video methods choose their window batch from memory by default (`window_batch="auto"`,
-`plan_memory`, `reducio_jax/memory.py`): as many windows a call as the compiled program's
-memory analysis says fit in the memory available (or `max_memory`), tiling the frames one tile
-a step when one window does not fit, and `memory.OutOfMemory` when one tile does not either.
+`plan_memory`, `reducio_jax/programs/planner.py`): as many windows a call as the compiled
+program's memory analysis says fit in the memory available (or `max_memory`), tiling the frames
+one tile a step when one window does not fit, and `planner.OutOfMemory` when one tile does not
+either. The program the planner measured is the one that runs.
 """
 
 from __future__ import annotations
@@ -38,31 +40,33 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from reducio_jax import memory
 from reducio_jax.config import load_config
 from reducio_jax.convert.checkpoint import (
     ReducioWeights,
     convert_torch_checkpoint,
+    load_hub_weights,
     load_pretrained,
     load_pretrained_config,
     save_pretrained,
 )
-from reducio_jax.convert.hub import HubError, hub_name, is_hub, load_hub_weights
-from reducio_jax.models import VideoVAE, build_vae, host_memory, latent_layer_norm
+from reducio_jax.convert.hub import HubError, hub_name, is_hub
+from reducio_jax.models import VideoVAE, build_vae
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.models.windows import (
     WindowPlan,
     cut_windows,
-    pad_size,
+    pad_rows,
     pad_spatial,
     plan_windows,
     stitch,
 )
+from reducio_jax.programs import lowering, planner
+from reducio_jax.programs.compiled import Programs
 from reducio_jax.sharding import make_mesh
 
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path
-WindowBatch = int | str | None  # a number, "auto" (from memory) or None (all windows at once)
+WindowBatch = planner.WindowBatch
 DEFAULT_OVERLAP = 4  # frames shared by neighbouring 16-frame windows (docs/video.md)
 
 
@@ -107,58 +111,6 @@ def _check_video(video: jax.Array, factor: int) -> None:
         )
 
 
-def _content(model: VideoVAE, frame: jax.Array, tiles: TileConfig | None):
-    return model.content_features(frame, tiles=tiles)
-
-
-def _encode(model: VideoVAE, video: jax.Array, tiles: TileConfig | None) -> DiagonalGaussian:
-    return model.encode(video, tiles=tiles)
-
-
-def _latent(posterior: DiagonalGaussian, rng: jax.Array | None) -> jax.Array:
-    z = posterior.mode() if rng is None else posterior.sample(rng)
-    return latent_layer_norm(z)
-
-
-def _decode(
-    model: VideoVAE, latent: jax.Array, frame: jax.Array, tiles: TileConfig | None
-) -> jax.Array:
-    return model.decode(latent, model.content_features(frame, tiles=tiles), tiles=tiles)
-
-
-def _reconstruct(
-    model: VideoVAE, video: jax.Array, rng: jax.Array | None, tiles: TileConfig | None
-) -> jax.Array:
-    return model(video, rng, tiles=tiles)[0]
-
-
-def _compiled(fn):
-    """jit over (graphdef, state, *args): a pure function, so it also nests in a user's jax.jit."""
-
-    @functools.partial(jax.jit, static_argnames=("graphdef", "tiles"))
-    def run(graphdef: nnx.GraphDef, state: nnx.State, *args, tiles: TileConfig | None):
-        return fn(nnx.merge(graphdef, state), *args, tiles)
-
-    return run
-
-
-_content_jit = _compiled(_content)
-_encode_jit = _compiled(_encode)
-_decode_jit = _compiled(_decode)
-_reconstruct_jit = _compiled(_reconstruct)
-_PROGRAMS = {"encode": _encode_jit, "decode": _decode_jit, "reconstruct": _reconstruct_jit}
-_OP_FNS = {"encode": _encode, "decode": _decode, "reconstruct": _reconstruct}
-
-
-def _measured_only() -> dict[str, Any]:
-    """Jits of their own for programs that are measured and never run: JAX's caches hold a
-    program's lowering and executable only while its jit lives, so they go with these."""
-    return {op: _compiled(fn) for op, fn in _OP_FNS.items()}
-
-
-_latent_jit = jax.jit(_latent)
-
-
 class ReducioVAE:
     """A Reducio-VAE with its config. Videos are (B, T, H, W, 3) in [-1, 1], channels-last."""
 
@@ -170,7 +122,9 @@ class ReducioVAE:
         self.weights = weights or ReducioWeights(vae=model)
         self.tiles = TileConfig.from_config(cfg)
         self.spatial_factor = model.sizes.spatial_factor
-        self._footprints: dict[tuple, memory.Footprint] = {}
+        self.programs = Programs(
+            model, tiles=self.tiles, fallback=_fallback_tiles(cfg, self.spatial_factor)
+        )
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -225,36 +179,36 @@ class ReducioVAE:
     # -- the four operations ------------------------------------------------------------------
     def content_features(self, frame: jax.Array) -> Any:
         """(B, H, W, 3) -> content features (a grid of per-tile feature lists when tiled)."""
-        return _content_jit(*nnx.split(self.model), frame, tiles=self.tiles)
+        return self.programs("content", frame, tiles=self.tiles)
 
-    def encode(self, video: jax.Array, *, plan: memory.Plan | None = None) -> DiagonalGaussian:
+    def encode(self, video: jax.Array, *, plan: planner.Plan | None = None) -> DiagonalGaussian:
         """(B, T, H, W, 3) -> posterior with mean/logvar (B, T/2**f_t, H/32, W/32, embed_dim).
         (`plan`: the tiling of a `plan_memory` result instead of the config's.)"""
         _check_video(video, self.spatial_factor)
-        return _encode_jit(*nnx.split(self.model), video, tiles=self._tiles(plan))
+        return self.programs("encode", video, tiles=self._tiles(plan))
 
     def latent(self, posterior: DiagonalGaussian, rng: jax.Array | None = None) -> jax.Array:
         """The decoder's input: posterior mean (rng None) or a sample, LayerNorm-ed per clip."""
-        return _latent_jit(posterior, rng)
+        return lowering.latent_jit(posterior, rng)
 
     def decode(
-        self, latent: jax.Array, content_frame: jax.Array, *, plan: memory.Plan | None = None
+        self, latent: jax.Array, content_frame: jax.Array, *, plan: planner.Plan | None = None
     ) -> jax.Array:
         """Latent (B, t, h, w, z) + content frame (B, H, W, 3) -> video (B, T, H, W, 3)."""
         if content_frame.ndim != 4:
             raise ValueError(
                 f"content frame must be (B, H, W, 3), got shape {tuple(content_frame.shape)}"
             )
-        return _decode_jit(*nnx.split(self.model), latent, content_frame, tiles=self._tiles(plan))
+        return self.programs("decode", latent, content_frame, tiles=self._tiles(plan))
 
     def reconstruct(
-        self, video: jax.Array, rng: jax.Array | None = None, *, plan: memory.Plan | None = None
+        self, video: jax.Array, rng: jax.Array | None = None, *, plan: planner.Plan | None = None
     ) -> jax.Array:
         """encode -> latent -> decode with the middle frame as content, in one compiled call."""
         _check_video(video, self.spatial_factor)
-        return _reconstruct_jit(*nnx.split(self.model), video, rng, tiles=self._tiles(plan))
+        return self.programs("reconstruct", video, rng, tiles=self._tiles(plan))
 
-    def _tiles(self, plan: memory.Plan | None) -> TileConfig | None:
+    def _tiles(self, plan: planner.Plan | None) -> TileConfig | None:
         return self.tiles if plan is None else plan.tiles
 
     # -- memory ---------------------------------------------------------------------------------
@@ -266,70 +220,22 @@ class ReducioVAE:
         op: str = "reconstruct",
         max_memory: str | int | None = None,
         cap: int | None = None,
-    ) -> memory.Plan:
+    ) -> planner.Plan:
         """The window batch (<= `cap`, default 1 on the CPU, 16 on accelerators) and tiling for
         `op` ("reconstruct", "encode" or "decode") of HxW frames, from the compiled program's
         memory analysis and the memory available (`max_memory`: bytes or "8GB" for the whole
-        process instead). Raises `memory.OutOfMemory` when one tile of one window does not fit."""
-        f = self.spatial_factor
-        frame = (height + pad_size(height, f), width + pad_size(width, f))
-        resident = sum(x.nbytes for x in jax.tree.leaves(nnx.state(self.model)))
-        request = memory.Request(
-            measure=lambda batch, tiles: self.footprint(op, batch, frame, tiles),
-            probe=lambda size: self.footprint(op, 1, size, None, run=False),
-            resident=resident,
-            tiles=self.tiles,
-            fallback=_fallback_tiles(self.config, f),
-            frame=frame,
-            available=memory.budget(max_memory),
-            cap=cap or memory.default_cap(),
+        process instead). Raises `planner.OutOfMemory` when one tile of one window does not
+        fit (`programs.planner.plan_memory`)."""
+        return planner.plan_memory(
+            self.programs, height, width, op=op, max_memory=max_memory, cap=cap
         )
-        plan = memory.plan_windows_batch(request)
-        if max_memory is not None:  # the user's figure, not the machine's
-            return plan
-        host_memory.release_freed_memory()  # what the planner's compiles freed
-        return memory.replan_if_short(plan, request, memory.available_memory(address_space=False))
 
     def footprint(
-        self,
-        op: str,
-        batch: int,
-        frame: tuple[int, int],
-        tiles: TileConfig | None,
-        *,
-        run: bool = True,
-    ) -> memory.Footprint:
+        self, op: str, batch: int, frame: tuple[int, int], tiles: TileConfig | None
+    ) -> planner.Footprint:
         """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples of
-        32) px, compiled once per shape (`jax.jit` reuses the compilation). `run=False`: a
-        program only measured (the planner's probes), whose executable is not kept."""
-        key = (op, batch, frame, tiles)
-        if key not in self._footprints:
-            programs = _PROGRAMS if run else _measured_only()
-            lowered, inputs = self._lower(programs, op, batch, frame, tiles)
-            inputs_bytes = sum(x.size * x.dtype.itemsize for x in inputs)
-            self._footprints[key] = memory.Footprint.of(lowered.compile(), inputs_bytes)
-        return self._footprints[key]
-
-    def _lower(
-        self,
-        programs: dict[str, Any],
-        op: str,
-        batch: int,
-        frame: tuple[int, int],
-        tiles: TileConfig | None,
-    ):
-        """(`op`'s program lowered for `batch` windows of `frame`, its non-parameter inputs)."""
-        if op not in programs:
-            raise ValueError(f"op must be reconstruct, encode or decode, got {op!r}")
-        graphdef, state = nnx.split(self.model)
-        video = jax.ShapeDtypeStruct((batch, self.window, *frame, 3), jnp.float32)
-        if op != "decode":
-            args = (video, None) if op == "reconstruct" else (video,)  # (no posterior noise)
-            return programs[op].lower(graphdef, state, *args, tiles=tiles), [video]
-        posterior = jax.eval_shape(lambda v: _encode_jit(graphdef, state, v, tiles=None), video)
-        content = jax.ShapeDtypeStruct((batch, *frame, 3), jnp.float32)
-        lowered = programs[op].lower(graphdef, state, posterior.mean, content, tiles=tiles)
-        return lowered, [posterior.mean, content]
+        32) px, compiled once per shape and kept (`Programs.footprint`)."""
+        return self.programs.footprint(op, batch, frame, tiles)
 
     # -- videos of any length (overlapping windows, docs/video.md) ------------------------------
     @property
@@ -414,7 +320,7 @@ class ReducioVAE:
         return stitch(recon.reshape(windows.shape), plan)
 
     def reconstruct_windows(
-        self, windows: jax.Array, rng: jax.Array | None = None, *, plan: memory.Plan | None = None
+        self, windows: jax.Array, rng: jax.Array | None = None, *, plan: planner.Plan | None = None
     ) -> jax.Array:
         """(K, 16, H, W, 3) windows of any H, W >= 32 -> reconstructions of the same shape
         (reflect-padded to multiples of 32 and cropped back). The streaming CLI's step."""
@@ -424,12 +330,13 @@ class ReducioVAE:
 
     def _window_batch(
         self, windows: jax.Array, window_batch: WindowBatch, op: str, max_memory
-    ) -> tuple[int | None, memory.Plan | None]:
+    ) -> tuple[int | None, planner.Plan | None]:
         """(batch size for `_in_batches`, the memory plan or None) for (K, T, H, W, 3) windows."""
+        window_batch = planner.parse_window_batch(window_batch, "window_batch")
         if window_batch != "auto" or isinstance(windows, jax.core.Tracer):
             return (None if window_batch == "auto" else window_batch), None  # inside a jit: one
         k, h, w = windows.shape[0], windows.shape[2], windows.shape[3]
-        cap = min(k, memory.default_cap())
+        cap = min(k, planner.default_cap())
         plan = self.plan_memory(h, w, op=op, max_memory=max_memory, cap=cap)
         return plan.window_batch, plan
 
@@ -449,21 +356,13 @@ def _in_batches(fn, xs: Any, size: int | None, rng: jax.Array | None) -> jax.Arr
     n = jax.tree.leaves(xs)[0].shape[0]
     if size is None or size >= n:
         return fn(xs, rng)
-    if size < 1:
-        raise ValueError(f"window_batch must be positive, got {size}")
     outs = []
     for i, begin in enumerate(range(0, n, size)):
         rows = min(size, n - begin)
-        chunk = jax.tree.map(lambda x, b=begin, r=rows: _pad_rows(x[b : b + r], size), xs)
+        chunk = jax.tree.map(lambda x, b=begin, r=rows: pad_rows(x[b : b + r], size), xs)
         key = None if rng is None else jax.random.fold_in(rng, i)
         outs.append(fn(chunk, key)[:rows])
     return jnp.concatenate(outs)
-
-
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-    if x.shape[0] == rows:
-        return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], rows - x.shape[0], axis=0)])
 
 
 def _check_long_video(video: jax.Array) -> None:

@@ -25,9 +25,12 @@ from typing import Any
 import ml_collections
 import yaml
 
+from reducio_jax.errors import InputError
+
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 # Optional keys of the official `ddconfig` (3D encoder / fusion decoder) and their defaults; the
+
 # model reads a ddconfig merged over these.
 DDCONFIG_DEFAULTS: dict[str, Any] = {
     "in_channels": 3,  # video channels
@@ -213,7 +216,7 @@ def derived(cfg: Mapping[str, Any]) -> Derived:
     )
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or mapping that cannot describe a Reducio-VAE."""
 
 

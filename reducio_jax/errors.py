@@ -1,57 +1,42 @@
 """How a command ends: one exit status per kind of outcome, one `error: ...` line on stderr.
 
 * bad input (a missing file, a flag value or config that cannot be used, a store or checkpoint
-  that does not fit): exit 2. Code that checks input raises `InputError`; the library's own
-  input errors (`ConfigError`, `ConversionError`, `CheckpointFormatError`, `DataError`,
-  `StoreError`, a `TrainingError` of the set-up) count the same.
-* a run that failed (`RunFailure`: a non-finite loss, data that broke mid-run; a disk error,
-  anything unexpected): exit 1.
-* Ctrl-C: exit 130; SIGTERM (preemption, `reducio_jax.preemption`): exit 143.
+  that does not fit): exit 2. Every module's input error (`ConfigError`, `ConversionError`,
+  `DataError`, `StoreError`, `OutOfMemory`, a `TrainingError` of the set-up, ...) subclasses
+  `InputError`.
+* a run that failed: exit 1. The expected ones (`NonFiniteLossError`, data that broke mid-run)
+  subclass `RunFailure`; anything unexpected (a disk error) is named by its type.
+
+This module is the ground floor: it imports nothing of the package, and the exit status is
+read from the two base classes, not from a list of every error type.
+* Ctrl-C: exit 130; SIGTERM (preemption, `reducio_jax.runs.preemption`): exit 143.
 """
 
 from __future__ import annotations
 
 import ast
 
+from absl import flags
+
 OK, RUN_FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 MAX_ERROR_CHARS = 600
 
 
 class InputError(ValueError):
-    """An input that cannot be used (missing file, inconsistent sizes, bad flag value, ...)."""
+    """An input that cannot be used (missing file, inconsistent sizes, bad flag value, ...):
+    every module's bad-input error subclasses it (exit 2)."""
 
 
-def bad_input_types() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "bad input" (exit 2)."""
-    from absl import flags
-
-    from reducio_jax.config import ConfigError
-    from reducio_jax.convert.hub import HubError
-    from reducio_jax.convert.mapping import ConversionError
-    from reducio_jax.convert.torch_format import CheckpointFormatError
-    from reducio_jax.data.errors import DataError
-    from reducio_jax.latents.store import StoreError
-
-    return (
-        InputError,
-        ConfigError,
-        ConversionError,
-        CheckpointFormatError,
-        HubError,
-        DataError,
-        StoreError,
-        FileNotFoundError,
-        flags.Error,
-    )
+class RunFailure(RuntimeError):
+    """A run that started and then failed (a non-finite loss, data that broke mid-run): every
+    module's run-failure error subclasses it (exit 1)."""
 
 
 def exit_status(err: BaseException) -> int:
-    """2 for bad input, 1 for a run that failed."""
-    from reducio_jax.train.errors import RunFailure, TrainingError
-
+    """2 for bad input (an `InputError`, a missing file, an absl flag error), 1 otherwise."""
     if isinstance(err, RunFailure):
         return RUN_FAILED
-    if isinstance(err, (*bad_input_types(), TrainingError)):
+    if isinstance(err, (InputError, FileNotFoundError, flags.Error)):
         return BAD_INPUT
     return RUN_FAILED
 
@@ -70,15 +55,13 @@ def message(err: BaseException) -> str:
 
 def error_line(err: BaseException | str, *, named: bool | None = None) -> str:
     """`error: MESSAGE` on one line, shortened if very long. `named`: prefix the exception's
-    type (default: for unexpected failures, i.e. run failures that are not a `TrainingError`)."""
-    from reducio_jax.train.errors import TrainingError
-
+    type (default: for unexpected failures, i.e. not an `InputError` or `RunFailure`)."""
     if isinstance(err, str):
         text = err
     else:
         text = message(err)
         if named is None:
-            named = exit_status(err) == RUN_FAILED and not isinstance(err, TrainingError)
+            named = exit_status(err) == RUN_FAILED and not isinstance(err, RunFailure)
         if named or not text:
             text = f"{type(err).__name__}: {text}".rstrip(": ")
     if len(text) > MAX_ERROR_CHARS:
@@ -92,7 +75,7 @@ __all__ = [
     "OK",
     "RUN_FAILED",
     "InputError",
-    "bad_input_types",
+    "RunFailure",
     "error_line",
     "message",
     "exit_status",

@@ -22,7 +22,7 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 # Two workers share the machine's memory: glibc's defaults hand freed blocks back (the package's
-# malloc setting, tested in tests/models/test_host_memory.py, keeps a process's peak heap).
+# malloc setting, tested in tests/programs/test_allocator.py, keeps a process's peak heap).
 os.environ.setdefault("REDUCIO_JAX_MALLOC", "0")
 
 import gc  # noqa: E402

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import av
 import numpy as np
 import recipe
 from torch_writer import save_torch_checkpoint
@@ -77,3 +78,35 @@ def losses_line(proc: subprocess.Popen) -> str:
     done = [line for line in stdout.splitlines() if "done: " in line]
     assert len(done) == 1, stdout
     return re.search(r"done: (steps [^;]*; L1 [^;]*);", done[0]).group(1)
+
+
+TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+
+
+def pattern(num_frames: int, height: int = 32, width: int = 32) -> np.ndarray:
+    """uint8 (N, H, W, 3): a smooth colour pattern drifting over the frame."""
+    t = np.arange(num_frames)[:, None, None, None]
+    y = np.arange(height)[None, :, None, None]
+    x = np.arange(width)[None, None, :, None]
+    c = np.arange(3)[None, None, None, :]
+    wave = np.sin(2 * np.pi * (x / width + t / 48) + c) * np.cos(2 * np.pi * (y / height - t / 64))
+    return np.round((0.7 * wave + 1) * 127.5).astype(np.uint8)
+
+
+def write_video(path: pathlib.Path, frames: np.ndarray, fps: int = 16, **options) -> pathlib.Path:
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"qp": "0", "preset": "ultrafast", "g": "4"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def read_video(path: pathlib.Path) -> tuple[np.ndarray, float]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate)

@@ -29,7 +29,7 @@ from types import ModuleType
 from absl import flags
 
 from reducio_jax.errors import BAD_INPUT, INTERRUPTED, error_line, exit_status
-from reducio_jax.models import host_memory
+from reducio_jax.programs import allocator
 
 # command -> one line; each is the module reducio_jax.cli.<command> (imported when run).
 COMMANDS = {
@@ -43,7 +43,7 @@ COMMANDS = {
     "compile": "compile for a TPU topology on this host: per-chip memory, FLOPs, batch that fits",
 }
 # Commands that run one compiled program many times: all threads share one heap, set before
-# JAX starts (faster runs, slower compiles; reducio_jax/models/host_memory.py).
+# JAX starts (faster runs, slower compiles; reducio_jax/programs/allocator.py).
 ONE_HEAP_COMMANDS = ("eval", "encode", "decode", "reconstruct")
 HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-?")
 # Older spellings, still accepted: the flag they mean.
@@ -97,7 +97,7 @@ def run_command(command: str, args: Sequence[str], prog: str) -> int:
         print(error_line(err, named=False), file=sys.stderr, flush=True)
         return BAD_INPUT
     if command in ONE_HEAP_COMMANDS:
-        host_memory.share_one_heap()
+        allocator.share_one_heap()
     try:
         return module.run(fv, positional)
     except KeyboardInterrupt as stop:  # a command may say what it kept: "...; MESSAGE"

@@ -27,7 +27,7 @@ DTYPES = ("bfloat16", "float32")
 
 
 def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
-    from reducio_jax.aot import PROGRAMS
+    from reducio_jax.aot.sizing import PROGRAMS
 
     flags.DEFINE_string(
         "topology",
@@ -111,16 +111,16 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
     if positional:
         raise InputError(f"unexpected arguments: {' '.join(positional)}")
     shared.require(fv, "topology", "config")
-    from reducio_jax import aot
+    from reducio_jax.aot import sizing, topologies
 
-    devices = aot.target_devices(fv["topology"].value)
+    devices = topologies.target_devices(fv["topology"].value)
     cfg = _configured(fv)
     headroom = float(fv["headroom"].value)
     if not 0.0 <= headroom < 1.0:
         raise InputError(f"--headroom must be in [0, 1), got {headroom}")
 
-    def compile_at(batch: int) -> aot.CompileRecord:
-        record = aot.compile_program(
+    def compile_at(batch: int) -> sizing.CompileRecord:
+        record = sizing.compile_program(
             cfg,
             fv["program"].value,
             devices,
@@ -133,14 +133,14 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
         return record
 
     if fv["find_batch"].value:
-        best, records = aot.find_batch(compile_at)
+        best, records = sizing.find_batch(compile_at)
         print(f"largest batch per chip that fits with {headroom:.0%} headroom: {best}")
         status = 0 if best >= 1 else 1
     else:
         records = [compile_at(fv["batch_per_chip"].value)]
         status = 0 if records[0].fits else 1
     if fv["json"].value:
-        from reducio_jax.paths import write_text
+        from reducio_jax.storage.paths import write_text
 
         write_text(fv["json"].value, json.dumps([r.as_json() for r in records], indent=1))
     sys.stdout.flush()

@@ -58,7 +58,7 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
     if positional:
         raise InputError(f"unexpected arguments: {' '.join(positional)}")
     shared.require(fv, "checkpoint", "data", "out")
-    from reducio_jax.preemption import PREEMPTED_STATUS
+    from reducio_jax.runs.preemption import PREEMPTED_STATUS
 
     shared.init_distributed(fv)
     if fv["whole_videos"].value:

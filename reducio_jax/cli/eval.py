@@ -52,8 +52,8 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
     shared.require(fv, "checkpoint", "data")
     import jax
 
-    from reducio_jax.evaluate import EvalOptions, evaluate, format_markdown, write_reports
-    from reducio_jax.preemption import PREEMPTED_STATUS
+    from reducio_jax.runs.evaluate import EvalOptions, evaluate, format_markdown, write_reports
+    from reducio_jax.runs.preemption import PREEMPTED_STATUS
 
     shared.init_distributed(fv)
     opts = shared.options(EvalOptions, fv)

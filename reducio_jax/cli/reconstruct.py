@@ -41,7 +41,7 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
             f"{len(positional)} argument(s): {' '.join(positional) or 'none'}"
         )
     shared.require(fv, "checkpoint")
-    from reducio_jax.reconstruct import ReconstructOptions, reconstruct_videos
+    from reducio_jax.runs.reconstruct import ReconstructOptions, reconstruct_videos
 
     opts = shared.options(ReconstructOptions, fv, input=positional[0], output=positional[1])
     try:

@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from reducio_jax.errors import InputError
+from reducio_jax.programs.planner import parse_window_batch
 
 CHECKPOINT_HELP = (
     "A released torch .ckpt/.pt/.safetensors file or an Orbax pretrained directory (a path or a "
@@ -63,12 +64,12 @@ class WindowBatchParser(flags.ArgumentParser):
     """`auto` or a positive number of windows a compiled call."""
 
     def parse(self, argument: Any) -> int | str | None:
-        if argument is None or isinstance(argument, int) or argument == "auto":
-            return argument
+        if argument is None:
+            return None
         try:
-            return int(argument)
-        except ValueError:
-            raise ValueError(f"'{argument}' is not 'auto' or a number of windows") from None
+            return parse_window_batch(argument, "")
+        except InputError as err:  # absl names the flag itself
+            raise ValueError(str(err).strip()) from None
 
     def flag_type(self) -> str:
         return "auto or N"

@@ -66,7 +66,7 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
         raise InputError(f"unexpected arguments: {' '.join(positional)}")
     if fv["config"].value is None:
         raise InputError("--config is required (e.g. --config configs/demo.py)")
-    from reducio_jax.preemption import PREEMPTED_STATUS, Preempted
+    from reducio_jax.runs.preemption import PREEMPTED_STATUS, Preempted
 
     _set_up_logging()
     shared.init_distributed(fv)
@@ -116,7 +116,7 @@ def _set_up_logging() -> None:
 def workdir_for(cfg, flag_value: str | None, config_path: str):
     """The run's folder (an `epath.Path`, local or `gs://`): the flag, the config's, or
     runs/<config name>."""
-    from reducio_jax.paths import as_path
+    from reducio_jax.storage.paths import as_path
 
     if flag_value:
         return as_path(flag_value)
@@ -131,7 +131,7 @@ def _init_compilation_cache(directory: str) -> None:
     import jax
 
     if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from reducio_jax.paths import as_path
+        from reducio_jax.storage.paths import as_path
 
         jax.config.update("jax_compilation_cache_dir", os.fspath(as_path(directory)))
 

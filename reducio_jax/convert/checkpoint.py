@@ -4,7 +4,7 @@
 tensor, and fills the VAE (and the discriminator, LPIPS and logvar when the file has `loss.*`
 keys), failing with one message that names every missing, unused or mis-shaped key.
 `save_pretrained` / `load_pretrained` keep the result as a checkpoint directory of the one
-layout (`reducio_jax.checkpoints`): the layout of a training step, which they read too.
+layout (`reducio_jax.storage.checkpoints`): the layout of a training step, which they read too.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from reducio_jax import checkpoints
 from reducio_jax.config import config_from_dict
-from reducio_jax.convert.hub import download, is_hub
+from reducio_jax.convert.hub import converted_dir, download, is_hub
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import (
     ConversionError,
@@ -37,8 +36,9 @@ from reducio_jax.models import (
     build_lpips,
     build_vae,
 )
-from reducio_jax.paths import Path, PathLike, as_path
 from reducio_jax.sharding import abstract_model
+from reducio_jax.storage import checkpoints
+from reducio_jax.storage.paths import Path, PathLike, as_path
 
 
 @dataclasses.dataclass
@@ -169,3 +169,14 @@ def load_pretrained(
         lpips=modules.get(checkpoints.LPIPS),
         logvar=item.get("logvar"),
     )
+
+
+def load_hub_weights(spec: str, cfg: Any, *, mesh: Any = None):
+    """`ReducioWeights` of a hub file: converted once, then read from the converted cache."""
+    local = download(spec)
+    directory = converted_dir(local)
+    if not (directory / "config").is_dir():
+        weights = convert_torch_checkpoint(local, cfg, mesh=mesh)
+        save_pretrained(weights, directory, cfg)
+        return weights
+    return load_pretrained(directory, cfg, mesh=mesh)

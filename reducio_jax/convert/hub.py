@@ -16,14 +16,15 @@ import os
 import pathlib
 from typing import Any
 
-from reducio_jax.paths import PathLike
+from reducio_jax.errors import InputError
 
 SCHEME = "hf://"
+
 # variant -> the released file (microsoft/Reducio-VAE on the Hugging Face hub)
 VARIANTS = {"ft4": "reducio-ft4-fs32-attn23.ckpt", "ft2": "reducio-ft2-fs32-attn23.ckpt"}
 
 
-class HubError(ValueError):
+class HubError(InputError):
     """A hub name that cannot be fetched (one line: what is missing, or no network)."""
 
 
@@ -84,21 +85,4 @@ def converted_dir(local_file: pathlib.Path) -> pathlib.Path:
     return cache_root() / "converted" / blob
 
 
-def load_hub_weights(spec: str, cfg: Any, *, mesh: Any = None, parts: PathLike | None = None):
-    """`ReducioWeights` of a hub file: converted once, then read from the converted cache."""
-    from reducio_jax.convert.checkpoint import (
-        convert_torch_checkpoint,
-        load_pretrained,
-        save_pretrained,
-    )
-
-    local = download(spec)
-    directory = converted_dir(local)
-    if not (directory / "config").is_dir():
-        weights = convert_torch_checkpoint(local, cfg, mesh=mesh)
-        save_pretrained(weights, directory, cfg)
-        return weights
-    return load_pretrained(directory, cfg, mesh=mesh)
-
-
-__all__ = ["VARIANTS", "HubError", "download", "hub_name", "is_hub", "load_hub_weights", "parse"]
+__all__ = ["VARIANTS", "HubError", "download", "hub_name", "is_hub", "parse"]

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from reducio_jax.errors import InputError
 from reducio_jax.models.discriminator import torch_layer_index
 from reducio_jax.models.lpips import VGG16_FEATURE_INDEX
 
 VAE_GROUPS = ("encoder_3d", "encoder_2d", "decoder", "quant_conv", "post_quant_conv")
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """The checkpoint does not fit the configured model."""
 
 

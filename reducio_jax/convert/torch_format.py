@@ -43,7 +43,8 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors_bytes
 from safetensors.numpy import load_file as load_safetensors_file
 
-from reducio_jax.paths import Path, PathLike, as_path, is_remote
+from reducio_jax.errors import InputError
+from reducio_jax.storage.paths import Path, PathLike, as_path, is_remote
 
 __all__ = ["STORAGE_DTYPES", "CheckpointFormatError", "load_state_dict"]
 
@@ -64,7 +65,7 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(InputError):
     """A checkpoint file is missing, of an unknown format, truncated or corrupt."""
 
 

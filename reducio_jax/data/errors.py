@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from reducio_jax.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """The dataset cannot be used at all (missing, empty, misconfigured)."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from reducio_jax.paths import Path, PathLike, as_path, write_text
+from reducio_jax.storage.paths import Path, PathLike, as_path, write_text
 
 SKIPPED_FILE = "skipped.jsonl"
 

@@ -27,7 +27,15 @@ import av
 import numpy as np
 
 from reducio_jax.data.errors import BadVideoError, DataError
-from reducio_jax.paths import Path, PathLike, as_path, files_under, is_remote, open_media, staged
+from reducio_jax.storage.paths import (
+    Path,
+    PathLike,
+    as_path,
+    files_under,
+    is_remote,
+    open_media,
+    staged,
+)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
 _TOL = 0.1  # timestamps within 10% of a frame period count as equal (ms time bases)

@@ -11,7 +11,7 @@ Public API::
     StoreError                                 # missing / unfinished / inconsistent store
 
 Whole videos of any length (``encode --whole_videos``, `VideoLatent`s): see
-`reducio_jax.latents.videos` (imported on its own: it builds on `reducio_jax.reconstruct`);
+`reducio_jax.latents.videos` (imported on its own: it builds on `reducio_jax.runs.reconstruct`);
 `LatentStore.videos` / `video_latent` and `LatentSource` read them.
 
 Command line: ``python -m reducio_jax encode ...`` / ``decode ...`` (or ``reducio-jax``).

@@ -7,7 +7,7 @@ video of its original length and size, `latents.videos.decode_videos`). The cont
 latent reproduces `ReducioVAE.reconstruct` of the same clip.
 
 The batch (clips, or windows of whole videos, a call) and tiling are chosen from memory by
-default (`runtime.plan_batch` for the store's frame size, or per frame size of its whole videos:
+default (`planner.plan_batch` for the store's frame size, or per frame size of its whole videos:
 the compiled decoder's memory analysis against the memory available or ``max_memory``); a fixed
 ``batch_size`` is checked to fit. Either is planned before any file is written, so a store that
 cannot be decoded in the memory there is fails with one `OutOfMemory` line and no output.
@@ -30,17 +30,18 @@ from reducio_jax.config import config_from_dict
 from reducio_jax.data import video_to_float
 from reducio_jax.data.video import safe_stem, to_uint8, write_mp4
 from reducio_jax.latents.store import VIDEOS, LatentStore, StoreError
-from reducio_jax.memory import Plan, parse_size, plan_records
-from reducio_jax.paths import as_path
-from reducio_jax.runtime import (
+from reducio_jax.models.windows import pad_rows
+from reducio_jax.programs.budget import parse_size
+from reducio_jax.programs.footprint import Plan, plan_records
+from reducio_jax.programs.planner import check_batch, plan_batch
+from reducio_jax.runs.runtime import (
     InputError,
-    check_batch,
     load_vae,
     local_mesh,
-    plan_batch,
     to_host,
 )
 from reducio_jax.sharding import batch_sharding
+from reducio_jax.storage.paths import as_path
 
 Entry = tuple[int, int, dict[str, Any]]  # (shard, row, clip info)
 
@@ -68,12 +69,6 @@ def read_entries(store: LatentStore, entries: Sequence[Entry], name: str) -> np.
     return np.stack([f.result() for f in futures])
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    if x.shape[0] == rows:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)], axis=0)
-
-
 def decode_entries(
     vae: ReducioVAE,
     store: LatentStore,
@@ -85,8 +80,8 @@ def decode_entries(
     """Decodes up to `batch` stored clips -> float32 (len(entries), T, H, W, 3) in ~[-1, 1]
     (`plan`: the tiling of a `plan_batch` result instead of the config's)."""
     sharding = batch_sharding(mesh)
-    latent = jax.device_put(_pad_rows(read_entries(store, entries, "latent"), batch), sharding)
-    content = jax.device_put(_pad_rows(read_entries(store, entries, "content"), batch), sharding)
+    latent = jax.device_put(pad_rows(read_entries(store, entries, "latent"), batch), sharding)
+    content = jax.device_put(pad_rows(read_entries(store, entries, "content"), batch), sharding)
     video = vae.decode(latent, video_to_float(content), plan=plan)
     return to_host(video)[: len(entries)]
 
@@ -147,7 +142,7 @@ def _decode_clips(
     total = len(store.entries()[: opts.num_clips])
     size = (int(store.meta["video"]["height"]), int(store.meta["video"]["width"]))
     plan = plan_batch(
-        vae,
+        vae.programs,
         mesh,
         *size,
         op="decode",

@@ -50,9 +50,9 @@ from reducio_jax.latents.store import (
     write_json_atomic,
 )
 from reducio_jax.models import content_frame_index
-from reducio_jax.paths import Path, as_path, make_dirs, rmtree, write_text
-from reducio_jax.preemption import StopOnSigterm
-from reducio_jax.runtime import (
+from reducio_jax.models.windows import pad_rows
+from reducio_jax.runs.preemption import StopOnSigterm
+from reducio_jax.runs.runtime import (
     InputError,
     RunOptions,
     clip_count,
@@ -62,6 +62,7 @@ from reducio_jax.runtime import (
     to_host,
 )
 from reducio_jax.sharding import batch_sharding
+from reducio_jax.storage.paths import Path, as_path, make_dirs, rmtree, write_text
 
 SKIPPED_FILE = "skipped.jsonl"
 LATENT_DOC = "LayerNorm over (t, h, w, z) of the posterior mean: the decoder's input"
@@ -80,13 +81,6 @@ class EncodeOptions(RunOptions):
 # -- clips ----------------------------------------------------------------------------------------
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    if x.shape[0] == rows:
-        return x
-    pad = np.repeat(x[-1:], rows - x.shape[0], axis=0)
-    return np.concatenate([x, pad], axis=0)
-
-
 # -- the model step -------------------------------------------------------------------------------
 
 
@@ -95,7 +89,7 @@ def encode_batch(
 ) -> dict[str, np.ndarray]:
     """uint8 clips (b <= batch, T, H, W, 3) -> stored arrays for those clips (numpy)."""
     n = video_u8.shape[0]
-    padded = jax.device_put(_pad_rows(video_u8, batch), batch_sharding(mesh))
+    padded = jax.device_put(pad_rows(video_u8, batch), batch_sharding(mesh))
     posterior = vae.encode(video_to_float(padded))
     out = {"latent": vae.latent(posterior)}
     if moments:

@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from reducio_jax import paths
 from reducio_jax.api import VideoLatent
 from reducio_jax.data import video_to_float
-from reducio_jax.paths import Path, PathLike, as_path
+from reducio_jax.errors import InputError
+from reducio_jax.storage import paths
+from reducio_jax.storage.paths import Path, PathLike, as_path
 
 FORMAT = "reducio-latents"
 VERSION = 1
@@ -64,7 +65,7 @@ RESUME_KEYS = (
 )
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """A latent store that is missing, incomplete or inconsistent with the request."""
 
 

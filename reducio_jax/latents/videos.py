@@ -9,7 +9,7 @@ appended to the video's Zarr arrays, so host memory holds about one window batch
 video's length. Shards of videos are resumable as the clip store's are.
 
 The window batch and tiling are chosen per frame size from memory (``window_batch="auto"``,
-`runtime.plan_batch`: the compiled encoder's memory analysis against the memory available or
+`planner.plan_batch`: the compiled encoder's memory analysis against the memory available or
 ``max_memory``), or a fixed ``window_batch`` is checked to fit; every frame size of the run
 (``resolution``, or each video's, read from its first frame) is planned before the store is
 created or touched, so a run that cannot fit fails with one `OutOfMemory` line and no store.
@@ -62,17 +62,19 @@ from reducio_jax.latents.store import (
     video_dir_name,
     write_json_atomic,
 )
-from reducio_jax.memory import OutOfMemory, Plan, parse_size, plan_records
 from reducio_jax.models import content_frame_index
 from reducio_jax.models.windows import (
     Stitcher,
     WindowCutter,
     check_overlap,
+    pad_rows,
     pad_spatial,
     plan_windows,
 )
-from reducio_jax.paths import Path, as_path, make_dirs, rmtree
-from reducio_jax.reconstruct import (
+from reducio_jax.programs.budget import parse_size
+from reducio_jax.programs.footprint import Plan, plan_records
+from reducio_jax.programs.planner import OutOfMemory, check_batch, plan_batch
+from reducio_jax.runs.reconstruct import (
     DecodeReport,
     Probe,
     check_size,
@@ -83,17 +85,16 @@ from reducio_jax.reconstruct import (
     video_file,
     warn,
 )
-from reducio_jax.runtime import (
+from reducio_jax.runs.runtime import (
     InputError,
-    check_batch,
     clip_count,
     load_vae,
     local_mesh,
-    plan_batch,
     resolve_config,
     to_host,
 )
 from reducio_jax.sharding import batch_sharding
+from reducio_jax.storage.paths import Path, as_path, make_dirs, rmtree
 
 VIDEOS_PER_SHARD = 16
 Size = tuple[int, int]  # frame height, width (before padding)
@@ -142,12 +143,6 @@ def _check_options(opts: VideoEncodeOptions, window: int) -> None:
 # -- one batch of windows ---------------------------------------------------------------------
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    if x.shape[0] == rows:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
-
-
 def encode_windows(
     vae: ReducioVAE, windows: np.ndarray, mesh: Mesh, batch: int, plan: Plan | None = None
 ) -> dict[str, np.ndarray]:
@@ -155,7 +150,7 @@ def encode_windows(
     "content" (k, H', W', 3) uint8}, reflect-padded to multiples of 32 as `encode_video` pads
     (`plan`: the tiling of a `plan_batch` result instead of the config's)."""
     padded = pad_spatial(windows, vae.spatial_factor)  # (k, T, H', W', 3)
-    video = jax.device_put(_pad_rows(padded, batch), batch_sharding(mesh))
+    video = jax.device_put(pad_rows(padded, batch), batch_sharding(mesh))
     latent = vae.latent(vae.encode(video_to_float(video), plan=plan))
     content = padded[:, content_frame_index(windows.shape[1])]
     return {"latent": to_host(latent)[: windows.shape[0]], "content": content}
@@ -172,8 +167,8 @@ def decode_windows(
     """Stored windows (k <= batch) -> decoded float32 (k, T, H', W', 3) in ~[-1, 1]
     (`plan`: the tiling of a `plan_batch` result instead of the config's)."""
     sharding = batch_sharding(mesh)
-    z = jax.device_put(_pad_rows(latent, batch), sharding)
-    frames = jax.device_put(_pad_rows(content, batch), sharding)
+    z = jax.device_put(pad_rows(latent, batch), sharding)
+    frames = jax.device_put(pad_rows(content, batch), sharding)
     return to_host(vae.decode(z, video_to_float(frames), plan=plan))[: latent.shape[0]]
 
 
@@ -215,7 +210,7 @@ class _Context:
         """The window batch and tiling for frames of `size` (planned once; OutOfMemory)."""
         if size not in self.plans:
             self.plans[size] = plan_batch(
-                self.vae,
+                self.vae.programs,
                 self.mesh,
                 *size,
                 op="encode",
@@ -479,7 +474,7 @@ def plan_decode(
     batch: int | str = "auto",
     max_memory: str | None = None,
 ) -> dict[Size, Plan]:
-    """The window batch and tiling (`runtime.plan_batch`) of each frame size of the stored
+    """The window batch and tiling (`planner.plan_batch`) of each frame size of the stored
     `videos` (the largest first; "auto": at most the windows the longest of them has)."""
     most: dict[Size, int] = {}
     for _, video in videos:
@@ -487,7 +482,7 @@ def plan_decode(
         most[size] = max(most.get(size, 0), len(video["starts"]))
     return {
         size: plan_batch(
-            vae,
+            vae.programs,
             mesh,
             *size,
             op="decode",

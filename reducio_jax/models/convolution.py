@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from reducio_jax.models import constraints, host_memory
+from reducio_jax.models import constraints
 
 FEW_CHANNELS = 8  # at most this many input (output) channels: taps_as_channels (output_taps)
 # ... and at most this many input channels on frames of at least this many positions (H * W):
@@ -109,7 +109,6 @@ def target_platform() -> str:
 def cpu_forms_enabled() -> bool:
     if target_platform() != "cpu":
         return False
-    host_memory.reuse_freed_memory()  # once: the CPU programs' buffers (host_memory.py)
     return os.environ.get("REDUCIO_JAX_CPU_CONV", "1") != "0"
 
 

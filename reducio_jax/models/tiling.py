@@ -6,7 +6,7 @@ row so that each tile blends with its already-blended upper and left neighbours.
 shape run as one batch (at most four shapes: interior, right edge, bottom edge, corner), so a
 whole frame costs one compiled call with a handful of batched encoder/decoder traces.
 
-Two fields bound the memory of a tiled call (set by the memory planner, `reducio_jax/memory.py`,
+Two fields bound the memory of a tiled call (set by the memory planner, `reducio_jax/programs/planner.py`,
 never by a config): `max_batch` runs at most that many tiles of a shape at once (the rest in a
 `lax.map` loop, one chunk after another, so only one chunk's activations are alive), and `wide`
 also tiles frames that are only wider than one tile window (the reference looks at the height).

@@ -232,12 +232,22 @@ def pad_spatial(video, multiple: int):
     return xp.pad(video, widths, mode="reflect")
 
 
+def pad_rows(x, rows: int):
+    """(n, ...) -> (rows, ...) by repeating the last row (a batch padded to its compiled size);
+    numpy in, numpy out."""
+    if x.shape[0] == rows:
+        return x
+    xp = _namespace(x)
+    return xp.concatenate([x, xp.repeat(x[-1:], rows - x.shape[0], axis=0)])
+
+
 def _namespace(*arrays):
     return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
 
 
 __all__ = [
     "Stitcher",
+    "pad_rows",
     "WindowCutter",
     "WindowPlan",
     "check_overlap",

@@ -12,7 +12,7 @@ Public API::
                                              # batch = {"video": (B,T,H,W,3), "index": (B,)}
     vae_schedule(cfg.optim) / disc_schedule(cfg.optim, cfg.loss)  # optax schedules
     TrainingError, NonFiniteLossError
-    reducio_jax.preemption.Preempted         # raised by run() after a SIGTERM (checkpoint saved)
+    reducio_jax.runs.preemption.Preempted         # raised by run() after a SIGTERM (checkpoint saved)
 
 See docs/training.md.
 """

@@ -1,4 +1,4 @@
-"""A training step as a checkpoint of the one layout (`reducio_jax.checkpoints`).
+"""A training step as a checkpoint of the one layout (`reducio_jax.storage.checkpoints`).
 
 `<workdir>/checkpoints/<step>/` holds the networks of the `TrainState` (`vae`: parameters and
 fixed tables; `discriminator`: parameters and BatchNorm statistics), the frozen `lpips` when the
@@ -16,9 +16,16 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from reducio_jax import checkpoints
-from reducio_jax.checkpoints import DATA, DISCRIMINATOR, LPIPS, OPTIMIZER, VAE, RunCheckpoints
 from reducio_jax.sharding import abstract_model, abstract_with_shardings
+from reducio_jax.storage import checkpoints
+from reducio_jax.storage.checkpoints import (
+    DATA,
+    DISCRIMINATOR,
+    LPIPS,
+    OPTIMIZER,
+    VAE,
+    RunCheckpoints,
+)
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.state import TrainState
 

@@ -1,11 +1,14 @@
 """Errors of a training run that the CLI reports as one line (no traceback)."""
 
+from reducio_jax.errors import InputError
+from reducio_jax.errors import RunFailure as BaseRunFailure
 
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue: bad workdir, weights, config or data."""
+
+class TrainingError(InputError):
+    """A run that cannot start or continue: bad workdir, weights, config or data (exit 2)."""
 
 
-class RunFailure(TrainingError):
+class RunFailure(BaseRunFailure, TrainingError):
     """A run that started and then failed (exit status 1, not 2): the data pipeline broke
     mid-run, a NaN/inf loss, ..."""
 

@@ -1,6 +1,6 @@
 """A training run's step -> a pretrained directory: a copy of the items a user needs (`vae`,
 `discriminator`, `lpips` when the run had one, `config`), in the one checkpoint layout
-(`reducio_jax.checkpoints`) that `ReducioVAE.from_pretrained`, `eval.py`,
+(`reducio_jax.storage.checkpoints`) that `ReducioVAE.from_pretrained`, `eval.py`,
 `python -m reducio_jax encode|decode` and `train.py --init_from` read.
 
     python -m reducio_jax export --run runs/tiny --out weights/tiny          # latest step
@@ -11,8 +11,8 @@ The optimizer states and the data position stay in the run.
 
 from __future__ import annotations
 
-from reducio_jax import checkpoints
-from reducio_jax.paths import Path, PathLike, as_path
+from reducio_jax.storage import checkpoints
+from reducio_jax.storage.paths import Path, PathLike, as_path
 from reducio_jax.train.errors import TrainingError
 
 

@@ -4,7 +4,7 @@
 to `cfg.train.num_steps`. Metrics are fetched one step late (the next step is already queued)
 except before a checkpoint, so a NaN/inf is always caught before any state that contains it
 is saved; the run then stops with `NonFiniteLossError` naming the step and the last good
-checkpoint. On SIGTERM (`reducio_jax.preemption`) the step in flight finishes, a checkpoint of
+checkpoint. On SIGTERM (`reducio_jax.runs.preemption`) the step in flight finishes, a checkpoint of
 that step is written and committed on every process, and `run` raises `Preempted`; `--resume`
 continues the same loss curve. A data pipeline that fails (e.g. a decode worker process that
 died) also gets a checkpoint of the last finished step before the run stops.
@@ -27,15 +27,16 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from reducio_jax import checkpoints, losses
+from reducio_jax import losses
 from reducio_jax import sharding as shard_lib
 from reducio_jax.config import derived
 from reducio_jax.data import make_loader
 from reducio_jax.data.config import frame_size
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
-from reducio_jax.paths import Path, PathLike, as_path, make_dirs
-from reducio_jax.preemption import Preempted, StopOnSigterm
+from reducio_jax.runs.preemption import Preempted, StopOnSigterm
+from reducio_jax.storage import checkpoints
+from reducio_jax.storage.paths import Path, PathLike, as_path, make_dirs
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.checkpoint import restore_step, save_step
 from reducio_jax.train.errors import NonFiniteLossError, RunFailure, TrainingError

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from reducio_jax.data.video import to_uint8
-from reducio_jax.paths import Path, TextLog, is_remote, make_dirs, mirror, staged
+from reducio_jax.storage.paths import Path, TextLog, is_remote, make_dirs, mirror, staged
 
 log = logging.getLogger(__name__)
 

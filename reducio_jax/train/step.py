@@ -30,6 +30,7 @@ from reducio_jax import losses
 from reducio_jax.data.config import frame_size
 from reducio_jax.models import content_frame_index, latent_layer_norm
 from reducio_jax.models.convolution import target_platform, traced_for
+from reducio_jax.programs import allocator
 from reducio_jax.sharding import batch_sharding, replicated, tree_shardings, video_sharding
 from reducio_jax.train import schedules
 from reducio_jax.train.state import (
@@ -241,6 +242,8 @@ def jit_train_step(
     state_shardings: Any,
 ):
     """`jax.jit` of the step with explicit in/out shardings; the state is donated."""
+    if mesh.devices.flat[0].platform == "cpu":
+        allocator.reuse_freed_memory()  # once: the CPU programs' buffers (allocator.py)
     lpips_shardings = None
     if nets.lpips_state is not None:
         lpips_shardings = tree_shardings(nets.lpips_state, mesh, cfg.mesh.rules)

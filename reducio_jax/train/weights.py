@@ -11,11 +11,12 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from reducio_jax.convert.hub import HubError, download, is_hub, load_hub_weights
+from reducio_jax.convert.checkpoint import load_hub_weights
+from reducio_jax.convert.hub import HubError, download, is_hub
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import ConversionError, convert_state_dict, split_groups
 from reducio_jax.convert.torch_format import CheckpointFormatError, load_state_dict
-from reducio_jax.paths import Path, PathLike, as_path
+from reducio_jax.storage.paths import Path, PathLike, as_path
 from reducio_jax.train.errors import TrainingError
 from reducio_jax.train.state import make_lpips
 

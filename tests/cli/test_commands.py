@@ -204,10 +204,10 @@ HEAPS_AFTER_COMMAND = """
 import sys
 import jax.numpy as jnp
 from reducio_jax.cli import run_command
-from reducio_jax.models import host_memory
+from reducio_jax.programs import allocator
 assert run_command(sys.argv[1], ["only-one-argument"], "probe") == 2
 jnp.ones((512, 512)).sum().block_until_ready()
-print(host_memory.heap_count())
+print(allocator.heap_count())
 """
 
 

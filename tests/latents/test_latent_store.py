@@ -17,7 +17,7 @@ from reducio_jax.__main__ import main
 from reducio_jax.data import make_loader
 from reducio_jax.data.video import write_mp4
 from reducio_jax.latents import LatentSource, LatentStore, StoreError, decode_store
-from reducio_jax.runtime import data_config, load_vae, local_mesh
+from reducio_jax.runs.runtime import data_config, load_vae, local_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.py")

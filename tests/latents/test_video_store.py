@@ -24,7 +24,7 @@ from reducio_jax.__main__ import main
 from reducio_jax.data import video_to_float
 from reducio_jax.latents import LatentSource, LatentStore, StoreError
 from reducio_jax.latents.videos import decode_video_frames
-from reducio_jax.runtime import load_vae, local_mesh
+from reducio_jax.runs.runtime import load_vae, local_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.py")

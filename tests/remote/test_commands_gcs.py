@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from helpers import recipe_checkpoint
 
-from reducio_jax import ReducioVAE, paths
+from reducio_jax import ReducioVAE
 from reducio_jax.__main__ import main
 from reducio_jax.data.video import write_mp4
 from reducio_jax.latents import LatentStore
+from reducio_jax.storage import paths
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.py")

@@ -16,7 +16,7 @@ import numpy as np
 from gcs_server import free_port
 from helpers import losses_line, start_training_process
 
-from reducio_jax.paths import as_path
+from reducio_jax.storage.paths import as_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "tests" / "train"

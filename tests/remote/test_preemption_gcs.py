@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from reducio_jax.paths import as_path
+from reducio_jax.storage.paths import as_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MICRO = str(ROOT / "tests" / "train" / "micro_config.py")

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from reducio_jax.checkpoints import DISCRIMINATOR, OPTIMIZER, VAE, RunCheckpoints
-from reducio_jax.paths import as_path
+from reducio_jax.storage.checkpoints import DISCRIMINATOR, OPTIMIZER, VAE, RunCheckpoints
+from reducio_jax.storage.paths import as_path
 from reducio_jax.train import run
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "train"))

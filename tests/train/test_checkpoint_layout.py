@@ -12,11 +12,12 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from reducio_jax import ReducioVAE, checkpoints
+from reducio_jax import ReducioVAE
 from reducio_jax.convert.checkpoint import load_pretrained
 from reducio_jax.convert.mapping import ConversionError
 from reducio_jax.models import build_vae
 from reducio_jax.sharding import make_mesh
+from reducio_jax.storage import checkpoints
 from reducio_jax.train.checkpoint import restore_step, save_step
 from reducio_jax.train.errors import TrainingError
 from reducio_jax.train.state import init_state, make_lpips, state_shardings

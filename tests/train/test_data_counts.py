@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_sharded_step import _tensorboard
 
-from reducio_jax.checkpoints import RunCheckpoints
 from reducio_jax.data import make_loader
 from reducio_jax.data.video import write_mp4
 from reducio_jax.errors import RUN_FAILED, exit_status
+from reducio_jax.storage.checkpoints import RunCheckpoints
 from reducio_jax.train import TrainingError, run
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from reducio_jax.checkpoints import DISCRIMINATOR, OPTIMIZER, VAE, RunCheckpoints
 from reducio_jax.data import make_loader
+from reducio_jax.storage.checkpoints import DISCRIMINATOR, OPTIMIZER, VAE, RunCheckpoints
 from reducio_jax.train import NonFiniteLossError, TrainingError, run
 
 DEVICES = 2

@@ -98,7 +98,7 @@ def test_fsdp_keeps_activations_split_over_the_batch():
     partitioner carries the channel split into the activations, and the per-device
     temporaries of the step grow with fsdp (by half on this micro model) instead of staying
     those of data parallelism."""
-    from reducio_jax import aot
+    from reducio_jax.aot import sizing
     from reducio_jax.config import load_config
     from reducio_jax.sharding import make_mesh
 
@@ -109,7 +109,7 @@ def test_fsdp_keeps_activations_split_over_the_batch():
         cfg.mesh.shape = {"data": -1, "fsdp": fsdp}
         mesh = make_mesh(cfg.mesh, jax.devices()[:8])
         cfg.data.batch_size = 2 * 8
-        memory = aot.lower_train_step(cfg, mesh).compile().memory_analysis()
+        memory = sizing.lower_train_step(cfg, mesh).compile().memory_analysis()
         temps[fsdp], args[fsdp] = memory.temp_size_in_bytes, memory.argument_size_in_bytes
     assert args[8] < args[1] / 4  # the state is split over 8 devices
     assert temps[8] <= 1.05 * temps[1], temps

@@ -1,4 +1,4 @@
-"""`python -m reducio_jax.parity`: the missing-reference errors, the comparison core (with a
+"""`python -m reducio_jax.convert.parity`: the missing-reference errors, the comparison core (with a
 stand-in reference built from the JAX model), the optional-dependency shims, and, opt-in, the
 real report (set REDUCIO_REFERENCE_REPO to a checkout of the official repository)."""
 
@@ -14,7 +14,7 @@ import pytest
 from helpers import recipe_checkpoint
 
 from reducio_jax import ReducioVAE, load_config
-from reducio_jax.parity import (
+from reducio_jax.convert.parity import (
     STAGES,
     compare_stages,
     format_report,
@@ -25,7 +25,7 @@ from reducio_jax.parity import (
     synthetic_clips,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.py")
 REFERENCE = os.environ.get("REDUCIO_REFERENCE_REPO", "")
 

@@ -8,7 +8,8 @@ Xeon, jax 0.10.2; benchmarks/RESULTS.md): an elementwise pass over 134 MB ran at
 glibc's defaults and at 25-28 GB/s with the settings below; the decoder's convolutions'
 output buffers pay the same.
 
-`reuse_freed_memory()` (called once, the first time a model traces on the CPU backend) sets
+`reuse_freed_memory()` (called once, the first time an inference program is lowered for the CPU
+(`lowering.lower`) or a training step is jitted for CPU devices) sets
 glibc's `M_MMAP_MAX` to 0 (every block from the heap) and `M_TRIM_THRESHOLD` to its largest
 value (freed heap memory is kept for the next run). The process then keeps its peak heap
 until it exits. Transparent huge pages for the heap (another 1.2-1.6x on large matmuls here)

@@ -23,10 +23,10 @@ from helpers import recipe_checkpoint
 from torch_writer import save_torch_checkpoint
 
 from reducio_jax import ReducioVAE, cli, load_config
-from reducio_jax.evaluate import MetricTotals, i3d_pool_window, image_metrics, lpips_per_clip
 from reducio_jax.metrics import i3d_state_dict_shapes, psnr, ssim
+from reducio_jax.runs.evaluate import MetricTotals, i3d_pool_window, image_metrics, lpips_per_clip
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str]) -> int:
@@ -236,7 +236,7 @@ def test_script_exit_status(tmp_path):
 
 
 def test_data_specs():
-    from reducio_jax.runtime import data_config
+    from reducio_jax.runs.runtime import data_config
 
     cfg = load_config(TINY)
     tfds_cfg = data_config("tfds:ucf101_16f:1.0.0", cfg, data_dir="/d", split="validation")

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -28,13 +26,14 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from reducio_jax import api, losses
-from reducio_jax.config import derived
+from reducio_jax import losses
+from reducio_jax.aot.topologies import chip_hbm
 from reducio_jax.data.config import frame_size
 from reducio_jax.errors import InputError
 from reducio_jax.models import build_vae
 from reducio_jax.models.convolution import traced_for
 from reducio_jax.models.tiling import TileConfig
+from reducio_jax.programs import lowering
 from reducio_jax.sharding import (
     abstract_model,
     abstract_with_shardings,
@@ -44,41 +43,7 @@ from reducio_jax.sharding import (
 from reducio_jax.train import state as state_lib
 from reducio_jax.train.step import batch_spec, jit_train_step
 
-GIB = 1 << 30
-PROGRAMS = ("train_step", "encode", "decode", "reconstruct")
-# HBM per chip, by `device_kind`, from the chips' spec pages (cloud.google.com/tpu/docs/v4,
-# /v5e, /v5p, /v6e "system architecture"; nvidia.com H100/H200 datasheets). The TPU compiler
-# itself checks against slightly less (v5e: 15.75 GiB available of 16), so "fits" here means
-# the compile succeeded and the program's total is within the chip's HBM less the headroom.
-HBM_BYTES = {
-    "TPU v4": 32 * GIB,
-    "TPU v5 lite": 16 * GIB,  # v5e
-    "TPU v5": 95 * GIB,  # v5p
-    "TPU v5p": 95 * GIB,
-    "TPU v6 lite": 32 * GIB,  # v6e (Trillium)
-    "NVIDIA H100 80GB HBM3": 84_978_434_048,  # XLA's H100 description (H100_TARGET below)
-    "NVIDIA H200": 141 * 10**9,
-}
-TOPOLOGY_PATTERN = re.compile(r"^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$")
-GPU_PATTERN = re.compile(r"^h100:(\d+)$")  # H100 SXM, N GPUs on one host
-TPU_INSTALL_HINT = 'pip install -e ".[tpu]"  (libtpu for the installed jax)'
-GPU_INSTALL_HINT = 'pip install "jax[cuda12]==<the installed jax>"  (about 5.5 GB)'
-# The H100 SXM as XLA's GPU compiler sees it (the fields of XLA's GpuTargetConfigProto, values
-# from XLA's xla/tools/hlo_opt/gpu_specs/h100_sxm.txtpb): with it the CUDA plugin builds a
-# compile-only topology on a host without a GPU.
-H100_TARGET = """gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
-  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
-  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
-  clock_rate_ghz: 1.98 device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 patch: 0 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
+PROGRAMS = ("train_step", *lowering.OPS)
 _OOM_PATTERN = re.compile(r"([\d.]+)([KMGT]?)\s*\)?\s*exceeds available HBM \(([\d.]+)([KMGT]?)")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -117,51 +82,6 @@ class CompileRecord:
         return {**dataclasses.asdict(self), "flops_per_clip": self.flops_per_clip}
 
 
-def tpu_devices(topology: str) -> list[jax.Device]:
-    """The compile-only devices of a TPU topology such as "v5e:4x4" or "v5p:2x2x1" (libtpu)."""
-    if not TOPOLOGY_PATTERN.match(topology):
-        raise InputError(
-            f"topology '{topology}' is not GEN:AxB or GEN:AxBxC with GEN v4, v5e, v5p or v6e "
-            "(e.g. v5e:4x4, v5p:2x2x1), nor h100:N"
-        )
-    if importlib.util.find_spec("libtpu") is None:
-        raise InputError(f"compiling for a TPU topology needs libtpu: {TPU_INSTALL_HINT}")
-    from jax.experimental import topologies
-
-    # compile-only: no chip is opened, so several such processes (and a TPU job) may coexist
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        return list(topologies.get_topology_desc(topology, "tpu").devices)
-    except Exception as err:  # libtpu refuses sizes it does not know
-        raise InputError(f"libtpu cannot build topology '{topology}': {err}") from err
-
-
-def gpu_devices(topology: str) -> list[jax.Device]:
-    """The compile-only devices of "h100:N" (N H100s on one host), from the CUDA plugin with
-    XLA's H100 target description; no GPU needed (autotuning is off without one, so kernel
-    choices and temporaries may differ somewhat from a compile on the GPU itself)."""
-    count = int(GPU_PATTERN.match(topology).group(1))
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
-        raise InputError(f"compiling for {topology} needs the CUDA plugin: {GPU_INSTALL_HINT}")
-    from jax.experimental import topologies
-
-    try:
-        desc = topologies.get_topology_desc(
-            platform="cuda", topology=f"1x1x{count}", target_config=H100_TARGET
-        )
-    except Exception as err:  # noqa: BLE001 - the plugin's own error, one line
-        raise InputError(
-            f"the CUDA plugin cannot build {topology} (run with JAX_PLATFORMS=cpu on a host "
-            f"without a GPU): {str(err).splitlines()[0]}"
-        ) from err
-    return list(desc.devices)
-
-
-def target_devices(topology: str) -> list[jax.Device]:
-    """`tpu_devices` or `gpu_devices`, by the topology's name."""
-    return gpu_devices(topology) if GPU_PATTERN.match(topology) else tpu_devices(topology)
-
-
 def _flops(compiled: Any) -> float:
     """XLA's FLOP count; the GPU compile-only executable has no cost analysis of its own, so its
     optimised module is analysed through the host's client."""
@@ -169,18 +89,11 @@ def _flops(compiled: Any) -> float:
     cost = cost[0] if isinstance(cost, list) else cost
     if cost:
         return float(cost.get("flops", 0.0))
-    from jax._src.lib import _jax
+    from jax._src.lib import _jax  # no public spelling of XLA's HLO cost analysis in jax 0.10
 
     module = compiled.runtime_executable().hlo_modules()[0]
     cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
     return float(cost.get("flops", 0.0))
-
-
-def chip_hbm(device: jax.Device) -> int:
-    kind = device.device_kind
-    if kind not in HBM_BYTES:
-        raise InputError(f"no HBM size known for device kind '{kind}' (aot.HBM_BYTES)")
-    return HBM_BYTES[kind]
 
 
 def _sized(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_per_chip: int):
@@ -225,24 +138,18 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 def _lower_inference(
     cfg: ml_collections.ConfigDict, mesh: Mesh, program: str, tile_batch: int | None = None
 ):
-    """The API's compiled encode / decode / reconstruct (api.py) for a sharded batch; a tiled
-    config's tiles `tile_batch` of a shape at a time (the memory planner's `max_batch`)."""
+    """The API's encode / decode / reconstruct program (programs/lowering.py) for a sharded
+    batch; a tiled config's tiles `tile_batch` of a shape at a time (the planner's
+    `max_batch`)."""
     graphdef, state = abstract_model(lambda: build_vae(cfg.model), mesh, cfg.mesh.rules)
-    h, w = frame_size(cfg.data.resolution)
+    frame = frame_size(cfg.data.resolution)
     b, t = int(cfg.data.batch_size), int(cfg.data.num_frames)
-    shard = batch_sharding(mesh)
-    video = jax.ShapeDtypeStruct((b, t, h, w, 3), jnp.float32, sharding=shard)
     tiles = TileConfig.from_config(cfg)
     if tile_batch is not None:
         tiles = dataclasses.replace(tiles, max_batch=tile_batch)
-    if program == "encode":
-        return api._encode_jit.lower(graphdef, state, video, tiles=tiles)
-    if program == "reconstruct":
-        return api._reconstruct_jit.lower(graphdef, state, video, None, tiles=tiles)
-    latent_shape = derived(cfg).latent_shape(h, w)  # (t, h / 32, w / 32, z)
-    latent = jax.ShapeDtypeStruct((b, *latent_shape), jnp.float32, sharding=shard)
-    frame = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32, sharding=shard)
-    return api._decode_jit.lower(graphdef, state, latent, frame, tiles=tiles)
+    shard = batch_sharding(mesh)
+    inputs = lowering.window_inputs(program, graphdef, state, b, frame, t, sharding=shard)
+    return lowering.lower(program, graphdef, state, inputs, tiles)
 
 
 def _oom_figures(message: str) -> tuple[int, int]:

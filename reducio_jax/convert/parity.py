@@ -1,6 +1,6 @@
 """Parity report: this port against the official PyTorch Reducio-VAE, stage by stage.
 
-    python -m reducio_jax.parity --ckpt reducio-ft4.ckpt --config configs/reducio_ft4.py \
+    python -m reducio_jax.convert.parity --ckpt reducio-ft4.ckpt --config configs/reducio_ft4.py \
         --reference-repo ~/src/Reducio-VAE [--num-clips 2 --resolution 64 --num-frames 16]
 
 Runs both models on the same synthetic clips (posterior mean, no sampling) and prints the
@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from reducio_jax.errors import InputError
+
 REFERENCE_FILE = pathlib.Path("ldm/models/reducio_vae.py")
 SHIM_MODULE = "_reducio_parity_shims"
 STAGES = ("content", "mean", "logvar", "latent", "recon")
@@ -40,7 +42,7 @@ NEEDS = (
 )
 
 
-class ParityError(ValueError):
+class ParityError(InputError):
     """The reference cannot be loaded or run (missing checkout, torch, or keys)."""
 
 
@@ -315,7 +317,7 @@ def run_report(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m reducio_jax.parity",
+        prog="python -m reducio_jax.convert.parity",
         description="Stage-by-stage errors of this port against the official PyTorch code.",
         epilog="Exit status 0 on success, 2 when the reference or inputs are unusable.",
     )
@@ -349,12 +351,12 @@ def _report(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from reducio_jax.errors import BAD_INPUT, bad_input_types, error_line
+    from reducio_jax.errors import BAD_INPUT, InputError, error_line
 
     args = parse_args(argv)
     try:
         print(_report(args))
-    except (ParityError, *bad_input_types()) as err:
+    except (InputError, FileNotFoundError) as err:
         print(error_line(err), file=sys.stderr)
         return BAD_INPUT
     return 0

@@ -1,4 +1,4 @@
-"""`reducio_jax.paths`: a `gs://` URL never becomes a local path, and no module of the package
+"""`reducio_jax.storage.paths`: a `gs://` URL never becomes a local path, and no module of the package
 builds a local path type from a user's path (they all go through `paths.as_path`)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import pathlib
 
 import pytest
 
-from reducio_jax import paths
+from reducio_jax.storage import paths
 
-PACKAGE = pathlib.Path(paths.__file__).resolve().parent
+PACKAGE = pathlib.Path(paths.__file__).resolve().parents[1]
 # Modules that may build local paths themselves, and why: configs are Python files imported
 # from the local disk; the parity report imports a local checkout of the reference code; the
 # hub's files are in huggingface_hub's local cache.
-LOCAL_ONLY = {"config.py", "parity.py", "paths.py", "convert/hub.py"}
+LOCAL_ONLY = {"config.py", "convert/parity.py", "storage/paths.py", "convert/hub.py"}
 LOCAL_CALLS = {
     ("pathlib", "Path"), ("pathlib", "PosixPath"), ("os.path", "abspath"),
     ("os.path", "expanduser"), ("os.path", "realpath"), (None, "open"),
@@ -48,7 +48,7 @@ def test_no_module_builds_a_local_path_from_user_input():
     offenders = [o for o in offenders if not (o.startswith("reconstruct.py:") and "realpath" in o)]
     # memory.py reads the kernel's /proc and /sys files (memory available), never user paths
     offenders = [o for o in offenders if not o.startswith("memory.py:")]
-    assert offenders == [], "use reducio_jax.paths.as_path for user paths:\n" + "\n".join(offenders)
+    assert offenders == [], "use reducio_jax.storage.paths.as_path for user paths:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("url", ["gs://bucket/run", "gs://bucket/a/b.mp4", "gs://b/x/"])

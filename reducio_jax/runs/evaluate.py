@@ -1,7 +1,7 @@
 """Reconstruction metrics of a Reducio-VAE over a dataset: PSNR, SSIM, LPIPS and rFVD.
 
 ```python
-from reducio_jax.evaluate import EvalOptions, evaluate, write_reports
+from reducio_jax.runs.evaluate import EvalOptions, evaluate, write_reports
 result = evaluate(EvalOptions(checkpoint="reducio-ft4.ckpt", config="configs/reducio_ft4.py",
                               data="/data/ucf101_val", num_clips=1000, i3d="i3d.pt"))
 write_reports(result, "eval_out")        # metrics.json, metrics.md, per_clip.jsonl
@@ -50,9 +50,8 @@ from reducio_jax.data.video import parse_resolution, safe_stem, to_uint8, write_
 from reducio_jax.errors import InputError
 from reducio_jax.metrics import FVDAccumulator, InceptionI3d, load_i3d, resize_video
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
-from reducio_jax.paths import Path, PathLike, as_path, staged, write_text
-from reducio_jax.preemption import StopOnSigterm
-from reducio_jax.runtime import (
+from reducio_jax.runs.preemption import StopOnSigterm
+from reducio_jax.runs.runtime import (
     RunOptions,
     clip_count,
     config_label,
@@ -63,6 +62,7 @@ from reducio_jax.runtime import (
     replicate,
     to_host,
 )
+from reducio_jax.storage.paths import Path, PathLike, as_path, staged, write_text
 
 log = logging.getLogger(__name__)
 METRICS = ("psnr", "ssim", "lpips", "rfvd")

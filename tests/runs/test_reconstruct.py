@@ -14,51 +14,21 @@ import av
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import recipe_checkpoint
+from helpers import TINY, pattern, read_video, recipe_checkpoint, write_video
 
 from configs import tiny
 from reducio_jax import ReducioVAE
 from reducio_jax.__main__ import main
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
-from reducio_jax.reconstruct import ReconstructOptions, reconstruct_videos, resample
+from reducio_jax.runs.reconstruct import ReconstructOptions, reconstruct_videos, resample
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.py")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def ckpt(fixtures_dir, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("cli") / "tiny.ckpt"
     return str(recipe_checkpoint(fixtures_dir, "tiny", path))
-
-
-def pattern(num_frames: int, height: int = 32, width: int = 32) -> np.ndarray:
-    """uint8 (N, H, W, 3): a smooth colour pattern drifting over the frame."""
-    t = np.arange(num_frames)[:, None, None, None]
-    y = np.arange(height)[None, :, None, None]
-    x = np.arange(width)[None, None, :, None]
-    c = np.arange(3)[None, None, None, :]
-    wave = np.sin(2 * np.pi * (x / width + t / 48) + c) * np.cos(2 * np.pi * (y / height - t / 64))
-    return np.round((0.7 * wave + 1) * 127.5).astype(np.uint8)
-
-
-def write_video(path: pathlib.Path, frames: np.ndarray, fps: int = 16, **options) -> pathlib.Path:
-    with av.open(str(path), "w", options=options) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv444p"
-        stream.options = {"qp": "0", "preset": "ultrafast", "g": "4"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def read_video(path: pathlib.Path) -> tuple[np.ndarray, float]:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        return np.stack(frames), float(stream.average_rate)
 
 
 def run_cli(*args: str, capsys) -> tuple[int, list[str], list[str]]:

@@ -27,7 +27,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from reducio_jax.paths import Path, PathLike, as_path, copytree, make_dirs, rmtree
+from reducio_jax.errors import InputError
+from reducio_jax.storage.paths import Path, PathLike, as_path, copytree, make_dirs, rmtree
 
 VAE = "vae"
 DISCRIMINATOR = "discriminator"
@@ -42,7 +43,7 @@ TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix of a save that is not commi
 METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-checkpoint metadata
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A directory that is not a checkpoint of this layout (one line, says what to do)."""
 
 

@@ -9,7 +9,7 @@ when the config enables tiling), cross-faded, and encoded to H.264 frame by fram
 holds the frames of one window batch, not the video.
 
 The window batch is chosen per video from memory by default (`window_batch="auto"`:
-`ReducioVAE.plan_memory`, `reducio_jax/memory.py`): one window a call on the CPU, on
+`ReducioVAE.plan_memory`, `reducio_jax/programs/planner.py`): one window a call on the CPU, on
 accelerators as many (up to 16, and no more than the video has) as the compiled program's
 memory analysis says fit in the memory available or `max_memory`; frames are tiled one tile
 a step when one window does not fit, and when one tile does not either the video fails with
@@ -44,7 +44,6 @@ from tqdm import tqdm
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
 from reducio_jax.config import derived
 from reducio_jax.data.video import list_videos, to_uint8
-from reducio_jax.memory import Plan, parse_size
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
 from reducio_jax.models.windows import (
     Stitcher,
@@ -53,8 +52,11 @@ from reducio_jax.models.windows import (
     pad_frames,
     plan_windows,
 )
-from reducio_jax.paths import Path, PathLike, as_path, is_remote, open_media, staged
-from reducio_jax.runtime import ConfigSpec, InputError, load_vae, plan_batch, resolve_config
+from reducio_jax.programs.budget import parse_size
+from reducio_jax.programs.footprint import Plan
+from reducio_jax.programs.planner import parse_window_batch, plan_batch
+from reducio_jax.runs.runtime import ConfigSpec, InputError, load_vae, resolve_config
+from reducio_jax.storage.paths import Path, PathLike, as_path, is_remote, open_media, staged
 
 MIN_SIZE = 32  # pixels: the model's spatial compression
 OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")
@@ -73,7 +75,7 @@ class ReconstructOptions:
     side_by_side: bool = False
     overlap: int = DEFAULT_OVERLAP
     window_batch: int | str = "auto"  # or a fixed number of windows a call
-    max_memory: str | None = None  # e.g. "8GB": memory for the whole process (None: measured)
+    max_memory: str | int | None = None  # "8GB" or bytes: for the whole process (None: measured)
     crf: int = 18
     progress: bool = True
 
@@ -390,7 +392,7 @@ def plan_memory(
         None if expected is None else len(plan_windows(expected, vae.window, opts.overlap).starts)
     )
     return plan_batch(
-        vae,
+        vae.programs,
         None,
         info.height,
         info.width,
@@ -503,15 +505,17 @@ def plan_outputs(source: str, output: str) -> list[tuple[Path, Path]]:
     return [(src, out)]
 
 
-def _check_options(opts: ReconstructOptions, window: int) -> None:
-    if opts.window_batch != "auto" and (
-        not isinstance(opts.window_batch, int) or opts.window_batch < 1
-    ):
-        raise InputError(f"--window_batch {opts.window_batch} must be at least 1")
+def _checked(opts: ReconstructOptions, window: int) -> ReconstructOptions:
+    """`opts` with its window batch and memory size parsed (once, before the model loads)."""
+    window_batch = parse_window_batch(opts.window_batch)
+    if window_batch is None:
+        raise InputError("--window_batch: give 'auto' or a number of windows")
+    max_memory = None if opts.max_memory is None else parse_size(opts.max_memory)
     try:
         check_overlap(window, opts.overlap)
     except ValueError as err:
         raise InputError(f"--overlap: {err}") from None
+    return dataclasses.replace(opts, window_batch=window_batch, max_memory=max_memory)
 
 
 def _usable(pairs, single: bool) -> tuple[list[tuple[Probe, Path]], list[str]]:
@@ -538,9 +542,7 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
     folder are done when some of them could not be used.
     """
     cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
-    _check_options(opts, derived(cfg).num_frames)
-    if opts.max_memory is not None:
-        parse_size(opts.max_memory)  # a bad size fails before the model loads
+    opts = _checked(opts, derived(cfg).num_frames)
     pairs = plan_outputs(opts.input, opts.output)
     single = not as_path(opts.input).is_dir()
     usable, skipped = _usable(pairs, single)

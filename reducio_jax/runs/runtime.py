@@ -10,9 +10,6 @@
 * `global_mesh(devices)` / `local_mesh(devices)`: a ("data", "fsdp"=1) mesh; the batch is split
   over "data".
 * `to_host`: (sharded, multi-host) jax arrays -> numpy.
-* `plan_batch(vae, mesh, height, width, op=...)`: the batch (windows or clips a call, a multiple
-  of the mesh's devices) and tiling chosen from memory (`ReducioVAE.plan_memory`), or a fixed
-  batch checked to fit.
 """
 
 from __future__ import annotations
@@ -28,15 +25,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reducio_jax import memory
 from reducio_jax.api import ReducioVAE
 from reducio_jax.config import load_config
 from reducio_jax.convert.checkpoint import load_pretrained_config
 from reducio_jax.convert.hub import is_hub
 from reducio_jax.data.pipeline import as_config
 from reducio_jax.errors import InputError
-from reducio_jax.paths import as_path
 from reducio_jax.sharding import make_mesh
+from reducio_jax.storage.paths import as_path
 
 DEFAULT_SYNTHETIC_CLIPS = 16
 ConfigSpec = str | os.PathLike | ml_collections.ConfigDict | None
@@ -91,76 +87,6 @@ def batch_size_for(mesh: Mesh, batch_size: int | None) -> int:
     if b <= 0 or b % n:
         raise InputError(f"--batch_size {b} must be a positive multiple of the {n} device(s)")
     return b
-
-
-def check_batch(mesh: Mesh | None, batch: int | str, flag: str) -> None:
-    """`batch` is "auto" or a positive multiple of the mesh's devices (InputError if not)."""
-    n = 1 if mesh is None else mesh.devices.size
-    if batch != "auto" and (not isinstance(batch, int) or batch <= 0 or batch % n):
-        raise InputError(f"{flag} {batch} must be a positive multiple of the {n} device(s)")
-
-
-def plan_batch(
-    vae: ReducioVAE,
-    mesh: Mesh | None,
-    height: int,
-    width: int,
-    *,
-    op: str,
-    batch: int | str = "auto",
-    max_memory: str | None = None,
-    count: int | None = None,
-    flag: str = "--window_batch",
-) -> memory.Plan:
-    """The global batch (windows or clips a call, a positive multiple of the devices of `mesh`)
-    and tiling for `op` on HxW frames: "auto" as many as fit in memory (at most `count`, the
-    most the data has), or the fixed `batch` checked to fit. `memory.OutOfMemory` (one line,
-    an `InputError`) when it does not, or not even one tile of one window fits.
-
-    The devices of a CPU mesh share the host's memory, so a batch of B needs B windows there;
-    an accelerator holds its B / n windows in its own memory."""
-    check_batch(mesh, batch, flag)
-    n = 1 if mesh is None else mesh.devices.size
-    shared = n if _host_memory(mesh) else 1  # devices whose windows live in one memory
-    per = n // shared  # global batch = windows in one memory * per
-    if batch != "auto":
-        return _fixed_batch(vae, height, width, op, batch, per, max_memory, flag)
-    cap = memory.default_cap() if count is None else min(memory.default_cap(), -(-count // per))
-    plan = vae.plan_memory(height, width, op=op, max_memory=max_memory, cap=max(shared, cap))
-    local = max(shared, plan.window_batch // shared * shared)  # a whole batch per device
-    if local != plan.window_batch:
-        need = vae.footprint(op, local, plan.frame, plan.tiles).need(plan.resident)
-        if need > plan.available:
-            raise memory.OutOfMemory(
-                f"not enough memory: {local} windows a call (one per device) need "
-                f"{memory.gib(need)} and {plan.source} leaves {memory.gib(plan.available)}; "
-                f"{plan.window_batch} would fit: use --devices {plan.window_batch}"
-            )
-        plan = dataclasses.replace(plan, window_batch=local, need=need)
-    return dataclasses.replace(plan, window_batch=local * per)
-
-
-def _fixed_batch(vae, height, width, op, batch, per, max_memory, flag) -> memory.Plan:
-    """A fixed global `batch`: its program with the config's tiling must fit (or, at one
-    window in a memory, the planner's tiling)."""
-    local = batch // per
-    plan = vae.plan_memory(height, width, op=op, max_memory=max_memory, cap=local)
-    if plan.window_batch != local:  # (the planner's linear estimate may have stopped short)
-        need = vae.footprint(op, local, plan.frame, vae.tiles).need(plan.resident)
-        if need > plan.available:
-            where = "" if per == 1 else " per device"
-            raise memory.OutOfMemory(
-                f"{flag} {batch} needs {memory.gib(need)}{where} and {plan.source} leaves "
-                f"{memory.gib(plan.available)}; leave {flag} out to choose it from memory"
-            )
-        plan = dataclasses.replace(plan, window_batch=local, tiles=vae.tiles, need=need)
-    return dataclasses.replace(plan, window_batch=batch)
-
-
-def _host_memory(mesh: Mesh | None) -> bool:
-    """Whether the mesh's devices share one memory (CPU devices: the host's RAM)."""
-    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-    return device.platform == "cpu"
 
 
 def replicate(module: nnx.Module, mesh: Mesh) -> nnx.Module:
@@ -318,7 +244,6 @@ __all__ = [
     "InputError",
     "RunOptions",
     "batch_size_for",
-    "check_batch",
     "clip_count",
     "config_label",
     "data_config",
@@ -327,7 +252,6 @@ __all__ = [
     "global_mesh",
     "load_vae",
     "local_mesh",
-    "plan_batch",
     "prepare",
     "replicate",
     "resolve_config",

@@ -1,5 +1,5 @@
-"""The CPU backend's malloc settings (reducio_jax/models/host_memory.py), in fresh processes:
-freed memory reused from the first model trace on the CPU, one heap for all threads when asked
+"""The CPU backend's malloc settings (reducio_jax/programs/allocator.py), in fresh processes:
+freed memory reused from the first program lowered for the CPU, one heap for all threads when asked
 before JAX starts; both off with REDUCIO_JAX_MALLOC=0."""
 
 from __future__ import annotations
@@ -11,19 +11,24 @@ from helpers import run_probe
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
-# Traces one convolution on the CPU, then reports whether the setting was applied, and whether
-# a 64 MiB block now comes from the heap (below the program break) rather than its own mmap.
+# Lowers an inference program for the CPU, then reports whether the setting was applied, and
+# whether a 64 MiB block now comes from the heap (below the program break) rather than its own
+# mmap.
 PROBE = """
 import ctypes, jax, jax.numpy as jnp
-from reducio_jax.models import convolution, host_memory
-x, w = jnp.ones((1, 2, 4, 4, 8)), jnp.ones((3, 3, 3, 8, 8))
-convolution.conv_general_dilated(x, w, (1, 1, 1), [(1, 1)] * 3,
-                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+from flax import nnx
+from configs import tiny
+from reducio_jax.models import build_vae
+from reducio_jax.programs import allocator, lowering
+with nnx.use_eager_sharding(False):
+    graphdef, state = nnx.split(build_vae(tiny.get_config().model))
+frame = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+lowering.lower("content", graphdef, state, (frame,), None)
 libc = ctypes.CDLL(None)
 libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
 libc.malloc.argtypes, libc.sbrk.argtypes = (ctypes.c_size_t,), (ctypes.c_long,)
 block = libc.malloc(64 << 20)
-print(host_memory.reuse_freed_memory.cache_info().currsize, block < libc.sbrk(0))
+print(allocator.reuse_freed_memory.cache_info().currsize, block < libc.sbrk(0))
 """
 
 
@@ -47,10 +52,10 @@ def test_switched_off():
 ONE_HEAP_PROBE = """
 import resource, sys
 import jax, jax.numpy as jnp
-from reducio_jax.models import host_memory
+from reducio_jax.programs import allocator
 if sys.argv[1] == "after":
     jnp.zeros(1).block_until_ready()  # JAX's CPU backend and its threads have started
-shared = host_memory.share_one_heap()
+shared = allocator.share_one_heap()
 dims = ("NHWC", "HWIO", "NHWC")
 conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=dims))
 x, w = jnp.ones((8, 256, 256, 96)), jnp.ones((3, 3, 96, 8))  # 201 MB in, 17 MB out
@@ -60,8 +65,8 @@ for _ in range(4):
     conv(x, w).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 faults = min(faults[1:])  # the fewest of the runs after the first
-heaps = host_memory.heap_count()
-print(shared, host_memory.one_heap_shared(), faults, heaps)
+heaps = allocator.heap_count()
+print(shared, allocator.one_heap_shared(), faults, heaps)
 """
 
 

@@ -1,4 +1,4 @@
-"""The ahead-of-time compile for a TPU topology (reducio_jax/aot.py, `python -m reducio_jax
+"""The ahead-of-time compile for a TPU topology (reducio_jax/aot/sizing.py, `python -m reducio_jax
 compile`): the training step of a cut-down model compiled by libtpu's compile-only client for
 a v5e:2x2 slice on this CPU host, and its encoder for the batch search. Skipped only where
 libtpu is not installed (`pip install -e ".[tpu]"`; CI installs it). The TPU compiler's time
@@ -13,7 +13,8 @@ import math
 import jax
 import pytest
 
-from reducio_jax import aot, cli
+from reducio_jax import cli
+from reducio_jax.aot import sizing, topologies
 from reducio_jax.cli.compile import format_record
 from reducio_jax.config import load_config
 from reducio_jax.errors import InputError
@@ -36,13 +37,13 @@ def _config(fsdp: int):
 
 @pytest.fixture(scope="module")
 def devices():
-    return aot.tpu_devices(TOPOLOGY)
+    return topologies.tpu_devices(TOPOLOGY)
 
 
 @pytest.fixture(scope="module")
-def data_parallel(devices) -> aot.CompileRecord:
+def data_parallel(devices) -> sizing.CompileRecord:
     """train_step at 1 clip per chip on data=4 (the API)."""
-    return aot.compile_program(_config(1), "train_step", devices, topology=TOPOLOGY)
+    return sizing.compile_program(_config(1), "train_step", devices, topology=TOPOLOGY)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_train_step_compiles_for_the_tpu(data_parallel):
     r = data_parallel
     assert r.fits and not r.error, r.error
     assert r.device_kind == "TPU v5 lite" and r.num_chips == 4 and r.mesh["data"] == 4
-    assert r.hbm_bytes == aot.HBM_BYTES["TPU v5 lite"]
+    assert r.hbm_bytes == topologies.HBM_BYTES["TPU v5 lite"]
     assert 0 < r.temp_bytes < r.total_bytes <= r.hbm_bytes
     assert r.flops_per_chip > 0 and r.compile_seconds > 0
     assert "fits: total" in format_record(r)
@@ -79,7 +80,7 @@ def test_state_bytes_per_chip_shrink_with_fsdp(data_parallel, fsdp_command):
     """fsdp=2 halves every parameter and Adam moment whose sharded axis 2 divides; what the
     rules leave replicated (norm scales, the 3-channel convolutions' odd axes) stays whole."""
     _, fsdp = fsdp_command
-    state = aot.state_lib.abstract_state(_config(2))
+    state = sizing.state_lib.abstract_state(_config(2))
     full = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
     assert data_parallel.state_bytes == full  # data parallel: every chip holds all of it
     assert full / 2 <= fsdp["state_bytes"] < 0.6 * full
@@ -92,11 +93,11 @@ def test_state_bytes_per_chip_shrink_with_fsdp(data_parallel, fsdp_command):
 def test_find_batch_returns_a_batch_that_fits_and_the_next_does_not(devices):
     """On the encoder (a forward program: two quick compiles), judged against a limit between
     its totals at batch 1 and batch 2."""
-    made: dict[int, aot.CompileRecord] = {}
+    made: dict[int, sizing.CompileRecord] = {}
 
-    def compile_at(batch: int) -> aot.CompileRecord:
+    def compile_at(batch: int) -> sizing.CompileRecord:
         if batch not in made:
-            made[batch] = aot.compile_program(
+            made[batch] = sizing.compile_program(
                 _config(1), "encode", devices, batch_per_chip=batch, topology=TOPOLOGY
             )
         return made[batch]
@@ -104,11 +105,11 @@ def test_find_batch_returns_a_batch_that_fits_and_the_next_does_not(devices):
     one, two = compile_at(1), compile_at(2)
     assert one.fits and two.total_bytes > one.total_bytes
     limit = (one.total_bytes + two.total_bytes) // 2
-    best, tried = aot.find_batch(lambda b: aot.with_limit(compile_at(b), limit))
+    best, tried = sizing.find_batch(lambda b: sizing.with_limit(compile_at(b), limit))
     by_batch = {r.batch_per_chip: r for r in tried}
     assert best == 1 and by_batch[1].fits and by_batch[1].total_bytes <= limit
     assert not by_batch[2].fits and by_batch[2].hbm_bytes == limit
-    assert aot.find_batch(lambda b: aot.with_limit(compile_at(b), one.total_bytes - 1))[0] == 0
+    assert sizing.find_batch(lambda b: sizing.with_limit(compile_at(b), one.total_bytes - 1))[0] == 0
 
 
 @needs_libtpu
@@ -137,7 +138,7 @@ def test_the_configs_tpu_options_reach_the_tpu_compiler(devices):
     cfg = _config(1)
     cfg.train.tpu_compiler_options = {"xla_tpu_scheduler_percent_shared_memory_limit": "lots"}
     with pytest.raises(InputError, match="tpu_compiler_options.*lots"):
-        aot.compile_program(cfg, "train_step", devices, topology=TOPOLOGY)
+        sizing.compile_program(cfg, "train_step", devices, topology=TOPOLOGY)
 
 
 def test_tile_batch_bounds_a_tiled_program():
@@ -151,7 +152,7 @@ def test_tile_batch_bounds_a_tiled_program():
     cfg.data.resolution, cfg.data.batch_size, cfg.mesh.shape = 96, 1, {"data": 1}
     mesh = make_mesh(cfg.mesh, jax.devices("cpu")[:1])
     temps = {
-        n: aot._lower_inference(cfg, mesh, "reconstruct", n).compile().memory_analysis()
+        n: sizing._lower_inference(cfg, mesh, "reconstruct", n).compile().memory_analysis()
         for n in (None, 1)
     }
     assert 0 < temps[1].temp_size_in_bytes < temps[None].temp_size_in_bytes

@@ -1,4 +1,4 @@
-"""The memory planner (`reducio_jax/memory.py`): the window batch and tiling chosen from the
+"""The memory planner (`reducio_jax/programs/planner.py`): the window batch and tiling chosen from the
 compiled program's own memory analysis, rounded to the devices of a mesh, and `reconstruct`
 and `encode --whole_videos` under a real address-space limit (`ulimit -v`, set with
 `resource.setrlimit` in the child) completing where a fixed batch of 4 does not fit, or ending
@@ -22,30 +22,27 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from helpers import max_err, recipe_checkpoint, run_probe
-from test_reconstruct_cli import TINY, pattern, read_video, write_video
+from helpers import TINY, max_err, pattern, read_video, recipe_checkpoint, run_probe, write_video
 
 from configs import tiny
 from reducio_jax import ReducioVAE
 from reducio_jax.errors import InputError
 from reducio_jax.latents import LatentStore
-from reducio_jax.memory import (
-    RESERVE,
+from reducio_jax.models.tiling import TileConfig
+from reducio_jax.programs.budget import RESERVE, gib, parse_size, process_status
+from reducio_jax.programs.planner import (
     SKIP_OVER,
     OutOfMemory,
     Plan,
     Request,
-    _status,
-    gib,
-    parse_size,
+    plan_batch,
     plan_windows_batch,
     replan_if_short,
     untiled_estimate,
 )
-from reducio_jax.models.tiling import TileConfig
-from reducio_jax.runtime import local_mesh, plan_batch
+from reducio_jax.runs.runtime import local_mesh
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +63,14 @@ def resident(vae: ReducioVAE) -> int:
 def request(vae: ReducioVAE, frame: tuple[int, int], room: int, cap: int = 4) -> Request:
     fallback = TileConfig(256, 0.25, vae.spatial_factor)  # tiny.py's tile size
     return Request(
-        measure=lambda batch, tiles: vae.footprint("reconstruct", batch, frame, tiles),
-        resident=resident(vae),
-        tiles=None,
-        fallback=fallback,
+        programs=vae.programs,
+        op="reconstruct",
         frame=frame,
         available=(room, "the test's budget"),
         cap=cap,
+        tiles=None,
+        fallback=fallback,
+        estimate=False,
     )
 
 
@@ -121,20 +119,20 @@ def test_a_large_frame_is_estimated_before_it_is_compiled_whole():
     req = dataclasses.replace(
         request(vae, frame, 0),
         fallback=TileConfig(64, 0.25, vae.spatial_factor),
-        probe=lambda size: vae.footprint("reconstruct", 1, size, None),
+        estimate=True,
     )
     estimate = untiled_estimate(req)
-    probed = {key[2] for key in vae._footprints}
+    probed = {key[2] for key in vae.programs.measured()}
     assert probed == {(64, 64), (96, 96)}  # one and two tiles' area, multiples of 32
     whole_key = ("reconstruct", 1, frame, None)
     plan = plan_windows_batch(dataclasses.replace(req, available=(estimate // 2, "test")))
-    assert plan.tiled and whole_key not in vae._footprints
+    assert plan.tiled and whole_key not in vae.programs.measured()
     with pytest.raises(OutOfMemory, match=r"a whole 160x160 window: about"):
         plan_windows_batch(dataclasses.replace(req, available=(1, "test")))
-    assert whole_key not in vae._footprints
+    assert whole_key not in vae.programs.measured()
     room = 2 * estimate  # the estimate is under the room: the whole window is compiled
     plan = plan_windows_batch(dataclasses.replace(req, available=(room, "test"), cap=1))
-    whole = vae._footprints[whole_key].need(resident(vae))
+    whole = vae.footprint(*whole_key).need(resident(vae))
     assert not plan.tiled and plan.need == whole
     assert whole / SKIP_OVER < estimate < whole * SKIP_OVER
     assert untiled_estimate(dataclasses.replace(req, frame=(128, 128))) is None  # 4 tiles
@@ -182,23 +180,23 @@ def test_batch_on_a_mesh_of_cpu_devices(vae):
     from what fits; when one window per device does not fit, it fails."""
     mesh = local_mesh(2)
     need = {b: vae.footprint("encode", b, (64, 64), None).need(resident(vae)) for b in (1, 2, 3)}
-    plan = plan_batch(vae, mesh, 64, 64, op="encode", count=3)  # 3 fit (RAM), 2 is the multiple
+    plan = plan_batch(vae.programs, mesh, 64, 64, op="encode", count=3)  # 3 fit (RAM), 2 is the multiple
     assert plan.window_batch == 2 and plan.need == need[2]
     leaves = (need[1] + need[2]) // 2  # one window fits, two do not
     with pytest.raises(OutOfMemory, match=f"2 windows a call .one per device. need {gib(need[2])}"):
-        plan_batch(vae, mesh, 64, 64, op="encode", max_memory=_status("VmRSS") + RESERVE + leaves)
+        plan_batch(vae.programs, mesh, 64, 64, op="encode", max_memory=process_status("VmRSS") + RESERVE + leaves)
     with pytest.raises(InputError, match="--batch_size 3 must be a positive multiple of the 2"):
-        plan_batch(vae, mesh, 64, 64, op="decode", batch=3, flag="--batch_size")
+        plan_batch(vae.programs, mesh, 64, 64, op="decode", batch=3, flag="--batch_size")
 
 
 # -- the command under a real limit ---------------------------------------------------------------
 
 VMSIZE = (
     "import sys, jax\n"
-    "from reducio_jax.runtime import load_vae\n"
-    "from reducio_jax.memory import _status\n"
+    "from reducio_jax.runs.runtime import load_vae\n"
+    "from reducio_jax.programs.budget import process_status\n"
     "load_vae(sys.argv[1], sys.argv[2], None)\n"
-    "print(_status('VmSize'))\n"
+    "print(process_status('VmSize'))\n"
 )
 
 
@@ -250,11 +248,11 @@ def _assert_one_error(done: subprocess.CompletedProcess, match: str, out=None) -
 ENCODE_VMSIZE = (
     "import sys, jax\n"
     "from reducio_jax.latents.videos import as_path, probe\n"
-    "from reducio_jax.runtime import load_vae, local_mesh\n"
-    "from reducio_jax.memory import _status\n"
+    "from reducio_jax.runs.runtime import load_vae, local_mesh\n"
+    "from reducio_jax.programs.budget import process_status\n"
     "load_vae(sys.argv[1], sys.argv[2], local_mesh())\n"
     "probe(as_path(sys.argv[3]))\n"
-    "print(_status('VmSize'))\n"
+    "print(process_status('VmSize'))\n"
 )
 
 

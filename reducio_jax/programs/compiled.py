@@ -1,0 +1,159 @@
+"""The executables of one model: compiled once per shape, kept, and measured.
+
+`Programs(model, tiles=..., fallback=...)` runs an op (`programs("reconstruct", video, None,
+tiles=...)`) through the executable compiled for its inputs' shapes, dtypes and shardings,
+compiling it (`lowering.lower(...).compile()`) the first time; inside a user's `jax.jit` (any
+input a tracer) it calls the op's jit instead, so the methods nest. `footprint(...)` is XLA's
+memory analysis of the program for a number of windows of a frame size: the planner's only
+question. A measured program is kept unless `keep=False` (a probe), and `candidates()` drops
+the ones the planner measured and did not choose: the executable the planner measured is the
+one that runs. `compiles` and `compile_seconds` count this model's compiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+
+from reducio_jax.models import VideoVAE
+from reducio_jax.models.tiling import TileConfig
+from reducio_jax.programs import lowering
+from reducio_jax.programs.footprint import Footprint
+
+Key = tuple  # (op, tiles, input tree structure, ((shape, dtype, sharding), ...))
+
+
+def _is_tracer(tree: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _placement(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding | None:
+    """None for one device, the first (what an unsharded program is compiled for)."""
+    if sharding is None:
+        return None
+    devices = sharding.device_set
+    if len(devices) == 1 and next(iter(devices)) == jax.devices()[0]:
+        return None
+    return sharding
+
+
+def input_key(op: str, tiles: TileConfig | None, inputs: Any) -> Key:
+    """What an executable is specific to: the op, the tiling, and each input's shape, dtype
+    and placement (arrays and `jax.ShapeDtypeStruct`s of the same inputs give one key)."""
+    leaves, tree = jax.tree.flatten(inputs)
+    avals = tuple(
+        (tuple(x.shape), str(x.dtype), _placement(getattr(x, "sharding", None))) for x in leaves
+    )
+    return (op, tiles, tree, avals)
+
+
+class Programs:
+    """One model's compiled inference programs (see the module docstring)."""
+
+    def __init__(self, model: VideoVAE, *, tiles: TileConfig | None, fallback: TileConfig):
+        self.model = model
+        self.tiles = tiles  # the config's tiling (None: never tiled)
+        self.fallback = fallback  # the tile size used when memory calls for tiling
+        self.window = model.sizes.num_frames
+        self.spatial_factor = model.sizes.spatial_factor
+        self.compiles = 0
+        self.compile_seconds = 0.0
+        self._executables: dict[Key, jax.stages.Compiled] = {}
+        self._footprints: dict[tuple, Footprint] = {}
+        self._new: list[Key] | None = None  # executables compiled inside `candidates()`
+        self._inputs: dict[tuple, tuple] = {}
+
+    @property
+    def resident(self) -> int:
+        """Bytes of the model's state (parameters and fixed tables) already held."""
+        return sum(x.nbytes for x in jax.tree.leaves(nnx.state(self.model)))
+
+    # -- running ------------------------------------------------------------------------------
+    def __call__(self, op: str, *inputs: Any, tiles: TileConfig | None) -> Any:
+        graphdef, state = nnx.split(self.model)
+        if _is_tracer(inputs) or _is_tracer(state):
+            return lowering.JITS[op](graphdef, state, *inputs, tiles=tiles)
+        key = input_key(op, tiles, inputs)
+        executable = self._executables.get(key)
+        if executable is None:
+            executable = self._compile(key, lowering.lower(op, graphdef, state, inputs, tiles))
+        return executable(state, *inputs)
+
+    def _compile(self, key: Key | None, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        start = time.perf_counter()
+        executable = lowered.compile()
+        self.compiles += 1
+        self.compile_seconds += time.perf_counter() - start
+        if key is not None:
+            self._executables[key] = executable
+            if self._new is not None:
+                self._new.append(key)
+        return executable
+
+    def executables(self) -> list[Key]:
+        """The keys of the executables kept."""
+        return list(self._executables)
+
+    # -- measuring ----------------------------------------------------------------------------
+    def footprint(
+        self,
+        op: str,
+        batch: int,
+        frame: tuple[int, int],
+        tiles: TileConfig | None,
+        *,
+        keep: bool = True,
+    ) -> Footprint:
+        """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples
+        of 32) px on one device, compiled once per shape. `keep=False`: a probe, compiled
+        through a jit of its own and dropped (nothing of it stays in memory)."""
+        measured = (op, batch, frame, tiles)
+        if measured in self._footprints:
+            return self._footprints[measured]
+        graphdef, state = nnx.split(self.model)
+        inputs = self.window_inputs(op, batch, frame)
+        key = input_key(op, tiles, inputs)
+        executable = self._executables.get(key)
+        if executable is None:
+            lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
+            executable = self._compile(key if keep else None, lowered)
+        footprint = Footprint.of(executable, lowering.input_bytes(inputs))
+        self._footprints[measured] = footprint
+        return footprint
+
+    def window_inputs(self, op: str, batch: int, frame: tuple[int, int]) -> tuple:
+        """The abstract inputs of `op` for `batch` windows of `frame` px on one device."""
+        if (op, batch, frame) not in self._inputs:
+            graphdef, state = nnx.split(self.model)
+            inputs = lowering.window_inputs(op, graphdef, state, batch, frame, self.window)
+            self._inputs[op, batch, frame] = inputs
+        return self._inputs[op, batch, frame]
+
+    def measured(self) -> list[tuple]:
+        """(op, batch, frame, tiles) of every program measured so far."""
+        return list(self._footprints)
+
+    @contextlib.contextmanager
+    def candidates(self) -> Iterator[Callable[[str, int, tuple[int, int], Any], None]]:
+        """Executables compiled inside are candidates: at the end only those passed to the
+        yielded `keep(op, batch, frame, tiles)` stay."""
+        outer, self._new = self._new, []
+        kept: set[Key] = set()
+
+        def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any) -> None:
+            kept.add(input_key(op, tiles, self.window_inputs(op, batch, frame)))
+
+        try:
+            yield keep
+        finally:
+            new, self._new = self._new, outer
+            for key in new:
+                if key not in kept:
+                    self._executables.pop(key, None)
+                elif outer is not None:
+                    outer.append(key)
