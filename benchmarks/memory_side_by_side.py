@@ -156,8 +156,8 @@ def run_torch(job: dict) -> dict:
     import numpy as np
     import torch
 
-    from reducio_jax.convert import parity
     from reducio_jax.convert.torch_format import load_state_dict
+    from reducio_jax.runs import parity
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     cfg, video = clip_and_config(job)
@@ -192,7 +192,7 @@ def write_checkpoint(reference: str, config: str, path: pathlib.Path) -> None:
     import torch
     from torch_reference import recipe_state_dict
 
-    from reducio_jax.convert import parity
+    from reducio_jax.runs import parity
 
     cfg, _ = clip_and_config({"config": config, "frames": 1, "height": 8, "width": 8})
     with contextlib.redirect_stdout(sys.stderr):

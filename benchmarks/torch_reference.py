@@ -1,6 +1,6 @@
 """The official PyTorch Reducio-VAE beside `ReducioVAE.reconstruct`: same weights, same input.
 
-The official code is imported from the user's checkout by `reducio_jax.convert.parity` (with its
+The official code is imported from the user's checkout by `reducio_jax.runs.parity` (with its
 stand-ins for xformers, taming and Lightning); nothing of it is copied here. Weights: the
 parity fixtures' recipe (tests/recipe.py: every value a function of its key name and shape)
 over the keys of the official model, written once as a torch-format checkpoint with the
@@ -58,8 +58,8 @@ def load_reference(path: str, cfg: Any, checkpoint: pathlib.Path) -> tuple[Any, 
     import torch
 
     from reducio_jax.api import ReducioVAE
-    from reducio_jax.convert import parity
     from reducio_jax.convert.torch_format import load_state_dict
+    from reducio_jax.runs import parity
 
     try:
         module = parity.import_reference(path)
@@ -79,7 +79,7 @@ def time_reference(
     times, the reconstruction and their peak memory (`harness.PeakMemory`, as ours)."""
     import torch
 
-    from reducio_jax.convert import parity
+    from reducio_jax.runs import parity
 
     torch.set_num_threads(
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

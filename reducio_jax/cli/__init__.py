@@ -28,8 +28,9 @@ from types import ModuleType
 
 from absl import flags
 
+from reducio_jax.cli import shared_flags
 from reducio_jax.errors import BAD_INPUT, INTERRUPTED, error_line, exit_status
-from reducio_jax.programs import allocator
+from reducio_jax.programs import allocator, cache
 
 # command -> one line; each is the module reducio_jax.cli.<command> (imported when run).
 COMMANDS = {
@@ -88,6 +89,7 @@ def run_command(command: str, args: Sequence[str], prog: str) -> int:
     argv = [prog, *args]
     fv = flags.FlagValues()
     module.define(fv, argv)
+    shared_flags.define_compilation_cache(fv)
     if any(a in HELP_FLAGS for a in args):
         print(command_help(prog, module, fv))
         return 0
@@ -99,7 +101,12 @@ def run_command(command: str, args: Sequence[str], prog: str) -> int:
     if command in ONE_HEAP_COMMANDS:
         allocator.share_one_heap()
     try:
-        return module.run(fv, positional)
+        cache.use_compilation_cache(fv["compilation_cache"].value)
+        with cache.CompileCount() as compiles:
+            status = module.run(fv, positional)
+        if "progress" in fv and fv["progress"].value:  # beside the progress bars, on stderr
+            print(compiles.describe(), file=sys.stderr, flush=True)
+        return status
     except KeyboardInterrupt as stop:  # a command may say what it kept: "...; MESSAGE"
         print("; ".join(["error: interrupted", *map(str, stop.args)]), file=sys.stderr)
         return INTERRUPTED

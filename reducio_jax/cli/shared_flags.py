@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from reducio_jax.errors import InputError
+from reducio_jax.programs.cache import DEFAULT_CACHE
 from reducio_jax.programs.planner import parse_window_batch
 
 CHECKPOINT_HELP = (
@@ -90,6 +91,17 @@ def define_checkpoint(fv: flags.FlagValues, help_text: str = CHECKPOINT_HELP) ->
 
 def define_out(fv: flags.FlagValues, help_text: str, default: str | None = None) -> None:
     flags.DEFINE_string("out", default, help_text, flag_values=fv)
+
+
+def define_compilation_cache(fv: flags.FlagValues) -> None:
+    """--compilation_cache, which every command takes (`reducio_jax.cli.run_command`)."""
+    flags.DEFINE_string(
+        "compilation_cache",
+        DEFAULT_CACHE,
+        "JAX's persistent compilation cache: a folder or gs:// URL ('' = off; the environment's "
+        "JAX_COMPILATION_CACHE_DIR wins). A second run on the same shapes compiles nothing.",
+        flag_values=fv,
+    )
 
 
 def define_progress(fv: flags.FlagValues) -> None:

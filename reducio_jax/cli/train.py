@@ -52,13 +52,6 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     )
     shared.define_progress(fv)
     shared.define_distributed(fv)
-    flags.DEFINE_string(
-        "compilation_cache",
-        "~/.cache/reducio_jax/xla",
-        "JAX persistent compilation cache ('' = off; JAX_COMPILATION_CACHE_DIR wins): resumed "
-        "and repeated runs skip compiling.",
-        flag_values=fv,
-    )
 
 
 def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
@@ -70,7 +63,6 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
 
     _set_up_logging()
     shared.init_distributed(fv)
-    _init_compilation_cache(fv["compilation_cache"].value)
     from reducio_jax.train.loop import run as train
 
     cfg = fv["config"].value
@@ -125,15 +117,6 @@ def workdir_for(cfg, flag_value: str | None, config_path: str):
     return as_path(
         os.path.join("runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
     )
-
-
-def _init_compilation_cache(directory: str) -> None:
-    import jax
-
-    if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from reducio_jax.storage.paths import as_path
-
-        jax.config.update("jax_compilation_cache_dir", os.fspath(as_path(directory)))
 
 
 def summarize(result) -> None:

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(paths.__file__).resolve().parents[1]
 # Modules that may build local paths themselves, and why: configs are Python files imported
 # from the local disk; the parity report imports a local checkout of the reference code; the
 # hub's files are in huggingface_hub's local cache.
-LOCAL_ONLY = {"config.py", "convert/parity.py", "storage/paths.py", "convert/hub.py"}
+LOCAL_ONLY = {"config.py", "runs/parity.py", "storage/paths.py", "convert/hub.py"}
 LOCAL_CALLS = {
     ("pathlib", "Path"), ("pathlib", "PosixPath"), ("os.path", "abspath"),
     ("os.path", "expanduser"), ("os.path", "realpath"), (None, "open"),

@@ -1,4 +1,4 @@
-"""`python -m reducio_jax.convert.parity`: the missing-reference errors, the comparison core (with a
+"""`python -m reducio_jax.runs.parity`: the missing-reference errors, the comparison core (with a
 stand-in reference built from the JAX model), the optional-dependency shims, and, opt-in, the
 real report (set REDUCIO_REFERENCE_REPO to a checkout of the official repository)."""
 
@@ -14,7 +14,7 @@ import pytest
 from helpers import recipe_checkpoint
 
 from reducio_jax import ReducioVAE, load_config
-from reducio_jax.convert.parity import (
+from reducio_jax.runs.parity import (
     STAGES,
     compare_stages,
     format_report,

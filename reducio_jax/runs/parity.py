@@ -1,6 +1,6 @@
 """Parity report: this port against the official PyTorch Reducio-VAE, stage by stage.
 
-    python -m reducio_jax.convert.parity --ckpt reducio-ft4.ckpt --config configs/reducio_ft4.py \
+    python -m reducio_jax.runs.parity --ckpt reducio-ft4.ckpt --config configs/reducio_ft4.py \
         --reference-repo ~/src/Reducio-VAE [--num-clips 2 --resolution 64 --num-frames 16]
 
 Runs both models on the same synthetic clips (posterior mean, no sampling) and prints the
@@ -317,7 +317,7 @@ def run_report(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m reducio_jax.convert.parity",
+        prog="python -m reducio_jax.runs.parity",
         description="Stage-by-stage errors of this port against the official PyTorch code.",
         epilog="Exit status 0 on success, 2 when the reference or inputs are unusable.",
     )
