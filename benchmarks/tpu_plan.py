@@ -69,7 +69,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f}"
+    from reducio_jax.programs import budget  # (imports jax: not before the flags are set)
+
+    return budget.gib(n, unit="")
 
 
 def table(records: list[dict]) -> str:

@@ -1,7 +1,7 @@
 """Configs: one `ml_collections.ConfigDict` per run, one schema.
 
 `get_default_config()` is the schema: every key of the blocks `model`, `loss`, `optim`, `data`
-(`reducio_jax/data/config.py`), `train`, `mesh`, each default written once with its meaning.
+(`data_block()`), `train`, `mesh`, each default written once with its meaning.
 `make_config(params)` overrides it with an official Lightning `model.params` mapping (the same
 keys: `ddconfig`, `ddconfig_2d`, `embed_dim`, `lossconfig`, ...); `config_from_yaml(path)` does
 the same from an official YAML file (whole file or just its `model.params`; JSON accepted).
@@ -17,13 +17,15 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import numbers
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import yaml
+from ml_collections import config_dict
 
 from reducio_jax.errors import InputError
 
@@ -65,8 +67,6 @@ DEFAULT_SHARDING_RULES = (
 
 def get_default_config() -> ml_collections.ConfigDict:
     """Every key of a run config, each with its default; `configs/*.py` set what differs."""
-    from reducio_jax.data.config import get_config as data_config
-
     cfg = ml_collections.ConfigDict()
 
     cfg.model = model = ml_collections.ConfigDict()
@@ -124,7 +124,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     optim.scheduler_disc.warmup_iters = 1000  # steps of the warm-up to factor 1
     optim.scheduler_disc.warmup_method = "linear"  # "linear" ramp or "constant"
 
-    cfg.data = data_config()  # the data block (its keys: reducio_jax/data/config.py)
+    cfg.data = data_block()  # the data block (its keys: DATA_KEYS_DOC)
 
     cfg.train = train = ml_collections.ConfigDict()
     train.num_steps = 1_000_000  # optimizer steps (each updates the VAE and the discriminator)
@@ -355,3 +355,65 @@ def config_from_yaml(path: str | pathlib.Path) -> ml_collections.ConfigDict:
         )
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+# -- the data block ------------------------------------------------------------------------------
+
+DATA_KEYS_DOC = """The data config block shared by training, evaluation and latent extraction.
+
+Keys (all read by :func:`reducio_jax.data.make_loader` / :func:`make_host_dataset`):
+
+* ``source``: ``"synthetic"`` | ``"folder"`` | ``"tfds"``.
+* ``path``: folder of videos (searched recursively for mp4/webm/mov/avi/mkv/m4v), or a
+  text file listing one video path per line (relative paths are relative to the list
+  file); for ``"tfds"`` the TFDS ``data_dir``.
+* ``tfds_name``: TFDS dataset name, optionally with a version (``"my_videos:1.0.0"``).
+* ``split``: TFDS split (``"train"``, ``"validation[:10%]"`` ...); unused by the
+  other sources.
+* ``num_frames``: frames per clip (16).
+* ``fps``: frame rate clips are resampled to (16). TFDS records are assumed to be stored
+  at this rate already (the builder in :mod:`reducio_jax.data.tfds_builder` does that).
+* ``resolution``: output size, an int (square) or ``(H, W)`` (256). Frames are resized
+  so that they cover it (short side for square outputs), then cropped.
+* ``random_crop``: train only: random spatial crop (else centre crop). Train clips also
+  start at a random time; eval clips start at the first frame, centre-cropped.
+* ``batch_size``: global batch size (all processes together).
+* ``num_workers``: Grain worker processes that decode (``mp_prefetch``); 0 decodes in
+  the main process (with one prefetch thread).
+* ``seed``: seed of the shuffle and of the random crops.
+* ``shuffle``: train only: shuffle clip order (reshuffled every epoch).
+* ``num_epochs``: passes over the data; ``None`` repeats forever (train). Eval makes a
+  single pass when it is ``None``.
+* ``synthetic_size``: number of distinct synthetic clips.
+"""
+
+
+def data_block() -> ml_collections.ConfigDict:
+    """The default data block (synthetic source, 16 frames at 16 fps, 256 px); its keys are
+    in `DATA_KEYS_DOC`."""
+    c = ml_collections.ConfigDict()
+    c.source = "synthetic"
+    c.path = ""
+    c.tfds_name = ""
+    c.split = "train"
+    c.num_frames = 16
+    c.fps = 16
+    # int or (H, W): a FieldReference of type object so either may be assigned.
+    c.resolution = ml_collections.FieldReference(256, field_type=object)
+    c.random_crop = True
+    c.batch_size = 8
+    c.num_workers = 0
+    c.seed = 0
+    c.shuffle = True
+    c.num_epochs = config_dict.placeholder(int)
+    c.synthetic_size = 1024
+    return c
+
+
+def frame_size(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """A resolution (`data.resolution`, `--resolution`) as (H, W): ``256`` -> ``(256, 256)``
+    (any integer, numpy's too), ``(H, W)`` -> ``(H, W)``."""
+    if isinstance(resolution, numbers.Integral):
+        return int(resolution), int(resolution)
+    h, w = (int(x) for x in resolution)
+    return h, w

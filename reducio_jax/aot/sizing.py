@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from reducio_jax import losses
 from reducio_jax.aot.topologies import chip_hbm
-from reducio_jax.data.config import frame_size
+from reducio_jax.config import frame_size
 from reducio_jax.errors import InputError
 from reducio_jax.models import build_vae
 from reducio_jax.models.convolution import traced_for

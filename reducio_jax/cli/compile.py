@@ -13,6 +13,7 @@ input (one `error:` line). `--json FILE` writes the records.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from absl import flags
 
 from reducio_jax.cli import shared_flags as shared
 from reducio_jax.errors import InputError
+from reducio_jax.programs import budget
 
 USAGE = "--topology GEN:AxB[xC] --config FILE [--program P] [--batch_per_chip N | --find_batch]"
 DTYPES = ("bfloat16", "float32")
@@ -149,7 +151,7 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
 
 def format_record(r) -> str:
     """One line per compile: mesh, batch, per-chip memory against HBM, FLOPs, compile time."""
-    gib = lambda b: f"{b / (1 << 30):.2f}"  # noqa: E731
+    gib = functools.partial(budget.gib, unit="")
     mesh = "x".join(f"{k}={v}" for k, v in r.mesh.items())
     head = (
         f"{r.program} {r.topology or r.device_kind} ({r.num_chips} chips, {mesh}) "

@@ -17,7 +17,6 @@ from ml_collections import config_flags
 
 from reducio_jax.errors import InputError
 from reducio_jax.programs.cache import DEFAULT_CACHE
-from reducio_jax.programs.planner import parse_window_batch
 
 CHECKPOINT_HELP = (
     "A released torch .ckpt/.pt/.safetensors file or an Orbax pretrained directory (a path or a "
@@ -65,6 +64,8 @@ class WindowBatchParser(flags.ArgumentParser):
     """`auto` or a positive number of windows a compiled call."""
 
     def parse(self, argument: Any) -> int | str | None:
+        from reducio_jax.programs.planner import parse_window_batch  # (jax: on use only)
+
         if argument is None:
             return None
         try:

@@ -2,7 +2,7 @@
 
 Public API::
 
-    cfg = get_config()                      # the data config block (see config.py)
+    cfg = get_config()                      # the data config block (config.data_block)
     loader = make_loader(cfg, mesh=mesh, train=True)   # -> Loader
     for batch in loader:                    # {"video": (B, T, H, W, 3) f32 in [-1, 1],
         ...                                 #  "mask": (B,) bool, "index": (B,) int32},
@@ -30,7 +30,7 @@ sharding, shuffling and replacement rules, video.py for frame-rate resampling, a
 docs/data.md for the whole picture and throughput numbers.
 """
 
-from reducio_jax.data.config import get_config
+from reducio_jax.config import data_block as get_config
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.pipeline import (
     Loader,

@@ -33,11 +33,11 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reducio_jax.data.config import get_config
+from reducio_jax.config import data_block, frame_size
 from reducio_jax.data.errors import BadVideoError, DataError
 from reducio_jax.data.skips import SkipReport
 from reducio_jax.data.sources import ClipSource, make_source
-from reducio_jax.data.video import ClipSpec, parse_resolution
+from reducio_jax.data.video import ClipSpec
 from reducio_jax.sharding import BATCH_AXES
 from reducio_jax.sharding import batch_axes as batch_axes_of
 
@@ -121,13 +121,13 @@ def _batched(
 
 
 def as_config(cfg: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
-    """The data block with defaults (:func:`get_config`) for keys it does not set."""
+    """The data block with defaults (:func:`reducio_jax.config.data_block`) for keys it does not set."""
     given = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-    return ml_collections.ConfigDict({**get_config().to_dict(), **given})
+    return ml_collections.ConfigDict({**data_block().to_dict(), **given})
 
 
 def _clip_spec(cfg: Any, train: bool) -> ClipSpec:
-    h, w = parse_resolution(cfg.resolution)
+    h, w = frame_size(cfg.resolution)
     return ClipSpec(
         num_frames=int(cfg.num_frames),
         fps=float(cfg.fps),

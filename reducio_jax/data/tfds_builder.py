@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from reducio_jax.config import frame_size
 from reducio_jax.data.errors import BadVideoError, DataError
-from reducio_jax.data.video import ClipSpec, decode_clip, list_videos, parse_resolution
+from reducio_jax.data.video import ClipSpec, decode_clip, list_videos
 
 log = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -115,7 +116,7 @@ def build_tfds_dataset(
         raise DataError(f"TFDS name '{name}' is invalid: use lowercase snake_case.")
     splits = {"train": videos} if isinstance(videos, str | os.PathLike) else dict(videos)
     files = {split: list_videos(path) for split, path in splits.items()}
-    h, w = parse_resolution(resolution)
+    h, w = frame_size(resolution)
     spec = ClipSpec(num_frames=num_frames, fps=fps, height=h, width=w)
     with tfds.core.registered.skip_registration():
         cls = type(f"ReducioVideos_{name}", (_VideoClips,), {"name": name})

@@ -1,32 +1,53 @@
-"""Video files: listing, decoding with PyAV, fps resampling, resize and crop; writing mp4s.
+"""Video files, the one home of their reading and writing: listing a folder, decoding clips
+for the data pipeline, streaming whole videos in (`reconstruct`, `encode --whole_videos`), and
+writing H.264 files.
+
+Listing (`find_videos`, `list_videos`): the video files under a folder (by extension, any
+depth), the lines of a list file, or one file. A folder's other files are named with the reason
+they are not read (`Listing.passed_over`), for the folder runs' `skipped: FILE: REASON`
+warnings (`warn_passed_over`); hidden files (dot-files) that are not videos are left out.
 
 Frame-rate rule ("sample and hold"): output frame ``k`` shows the source frame that is on
 screen at time ``start + k / fps``, i.e. the last source frame whose timestamp is
 ``<= start + k / fps``. A 32 fps file therefore gives every other frame (0, 2, 4, ...),
 an 8 fps file repeats each frame twice (0, 0, 1, 1, ...). A file is too short when the
 last target time is not covered by a decoded frame (a frame covers one source frame
-duration after its timestamp).
+duration after its timestamp). `decode_clip` (a clip) and `resample` (a stream of frames)
+both follow it.
 
-Frames are converted one at a time, straight from the decoder's pixel format (any: yuv420p,
-yuv444p, gray, 10-bit, ...) to RGB at the size that covers the output (swscale, area
-interpolation), so memory holds one resized clip, never a full-resolution one; a display
-rotation (phone videos: multiples of 90 degrees in the stream's display matrix) is applied, so
-clips are upright. Unusable files raise `BadVideoError` with a short reason: missing, empty,
-not a video, no video stream, no decodable frames, corrupt/truncated, too short.
+Clips (`decode_clip`): frames are converted one at a time, straight from the decoder's pixel
+format (any: yuv420p, yuv444p, gray, 10-bit, ...) to RGB at the size that covers the output
+(swscale, area interpolation), so memory holds one resized clip, never a full-resolution one; a
+display rotation (phone videos: multiples of 90 degrees in the stream's display matrix) is
+applied, so clips are upright. Unusable files raise `BadVideoError` with a short reason:
+missing, empty, not a video, no video stream, no decodable frames, corrupt/truncated, too short.
+
+Whole videos: `probe` reads what the container says and decodes the first frame (an
+`InputError` when the file cannot be used; `check_size` refuses frames under `MIN_SIZE` px),
+`source_frames` yields every decodable frame at full size with its time, stopping at the first
+decode error (`DecodeReport` says how many decoded and why it stopped; `lost_frames` counts the
+rest), and `resample` holds them to a frame rate.
+
+Writing: `VideoWriter` encodes H.264 frame by frame (yuv420p; yuv444p for odd frame sizes,
+which keeps the exact size), `video_file` gives one whose file appears only complete
+(`paths.staged`), and `write_mp4` writes a whole array through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 
 import av
 import numpy as np
 
 from reducio_jax.data.errors import BadVideoError, DataError
+from reducio_jax.errors import InputError
 from reducio_jax.storage.paths import (
     Path,
     PathLike,
@@ -38,6 +59,9 @@ from reducio_jax.storage.paths import (
 )
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
+# named as audio when a folder run passes them over (".ogg" may hold video: not listed)
+AUDIO_EXTENSIONS = (".aac", ".aiff", ".flac", ".m4a", ".mp3", ".opus", ".wav", ".wma")
+MIN_SIZE = 32  # pixels on each side: the model's spatial compression (`check_size`)
 _TOL = 0.1  # timestamps within 10% of a frame period count as equal (ms time bases)
 
 
@@ -60,17 +84,19 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
     return np.round(x).astype(np.uint8)
 
 
-def parse_resolution(resolution: int | Sequence[int]) -> tuple[int, int]:
-    """``256`` -> ``(256, 256)``; ``(H, W)`` -> ``(H, W)``."""
-    if isinstance(resolution, int | np.integer):
-        return int(resolution), int(resolution)
-    h, w = (int(x) for x in resolution)
-    return h, w
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a video path holds: `videos` to read (sorted), and `passed_over`, (file, reason)
+    for each other file of a folder (a list file or one file passes nothing over)."""
+
+    videos: list[str]
+    passed_over: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
-def list_videos(path: PathLike) -> list[str]:
-    """Sorted video files under a folder (recursive), the lines of a list file, or one file;
-    local or in a bucket (`gs://...`).
+def find_videos(path: PathLike) -> Listing:
+    """The video files under a folder (recursive, by extension) and the folder's other files
+    with the reason each is not read (hidden non-video files are left out); the lines of a
+    list file; or one file. Local or in a bucket (`gs://...`).
 
     Raises:
       DataError: when the path is missing or holds no video.
@@ -81,18 +107,63 @@ def list_videos(path: PathLike) -> list[str]:
             f"Video path '{path}' does not exist: set data.path to a folder of videos "
             "(mp4, webm, mov, avi) or to a text file listing one video per line."
         )
+    passed_over: list[tuple[str, str]] = []
     if p.is_dir():
-        files = sorted(os.fspath(f) for f in files_under(p) if f.suffix.lower() in VIDEO_EXTENSIONS)
+        files = []
+        for f in sorted(files_under(p), key=os.fspath):
+            if f.suffix.lower() in VIDEO_EXTENSIONS:
+                files.append(os.fspath(f))
+            elif not _hidden(f, p):
+                passed_over.append((os.fspath(f), not_a_video_reason(f.name)))
     elif p.suffix.lower() in VIDEO_EXTENSIONS:
         files = [os.fspath(p)]
     else:
         files = _read_list_file(p)
     if not files:
+        others = f" ({len(passed_over)} other file(s) there are not videos)" if passed_over else ""
         raise DataError(
-            f"No video files (mp4, webm, mov, avi) found in '{path}': put videos there or "
-            "point data.path at a folder or list file that has some."
+            f"No video files (mp4, webm, mov, avi) found in '{path}'{others}: put videos there "
+            "or point data.path at a folder or list file that has some."
         )
-    return files
+    return Listing(files, passed_over)
+
+
+def _hidden(file: Path, folder: Path) -> bool:
+    """A dot-file, or a file in a dot-folder below `folder`."""
+    relative = os.fspath(file)[len(os.fspath(folder)) :]
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def list_videos(path: PathLike) -> list[str]:
+    """Sorted video files under a folder (recursive), the lines of a list file, or one file;
+    local or in a bucket (`gs://...`). `find_videos(path).videos`.
+
+    Raises:
+      DataError: when the path is missing or holds no video.
+    """
+    return find_videos(path).videos
+
+
+def not_a_video_reason(name: str) -> str:
+    """Why a folder's file `name` is not read: its extension is not a video one."""
+    ext = pathlib.PurePath(name).suffix.lower()
+    if ext in AUDIO_EXTENSIONS:
+        return f"an audio file ({ext}), not a video"
+    readable = " ".join(VIDEO_EXTENSIONS)
+    return f"not a video file this reads ({ext or 'no extension'}; it reads {readable})"
+
+
+def warn_passed_over(passed_over: Sequence[tuple[str, str]]) -> list[str]:
+    """One `warning: skipped: FILE: REASON` line for each file a folder listing passed over
+    (`Listing.passed_over`); returns those files."""
+    for name, reason in passed_over:
+        warn(f"skipped: {name}: {reason}")
+    return [name for name, _ in passed_over]
+
+
+def warn(message: str) -> None:
+    """One `warning: MESSAGE` line on stderr (the folder runs' skipped files, lost frames)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _read_list_file(p: Path) -> list[str]:
@@ -282,23 +353,188 @@ def _to_rgb(frame, spec: ClipSpec, geom: list, rng) -> np.ndarray:
     return arr[y : y + spec.height, x : x + spec.width]
 
 
+# -- whole videos, streamed in -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Probe:
+    """What the container says about one input video."""
+
+    path: Path
+    height: int
+    width: int
+    fps: float  # source frame rate
+    expected_frames: int | None  # frames the container announces (None: unknown)
+
+
+def probe(path: Path) -> Probe:
+    """Opens `path` and decodes its first frame; InputError when it cannot be used."""
+    try:
+        with open_media(path) as source, av.open(source) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video frames (no video stream)")
+            stream = container.streams.video[0]
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise InputError(f"{path} has no video frames")
+            rate = stream.average_rate or stream.guessed_rate or 0
+            return Probe(
+                path, first.height, first.width, float(rate), _announced(container, stream)
+            )
+    except InputError:
+        raise
+    except Exception as err:  # any demuxer/decoder failure: not a usable video
+        raise InputError(
+            f"{path} is not a readable video ({_reason(err)}); give an mp4/webm/mov/mkv/avi file "
+            "(an mp4 cut off before its index cannot be read at all)"
+        ) from err
+
+
+def _announced(container, stream) -> int | None:
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate
+    if stream.duration is not None and stream.time_base and rate:
+        return round(float(stream.duration * stream.time_base * rate))
+    if container.duration is not None and rate:
+        return round(container.duration / av.time_base * float(rate))
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def check_size(info: Probe) -> None:
+    """InputError when the frames are under `MIN_SIZE` px on a side."""
+    if min(info.height, info.width) < MIN_SIZE:
+        raise InputError(
+            f"{info.path}: frames are {info.width}x{info.height} px; the model needs at least "
+            f"{MIN_SIZE} px on each side (upscale the video first)"
+        )
+
+
+@dataclasses.dataclass
+class DecodeReport:
+    decoded: int = 0  # source frames decoded
+    error: str | None = None  # why decoding stopped early
+
+
+def source_frames(path: Path, report: DecodeReport) -> Iterator[tuple[float, np.ndarray]]:
+    """(time in seconds, uint8 (H, W, 3)) for each decodable frame; stops at the first error."""
+    with open_media(path) as source, av.open(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        dt = 1.0 / float(rate) if rate else 0.0
+        frames, t = container.decode(stream), None
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                return
+            except Exception as err:  # corrupt or truncated data: keep what decoded
+                report.error = _reason(err)
+                return
+            t = float(frame.time) if frame.time is not None else (0.0 if t is None else t + dt)
+            report.decoded += 1
+            yield t, frame.to_ndarray(format="rgb24")
+
+
+def resample(
+    frames: Iterator[tuple[float, np.ndarray]], fps: float, source_fps: float
+) -> Iterator[np.ndarray]:
+    """Sample and hold at `fps`: output frame k is the last frame shown at time t0 + k / fps."""
+    src_dt = 1.0 / source_fps if source_fps > 0 else 1.0 / fps
+    eps = _TOL * min(src_dt, 1.0 / fps)
+    k, t0, prev, prev_t = 0, None, None, None
+    for t, image in frames:
+        if t0 is None:
+            t0 = t
+        while prev is not None and t0 + k / fps < t - eps:
+            yield prev
+            k += 1
+        prev, prev_t = image, t
+    while prev is not None and t0 + k / fps < prev_t + src_dt - eps:
+        yield prev  # the last frame stays on screen for one source frame period
+        k += 1
+
+
+def expected_output_frames(info: Probe, fps: float) -> int | None:
+    """The frames a video gives at `fps`, from what its container announces (None: unknown)."""
+    if info.expected_frames is None:
+        return None
+    if info.fps <= 0:
+        return info.expected_frames
+    return max(1, round(info.expected_frames * fps / info.fps))
+
+
+def lost_frames(info: Probe, report: DecodeReport) -> int:
+    """Frames the container announced that did not decode (0 when it announced none)."""
+    if info.expected_frames is None:
+        return 0
+    return max(0, info.expected_frames - report.decoded)
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 
+class VideoWriter:
+    """H.264 frames to a container, opened on the first write (yuv420p; yuv444p for odd sizes,
+    so the file has the frames' exact size)."""
+
+    def __init__(self, path: PathLike, fps: float, crf: int):
+        self.path, self.fps, self.crf = path, fps, crf
+        self.container = self.stream = None
+
+    def write(self, frames: np.ndarray) -> None:
+        """uint8 (T, H, W, 3)."""
+        if self.container is None:
+            self._open(frames.shape[1], frames.shape[2])
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            self.container.mux(self.stream.encode(frame))
+
+    def _open(self, height: int, width: int) -> None:
+        self.container = av.open(os.fspath(self.path), mode="w")
+        rate = Fraction(self.fps).limit_denominator(1001)
+        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+        self.stream.options = {"crf": str(self.crf)}
+
+    def close(self, flush: bool) -> None:
+        if self.container is None:
+            return
+        try:
+            if flush:
+                self.container.mux(self.stream.encode(None))
+        finally:
+            self.container.close()
+            self.container = None
+
+
+@contextlib.contextmanager
+def video_file(output: PathLike, fps: float, crf: int, suffix: str = "") -> Iterator[VideoWriter]:
+    """A `VideoWriter` whose file appears at `output` (local or in a bucket) only complete
+    (`paths.staged`): flushed when the block ends, dropped on any error (also Ctrl-C). The
+    container is `suffix`'s (".mp4"), else `output`'s extension's."""
+    with staged(output, suffix=suffix) as partial:
+        writer = VideoWriter(partial, fps, crf)
+        try:
+            yield writer
+            writer.close(flush=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.close(flush=False)
+            raise
+
+
 def write_mp4(path: PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> None:
-    """uint8 (T, H, W, 3) -> H.264 mp4 (yuv420p; odd sizes are padded by one pixel)."""
-    frames = np.asarray(frames, np.uint8)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    with staged(path, suffix=".mp4") as local, av.open(str(local), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
+    """uint8 (T, H, W, 3) -> H.264 mp4 at `path`, through `video_file` (yuv420p; yuv444p for
+    odd sizes)."""
+    with video_file(path, fps, crf, suffix=".mp4") as writer:
+        writer.write(np.asarray(frames, np.uint8))
 
 
 def safe_stem(name: str) -> str:

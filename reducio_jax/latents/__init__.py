@@ -11,7 +11,8 @@ Public API::
     StoreError                                 # missing / unfinished / inconsistent store
 
 Whole videos of any length (``encode --whole_videos``, `VideoLatent`s): see
-`reducio_jax.latents.videos` (imported on its own: it builds on `reducio_jax.runs.reconstruct`);
+`reducio_jax.latents.videos` (imported on its own, not re-exported here; its video files are
+read and written by `reducio_jax.data.video`);
 `LatentStore.videos` / `video_latent` and `LatentSource` read them.
 
 Command line: ``python -m reducio_jax encode ...`` / ``decode ...`` (or ``reducio-jax``).

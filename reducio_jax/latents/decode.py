@@ -169,7 +169,7 @@ def _decode_videos(
     vae: ReducioVAE, store: LatentStore, mesh: Mesh, batch: int | str, opts: DecodeOptions
 ) -> tuple[list[str], dict[tuple[int, int], Plan]]:
     """Every stored whole video -> OUT/<index>_<name>.mp4, each frame size planned first."""
-    from reducio_jax.latents.videos import decode_videos, plan_decode  # (imports reconstruct)
+    from reducio_jax.latents.videos import decode_videos, plan_decode
 
     videos = store.videos()[: opts.num_clips]
     plans = plan_decode(vae, mesh, videos, batch, opts.max_memory)

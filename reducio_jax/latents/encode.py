@@ -29,10 +29,11 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from reducio_jax.api import ReducioVAE
+from reducio_jax.config import frame_size
 from reducio_jax.data import video_to_float
 from reducio_jax.data.pipeline import record_batches
 from reducio_jax.data.sources import ClipSource, make_source
-from reducio_jax.data.video import ClipSpec, parse_resolution
+from reducio_jax.data.video import ClipSpec
 from reducio_jax.latents.store import (
     CLIPS_FILE,
     FORMAT,
@@ -222,7 +223,7 @@ def encode_to_store(opts: EncodeOptions) -> dict[str, Any]:
     began = time.perf_counter()
     mesh = local_mesh(opts.devices)
     batch, model_cfg, cfg = prepare(opts, mesh)
-    h, w = parse_resolution(cfg.resolution)
+    h, w = frame_size(cfg.resolution)
     spec = ClipSpec(num_frames=int(cfg.num_frames), fps=float(cfg.fps), height=h, width=w)
     source = make_source(cfg, spec)
     n = clip_count(len(source), opts.num_clips)

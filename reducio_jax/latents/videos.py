@@ -2,11 +2,15 @@
 
 Each video file (of any length and size) is stored as its `VideoLatent` (docs/video.md): the
 latents and content frames of its overlapping 16-frame windows, its window table and its size.
-Encoding streams as `reconstruct` does: frames are decoded with PyAV one at a time (resampled
-to the config's fps unless ``keep_fps``, or resized and centre-cropped to ``resolution`` when
-given), cut into windows (`windows.WindowCutter`), and each batch of windows is encoded and
-appended to the video's Zarr arrays, so host memory holds about one window batch whatever the
-video's length. Shards of videos are resumable as the clip store's are.
+Encoding streams as `reconstruct` does, with the same video readers (`reducio_jax/data/video.py`):
+frames are decoded with PyAV one at a time (resampled to the config's fps unless ``keep_fps``,
+or resized and centre-cropped to ``resolution`` when given), cut into windows
+(`windows.WindowCutter`), and each batch of windows is encoded and appended to the video's Zarr
+arrays, so host memory holds about one window batch whatever the video's length. Shards of
+videos are resumable as the clip store's are. A video that cannot be used is stored as an
+invalid record with its reason; a file of the folder that is not a video (by its extension: a
+`.gif`, an `.m4a`, a `.txt`) is not in the store; each is named in one `warning: skipped: ...`
+line and listed in the summary's ``skipped_videos``.
 
 The window batch and tiling are chosen per frame size from memory (``window_batch="auto"``,
 `planner.plan_batch`: the compiled encoder's memory analysis against the memory available or
@@ -15,8 +19,8 @@ The window batch and tiling are chosen per frame size from memory (``window_batc
 created or touched, so a run that cannot fit fails with one `OutOfMemory` line and no store.
 
 `decode_videos` streams back: window batches (planned per frame size in the same way) are
-decoded, cross-faded (`windows.Stitcher`), cropped and written to one H.264 file per video of
-the original length and size.
+decoded, cross-faded (`windows.Stitcher`), cropped and written (`data.video.video_file`) to one
+H.264 file per video of the original length and size.
 """
 
 from __future__ import annotations
@@ -35,14 +39,25 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
+from reducio_jax.config import frame_size
 from reducio_jax.data import video_to_float
 from reducio_jax.data.video import (
     ClipSpec,
-    list_videos,
-    parse_resolution,
+    DecodeReport,
+    Probe,
+    check_size,
+    expected_output_frames,
+    find_videos,
+    lost_frames,
+    probe,
+    resample,
     resize_and_crop,
     safe_stem,
+    source_frames,
     to_uint8,
+    video_file,
+    warn,
+    warn_passed_over,
 )
 from reducio_jax.latents.encode import LATENT_DOC, EncodeOptions, check_store, prepare_store
 from reducio_jax.latents.store import (
@@ -74,17 +89,6 @@ from reducio_jax.models.windows import (
 from reducio_jax.programs.budget import parse_size
 from reducio_jax.programs.footprint import Plan, plan_records
 from reducio_jax.programs.planner import OutOfMemory, check_batch, plan_batch
-from reducio_jax.runs.reconstruct import (
-    DecodeReport,
-    Probe,
-    check_size,
-    expected_output_frames,
-    probe,
-    resample,
-    source_frames,
-    video_file,
-    warn,
-)
 from reducio_jax.runs.runtime import (
     InputError,
     clip_count,
@@ -134,7 +138,7 @@ def _check_options(opts: VideoEncodeOptions, window: int) -> None:
         raise InputError(f"--overlap: {err}") from None
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num_shards {opts.num_shards} must be positive")
-    if opts.resolution is not None and min(parse_resolution(opts.resolution)) < 32:
+    if opts.resolution is not None and min(frame_size(opts.resolution)) < 32:
         raise InputError(f"--resolution {opts.resolution}: the model needs at least 32 px")
     if opts.max_memory is not None:
         parse_size(opts.max_memory)  # a bad size fails before the model loads
@@ -230,7 +234,7 @@ def _frames(ctx: _Context, info, fps: float, report: DecodeReport) -> Iterator[n
     frames = (f for _, f in timed) if ctx.opts.keep_fps else resample(timed, fps, info.fps)
     if ctx.opts.resolution is None:
         return frames
-    h, w = parse_resolution(ctx.opts.resolution)
+    h, w = frame_size(ctx.opts.resolution)
     spec = ClipSpec(num_frames=1, fps=fps, height=h, width=w)
     return (resize_and_crop(f[None], spec, None)[0] for f in frames)
 
@@ -256,7 +260,7 @@ def encode_video_file(ctx: _Context, path: Path, index: int, folder: Path) -> di
     stored = _encode_frames(ctx, _frames(ctx, info, fps, report), folder)
     if stored is None:
         raise InputError(f"{path}: no frame could be decoded ({report.error})")
-    lost = 0 if info.expected_frames is None else max(0, info.expected_frames - report.decoded)
+    lost = lost_frames(info, report)
     if lost:
         warn(
             f"{path}: decoded {report.decoded} of {info.expected_frames} frames; {lost} lost "
@@ -307,7 +311,7 @@ def _flush(ctx: _Context, plan: Plan, arrays: VideoArrays, pending: list) -> lis
 
 
 def _store_meta(opts, vae: ReducioVAE, target_fps: float, files, ranges) -> dict[str, Any]:
-    size = None if opts.resolution is None else parse_resolution(opts.resolution)
+    size = None if opts.resolution is None else frame_size(opts.resolution)
     specs = _latent_specs(vae, *(size or (32, 32)))
     if size is None:  # frame sizes differ from video to video: h, w, H', W' unknown (None)
         t, _, _, z = specs["latent"].shape
@@ -368,7 +372,7 @@ def _frame_sizes(ctx: _Context, files: list[str], indices: Iterable[int]) -> dic
     video's (its first frame, kept in `ctx.probes` for its turn). Unusable videos are left
     out here; they are skipped with their warning when their turn comes."""
     if ctx.opts.resolution is not None:
-        return {parse_resolution(ctx.opts.resolution): (None, None)}
+        return {frame_size(ctx.opts.resolution): (None, None)}
     sizes: dict[Size, tuple] = {}
     for index in indices:
         try:
@@ -425,7 +429,8 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
     began = time.perf_counter()
     model_cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
     _check_options(opts, int(model_cfg.model.ddconfig.get("temp_res", 16)))
-    files = list_videos(opts.data)
+    listing = find_videos(opts.data)
+    files = listing.videos
     n = clip_count(len(files), opts.num_clips)
     ranges = shard_ranges(n, opts.num_shards or default_num_shards(n, VIDEOS_PER_SHARD))
     mesh = local_mesh(opts.devices)
@@ -445,6 +450,8 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
         prepare_store(root, meta, opts.overwrite)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("reducio_jax.latents.videos: store ready")
+    # the files of a folder that are not videos: named once (by process 0), with the skipped
+    passed_over = warn_passed_over(listing.passed_over) if jax.process_index() == 0 else []
     records = []
     with tqdm(desc="encode", unit="window", disable=not opts.progress) as bar:
         ctx.bar = bar
@@ -458,7 +465,7 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
         "skipped_shards": [shard_name(s) for s in mine if s not in todo],
         "encoded_videos": sum(r["valid"] for r in records),
         "encoded_windows": sum(len(r.get("starts", ())) for r in records),
-        "skipped_videos": [r["name"] for r in records if not r["valid"]],
+        "skipped_videos": sorted([r["name"] for r in records if not r["valid"]] + passed_over),
         "memory": plan_records(ctx.plans),
         "seconds": round(time.perf_counter() - began, 3),
     }

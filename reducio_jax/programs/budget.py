@@ -24,9 +24,9 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 MaxMemory = int | str | None  # bytes, a size such as "8GB", or None (what there is)
 
 
-def gib(n: int) -> str:
-    """Bytes as "1.25 GiB"."""
-    return f"{n / 2**30:.2f} GiB"
+def gib(n: int, unit: str = " GiB") -> str:
+    """Bytes as "1.25 GiB" (`unit=""`: "1.25")."""
+    return f"{n / 2**30:.2f}{unit}"
 
 
 def parse_size(text: str | int) -> int:

@@ -43,10 +43,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from reducio_jax.config import frame_size
 from reducio_jax.convert.torch_format import load_state_dict
 from reducio_jax.data import make_loader
 from reducio_jax.data.skips import SKIPPED_FILE
-from reducio_jax.data.video import parse_resolution, safe_stem, to_uint8, write_mp4
+from reducio_jax.data.video import safe_stem, to_uint8, write_mp4
 from reducio_jax.errors import InputError
 from reducio_jax.metrics import FVDAccumulator, InceptionI3d, load_i3d, resize_video
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
@@ -398,7 +399,7 @@ def _result(opts, totals, data_cfg, mesh, batch_size, seconds, videos, lpips) ->
         unavailable["rfvd"] = rfvd_reason
     if totals.count == 0:
         unavailable.update({k: "no clips were evaluated" for k in PER_CLIP})
-    h, w = parse_resolution(data_cfg.resolution)
+    h, w = frame_size(data_cfg.resolution)
     return {
         **values,
         "unavailable": unavailable,

@@ -19,7 +19,7 @@ import signal
 import threading
 from types import FrameType
 
-from jax._src import distributed
+from jax._src import distributed  # the preemption service: no public spelling in jax 0.10
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)

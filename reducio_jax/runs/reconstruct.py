@@ -2,11 +2,13 @@
 the VAE and back, streamed, with PSNR/SSIM of the whole video.
 
 The input is decoded with PyAV frame by frame, resampled to the config's fps by sample and
-hold (the rule of `data/video.py`; `keep_fps` keeps the source rate), cut into the overlapping
-16-frame windows of `models/windows.py`, reconstructed `window_batch` windows per compiled
-call (`ReducioVAE.reconstruct_windows`: any frame size >= 32 px, tiled above one tile window
-when the config enables tiling), cross-faded, and encoded to H.264 frame by frame. Host memory
-holds the frames of one window batch, not the video.
+hold (`keep_fps` keeps the source rate), cut into the overlapping 16-frame windows of
+`models/windows.py`, reconstructed `window_batch` windows per compiled call
+(`ReducioVAE.reconstruct_windows`: any frame size >= 32 px, tiled above one tile window when
+the config enables tiling), cross-faded, and encoded to H.264 frame by frame. Host memory
+holds the frames of one window batch, not the video. The video files are read and written by
+`reducio_jax/data/video.py` (`probe`, `source_frames`, `resample`, `video_file`); this module
+is the pipeline between them.
 
 The window batch is chosen per video from memory by default (`window_batch="auto"`:
 `ReducioVAE.plan_memory`, `reducio_jax/programs/planner.py`): one window a call on the CPU, on
@@ -20,22 +22,22 @@ temporary file next to OUT and renamed when complete; on any failure it is remov
 
 Bad input (not a video, no frames, frames under 32 px) raises `InputError` before the model is
 loaded; a truncated or corrupt file is reconstructed as far as it decodes, with one warning
-saying how many frames were lost.
+saying how many frames were lost. In a folder, every file is either reconstructed or named in
+one `warning: skipped: ...` line (a file that is not a video by its extension, as a `.gif`, an
+`.m4a` or a `.txt`, as well as a video that cannot be used; hidden files are left out) and
+counted in `skipped`: the run then ends with an `InputError` ("N of M files could not be
+used") once the others are done.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
 import sys
 import time
-from collections.abc import Iterator
-from fractions import Fraction
 from typing import Any
 
-import av
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +45,22 @@ from tqdm import tqdm
 
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
 from reducio_jax.config import derived
-from reducio_jax.data.video import list_videos, to_uint8
+from reducio_jax.data.video import (
+    DecodeReport,
+    Probe,
+    VideoWriter,
+    check_size,
+    expected_output_frames,
+    find_videos,
+    lost_frames,
+    probe,
+    resample,
+    source_frames,
+    to_uint8,
+    video_file,
+    warn,
+    warn_passed_over,
+)
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
 from reducio_jax.models.windows import (
     Stitcher,
@@ -56,11 +73,9 @@ from reducio_jax.programs.budget import parse_size
 from reducio_jax.programs.footprint import Plan
 from reducio_jax.programs.planner import parse_window_batch, plan_batch
 from reducio_jax.runs.runtime import ConfigSpec, InputError, load_vae, resolve_config
-from reducio_jax.storage.paths import Path, PathLike, as_path, is_remote, open_media, staged
+from reducio_jax.storage.paths import Path, as_path, is_remote
 
-MIN_SIZE = 32  # pixels: the model's spatial compression
 OUTPUT_SUFFIXES = (".mp4", ".mkv", ".mov")
-_TOL = 0.1  # as data/video.py: timestamps within 10% of a frame period count as equal
 
 
 @dataclasses.dataclass
@@ -78,164 +93,6 @@ class ReconstructOptions:
     max_memory: str | int | None = None  # "8GB" or bytes: for the whole process (None: measured)
     crf: int = 18
     progress: bool = True
-
-
-@dataclasses.dataclass
-class Probe:
-    """What the container says about one input video."""
-
-    path: Path
-    height: int
-    width: int
-    fps: float  # source frame rate
-    expected_frames: int | None  # frames the container announces (None: unknown)
-
-
-# -- input --------------------------------------------------------------------------------------
-
-
-def probe(path: Path) -> Probe:
-    """Opens `path` and decodes its first frame; InputError when it cannot be used."""
-    try:
-        with open_media(path) as source, av.open(source) as container:
-            if not container.streams.video:
-                raise InputError(f"{path} has no video frames (no video stream)")
-            stream = container.streams.video[0]
-            first = next(container.decode(stream), None)
-            if first is None:
-                raise InputError(f"{path} has no video frames")
-            rate = stream.average_rate or stream.guessed_rate or 0
-            return Probe(
-                path, first.height, first.width, float(rate), _announced(container, stream)
-            )
-    except InputError:
-        raise
-    except Exception as err:  # any demuxer/decoder failure: not a usable video
-        raise InputError(
-            f"{path} is not a readable video ({_reason(err)}); give an mp4/webm/mov/mkv/avi file "
-            "(an mp4 cut off before its index cannot be read at all)"
-        ) from err
-
-
-def _announced(container, stream) -> int | None:
-    if stream.frames:
-        return int(stream.frames)
-    rate = stream.average_rate
-    if stream.duration is not None and stream.time_base and rate:
-        return round(float(stream.duration * stream.time_base * rate))
-    if container.duration is not None and rate:
-        return round(container.duration / av.time_base * float(rate))
-    return None
-
-
-def _reason(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def check_size(info: Probe) -> None:
-    if min(info.height, info.width) < MIN_SIZE:
-        raise InputError(
-            f"{info.path}: frames are {info.width}x{info.height} px; the model needs at least "
-            f"{MIN_SIZE} px on each side (upscale the video first)"
-        )
-
-
-@dataclasses.dataclass
-class DecodeReport:
-    decoded: int = 0  # source frames decoded
-    error: str | None = None  # why decoding stopped early
-
-
-def source_frames(path: Path, report: DecodeReport) -> Iterator[tuple[float, np.ndarray]]:
-    """(time in seconds, uint8 (H, W, 3)) for each decodable frame; stops at the first error."""
-    with open_media(path) as source, av.open(source) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate
-        dt = 1.0 / float(rate) if rate else 0.0
-        frames, t = container.decode(stream), None
-        while True:
-            try:
-                frame = next(frames)
-            except StopIteration:
-                return
-            except Exception as err:  # corrupt or truncated data: keep what decoded
-                report.error = _reason(err)
-                return
-            t = float(frame.time) if frame.time is not None else (0.0 if t is None else t + dt)
-            report.decoded += 1
-            yield t, frame.to_ndarray(format="rgb24")
-
-
-def resample(
-    frames: Iterator[tuple[float, np.ndarray]], fps: float, source_fps: float
-) -> Iterator[np.ndarray]:
-    """Sample and hold at `fps`: output frame k is the last frame shown at time t0 + k / fps."""
-    src_dt = 1.0 / source_fps if source_fps > 0 else 1.0 / fps
-    eps = _TOL * min(src_dt, 1.0 / fps)
-    k, t0, prev, prev_t = 0, None, None, None
-    for t, image in frames:
-        if t0 is None:
-            t0 = t
-        while prev is not None and t0 + k / fps < t - eps:
-            yield prev
-            k += 1
-        prev, prev_t = image, t
-    while prev is not None and t0 + k / fps < prev_t + src_dt - eps:
-        yield prev  # the last frame stays on screen for one source frame period
-        k += 1
-
-
-# -- output -------------------------------------------------------------------------------------
-
-
-class VideoWriter:
-    """H.264 frames to a container, opened on the first frame (yuv420p; yuv444p for odd sizes)."""
-
-    def __init__(self, path: Path, fps: float, crf: int):
-        self.path, self.fps, self.crf = path, fps, crf
-        self.container = self.stream = None
-
-    def write(self, frames: np.ndarray) -> None:
-        """uint8 (T, H, W, 3)."""
-        if self.container is None:
-            self._open(frames.shape[1], frames.shape[2])
-        for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            self.container.mux(self.stream.encode(frame))
-
-    def _open(self, height: int, width: int) -> None:
-        self.container = av.open(str(self.path), mode="w")
-        rate = Fraction(self.fps).limit_denominator(1001)
-        self.stream = self.container.add_stream("libx264", rate=rate)
-        self.stream.width, self.stream.height = width, height
-        self.stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
-        self.stream.options = {"crf": str(self.crf)}
-
-    def close(self, flush: bool) -> None:
-        if self.container is None:
-            return
-        try:
-            if flush:
-                self.container.mux(self.stream.encode(None))
-        finally:
-            self.container.close()
-            self.container = None
-
-
-@contextlib.contextmanager
-def video_file(output: PathLike, fps: float, crf: int) -> Iterator[VideoWriter]:
-    """A `VideoWriter` whose file appears at `output` (local or in a bucket) only complete
-    (`paths.staged`): flushed when the block ends, dropped on any error (also Ctrl-C)."""
-    with staged(output) as partial:
-        writer = VideoWriter(partial, fps, crf)
-        try:
-            yield writer
-            writer.close(flush=True)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                writer.close(flush=False)
-            raise
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -437,7 +294,7 @@ def _summary(
     seconds: float,
 ) -> dict[str, Any]:
     """Warns about lost frames, prints the video's PSNR/SSIM line, returns the summary."""
-    lost = _lost_frames(info, report)
+    lost = lost_frames(info, report)
     if lost:
         warn(
             f"{info.path}: decoded {report.decoded} of {info.expected_frames} frames; {lost} lost "
@@ -468,41 +325,26 @@ def _summary(
     return summary
 
 
-def expected_output_frames(info: Probe, fps: float) -> int | None:
-    if info.expected_frames is None:
-        return None
-    if info.fps <= 0:
-        return info.expected_frames
-    return max(1, round(info.expected_frames * fps / info.fps))
-
-
-def _lost_frames(info: Probe, report: DecodeReport) -> int:
-    if info.expected_frames is None:
-        return 0
-    return max(0, info.expected_frames - report.decoded)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def plan_outputs(source: str, output: str) -> list[tuple[Path, Path]]:
-    """(input file, output file) pairs: one file -> OUT, or a folder -> the same tree under OUT."""
+def plan_outputs(source: str, output: str) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """(input file, output file) pairs: one file -> OUT, or a folder's videos -> the same tree
+    under OUT; and the folder's other files, (file, why it is not read) (`find_videos`)."""
     src, out = as_path(source), as_path(output)
     if not src.exists():
         raise InputError(f"{src} does not exist: give a video file or a folder of videos")
     if src.is_dir():
         if out.exists() and not out.is_dir():
             raise InputError(f"{src} is a folder, so OUT must be a folder too; {out} is a file")
-        files = [as_path(f) for f in list_videos(src)]
-        return [(f, out / f.relative_to(src).with_suffix(".mp4")) for f in files]
+        listing = find_videos(src)
+        files = [as_path(f) for f in listing.videos]
+        pairs = [(f, out / f.relative_to(src).with_suffix(".mp4")) for f in files]
+        return pairs, listing.passed_over
     if out.is_dir():
-        return [(src, out / src.with_suffix(".mp4").name)]
+        return [(src, out / src.with_suffix(".mp4").name)], []
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"output {out} must end in one of {', '.join(OUTPUT_SUFFIXES)}")
     if out == src or (not is_remote(out) and os.path.realpath(out) == os.path.realpath(src)):
         raise InputError(f"output {out} is the input; give another file name")
-    return [(src, out)]
+    return [(src, out)], []
 
 
 def _checked(opts: ReconstructOptions, window: int) -> ReconstructOptions:
@@ -539,15 +381,19 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
     """`reconstruct IN OUT`: every input video -> its reconstruction; returns a summary.
 
     Raises InputError for unusable input (nothing is written), and after the other videos of a
-    folder are done when some of them could not be used.
+    folder are done when some of its files could not be used (or are not videos).
     """
     cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
     opts = _checked(opts, derived(cfg).num_frames)
-    pairs = plan_outputs(opts.input, opts.output)
+    pairs, passed_over = plan_outputs(opts.input, opts.output)
     single = not as_path(opts.input).is_dir()
-    usable, skipped = _usable(pairs, single)
+    skipped = warn_passed_over(passed_over)
+    usable, unusable = _usable(pairs, single)
+    skipped += unusable
+    total = len(pairs) + len(passed_over)
+    what = "files" if passed_over else "videos"  # not every file of the folder is a video
     if not usable:
-        raise InputError(f"none of the {len(pairs)} videos in {opts.input} can be used")
+        raise InputError(f"none of the {total} {what} in {opts.input} can be used")
     vae = load_vae(opts.checkpoint, cfg, None)
     videos = []
     for info, dst in usable:
@@ -561,7 +407,7 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
     summary = {"videos": videos, "skipped": skipped}
     if skipped and not single:
         raise InputError(
-            f"{len(skipped)} of {len(pairs)} videos could not be used (warnings above); "
+            f"{len(skipped)} of {total} {what} could not be used (warnings above); "
             f"the other {len(videos)} are in {opts.output}"
         )
     return summary
@@ -570,8 +416,6 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
 __all__ = [
     "ReconstructOptions",
     "plan_outputs",
-    "probe",
     "reconstruct_file",
     "reconstruct_videos",
-    "resample",
 ]

@@ -29,9 +29,8 @@ from tqdm import tqdm
 
 from reducio_jax import losses
 from reducio_jax import sharding as shard_lib
-from reducio_jax.config import derived
+from reducio_jax.config import derived, frame_size
 from reducio_jax.data import make_loader
-from reducio_jax.data.config import frame_size
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
 from reducio_jax.runs.preemption import Preempted, StopOnSigterm

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reducio_jax import losses
-from reducio_jax.data.config import frame_size
+from reducio_jax.config import frame_size
 from reducio_jax.models import content_frame_index, latent_layer_norm
 from reducio_jax.models.convolution import target_platform, traced_for
 from reducio_jax.programs import allocator

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pathlib
 
+import av
 import numpy as np
 import pytest
 from data_video_helpers import frame_ids, write_video
 
+from reducio_jax.config import frame_size
 from reducio_jax.data.errors import BadVideoError, DataError
-from reducio_jax.data.video import ClipSpec, decode_clip, list_videos
+from reducio_jax.data.video import ClipSpec, decode_clip, find_videos, list_videos, write_mp4
 
 SPEC = ClipSpec(num_frames=16, fps=16, height=32, width=32)
 
@@ -115,3 +117,44 @@ def test_list_videos_folder_list_file_and_errors(tmp_path: pathlib.Path) -> None
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="No video files"):
         list_videos(tmp_path / "empty")
+
+
+def test_find_videos_names_every_other_file_of_a_folder(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "sub" / ".git").mkdir(parents=True)
+    names = ("b.mp4", "sub/a.webm", "anim.gif", "sub/song.M4A", "notes.txt", "README",
+             ".DS_Store", "sub/.git/config")  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    listing = find_videos(tmp_path)
+    assert listing.videos == list_videos(tmp_path) == [str(tmp_path / "b.mp4"),
+                                                       str(tmp_path / "sub/a.webm")]  # fmt: skip
+    passed = dict(listing.passed_over)  # hidden files (and a hidden folder's) left out
+    assert sorted(passed) == sorted(str(tmp_path / n) for n in ("anim.gif", "sub/song.M4A",
+                                                                "notes.txt", "README"))  # fmt: skip
+    assert passed[str(tmp_path / "anim.gif")].startswith("not a video file this reads (.gif; it")
+    assert passed[str(tmp_path / "sub/song.M4A")] == "an audio file (.m4a), not a video"
+    assert passed[str(tmp_path / "README")].startswith("not a video file this reads (no extension")
+    lst = tmp_path / "list.txt"  # a list file is taken as it is: nothing passed over
+    lst.write_text("b.mp4\nanim.gif\n")
+    assert find_videos(lst).passed_over == [] and len(find_videos(lst).videos) == 2
+    (tmp_path / "gifs").mkdir()
+    (tmp_path / "gifs" / "x.gif").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"No video files .*\(1 other file"):
+        find_videos(tmp_path / "gifs")
+
+
+@pytest.mark.parametrize("size, pix_fmt", [((32, 48), "yuv420p"), ((33, 35), "yuv444p")])
+def test_write_mp4_keeps_the_frame_size(tmp_path: pathlib.Path, size, pix_fmt) -> None:
+    frames = np.random.default_rng(0).integers(0, 255, (3, *size, 3), dtype=np.uint8)
+    write_mp4(tmp_path / "v.mp4", frames, 16)
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.pix_fmt == pix_fmt and float(stream.average_rate) == 16
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    assert np.stack(decoded).shape == (3, *size, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]  # no partial file left
+
+
+def test_frame_size() -> None:
+    assert frame_size(64) == frame_size(np.int64(64)) == (64, 64)
+    assert frame_size((48, 64)) == frame_size([48, np.int32(64)]) == (48, 64)

@@ -241,6 +241,41 @@ def test_resume_encodes_only_the_unfinished_shard(encoded, ckpt, folder, tmp_pat
     assert len(err) == 1 and "different 'video'" in err[0] and "--overwrite" in err[0]
 
 
+def test_files_that_are_not_videos_are_named_and_listed(ckpt, tmp_path, capsys):
+    """A folder's .gif, audio-only .m4a and .txt: one `skipped:` line each, in the summary's
+    skipped_videos, not in the store; the video beside them is stored."""
+    root = tmp_path / "videos"
+    root.mkdir()
+    _write(root / "a.mp4", _frames(16, 0))
+    with av.open(str(root / "anim.gif"), "w") as container:
+        stream = container.add_stream("gif", rate=8)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "rgb8"
+        for frame in _frames(3, 1):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(root / "song.m4a"), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for i in range(8):
+            silence = np.zeros((1, 1024), np.float32)
+            frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    (root / "notes.txt").write_text("not a video\n")
+    assert _encode(ckpt, root, tmp_path / "store") == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    others = [str(root / n) for n in ("anim.gif", "notes.txt", "song.m4a")]
+    assert summary["skipped_videos"] == others and summary["encoded_videos"] == 1
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 3 and all(w.startswith("warning: skipped: ") for w in warnings), err
+    for name, warning in zip(others, warnings, strict=True):
+        assert f"skipped: {name}: " in warning
+    records = [v for _, v in LatentStore(tmp_path / "store").videos(valid_only=False)]
+    assert [(pathlib.Path(r["name"]).name, r["valid"]) for r in records] == [("a.mp4", True)]
+
+
 def test_bad_input_and_wrong_readers(encoded, ckpt, folder, tmp_path, capsys):
     cases = [
         (["--data", "synthetic"], "reads video files"),

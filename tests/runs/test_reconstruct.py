@@ -19,8 +19,9 @@ from helpers import TINY, pattern, read_video, recipe_checkpoint, write_video
 from configs import tiny
 from reducio_jax import ReducioVAE
 from reducio_jax.__main__ import main
+from reducio_jax.data.video import resample
 from reducio_jax.metrics.image import psnr_per_image, ssim_per_image
-from reducio_jax.runs.reconstruct import ReconstructOptions, reconstruct_videos, resample
+from reducio_jax.runs.reconstruct import ReconstructOptions, reconstruct_videos
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -96,6 +97,76 @@ def test_folder_resampled_side_by_side_with_a_bad_file(ckpt, tmp_path, capsys):
     assert left < 3 and right > 3 * left  # input | reconstruction
     assert not (out / "bad.mp4").exists() and leftovers(tmp_path) == []
     assert sum("PSNR" in line for line in lines) == 2
+
+
+def _gif(path: pathlib.Path) -> pathlib.Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("gif", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "rgb8"
+        for frame in pattern(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _audio_only(path: pathlib.Path) -> pathlib.Path:
+    """About a second of AAC silence, no video stream (.m4a, or any MPEG-4 name)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for i in range(16):
+            silence = np.zeros((1, 1024), np.float32)
+            frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_folder_names_every_file_it_does_not_take(ckpt, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_video(src / "clip.mp4", pattern(16))
+    _gif(src / "anim.gif")
+    _audio_only(src / "song.m4a")
+    _audio_only(src / "voice.mp4")  # a video's extension, but no video stream
+    (src / "notes.txt").write_text("not a video\n")
+    (src / ".DS_Store").write_bytes(b"\0" * 16)  # hidden: left out without a word
+    with av.open(str(src / "song.m4a")) as container:
+        assert [s.type for s in container.streams] == ["audio"]
+    out = tmp_path / "out"
+    status, lines, errors = run_cli(
+        str(src), str(out), "--checkpoint", ckpt, "--config", TINY, "--window_batch", "1",
+        capsys=capsys,
+    )  # fmt: skip
+    assert status == 2
+    warnings, error = errors[:-1], errors[-1]
+    assert all(w.startswith("warning: skipped: ") for w in warnings) and len(warnings) == 4, errors
+    names = ("anim.gif", "song.m4a", "notes.txt", "voice.mp4")
+    named = {name: [w for w in warnings if f"{src / name}" in w] for name in names}
+    assert all(len(found) == 1 for found in named.values()), errors
+    assert f"{src / 'anim.gif'}: not a video file this reads (.gif;" in named["anim.gif"][0]
+    assert f"{src / 'song.m4a'}: an audio file (.m4a), not a video" in named["song.m4a"][0]
+    assert f"{src / 'notes.txt'}: not a video file this reads (.txt;" in named["notes.txt"][0]
+    assert "no video stream" in named["voice.mp4"][0]
+    assert not any(".DS_Store" in line for line in errors)
+    assert error.startswith("error: 4 of 5 files could not be used (warnings above); the other 1")
+    recon, fps = read_video(out / "clip.mp4")  # the one video was reconstructed
+    assert recon.shape == (16, 32, 32, 3) and fps == 16
+    assert sorted(p.name for p in out.rglob("*")) == ["clip.mp4"]
+    assert sum("PSNR" in line for line in lines) == 1
+
+
+def test_a_folder_of_no_videos_is_one_error(ckpt, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    _gif(src / "anim.gif")
+    status, _, errors = run_cli(str(src), str(tmp_path / "out"), "--checkpoint", ckpt,
+                                "--config", TINY, capsys=capsys)  # fmt: skip
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("error: No video files")
+    assert "1 other file(s) there are not videos" in errors[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_resample_is_sample_and_hold():

@@ -45,9 +45,9 @@ def test_no_module_builds_a_local_path_from_user_input():
             if (owner, attr) in LOCAL_CALLS or (owner is None and attr in imported):
                 offenders.append(f"{name}:{line} {owner + '.' if owner else ''}{attr}(...)")
     # reconstruct compares a local input and output by their real paths (after is_remote)
-    offenders = [o for o in offenders if not (o.startswith("reconstruct.py:") and "realpath" in o)]
-    # memory.py reads the kernel's /proc and /sys files (memory available), never user paths
-    offenders = [o for o in offenders if not o.startswith("memory.py:")]
+    offenders = [o for o in offenders if not (o.startswith("runs/reconstruct.py:") and "realpath" in o)]
+    # programs/budget.py reads the kernel's /proc and /sys files (memory available), never user paths
+    offenders = [o for o in offenders if not o.startswith("programs/budget.py:")]
     assert offenders == [], "use reducio_jax.storage.paths.as_path for user paths:\n" + "\n".join(offenders)
 
 
