@@ -56,7 +56,7 @@ class DecodeOptions:
     config: str | None = None
     num_clips: int | None = None
     batch_size: int | None = None  # clips (windows) a call; None: as many as fit in memory
-    max_memory: str | None = None  # memory for the whole process, e.g. "8GB" (None: measured)
+    max_memory: str | int | None = None  # for the whole process: "8GB" or bytes (None: measured)
     devices: int | None = None
     fps: float | None = None
     allow_partial: bool = False
@@ -115,8 +115,8 @@ def decode_to_mp4(opts: DecodeOptions) -> dict[str, Any]:
     store = LatentStore(opts.store, allow_partial=opts.allow_partial)
     if opts.num_clips is not None and opts.num_clips <= 0:
         raise InputError(f"--num_clips {opts.num_clips} must be positive")
-    if opts.max_memory is not None:
-        parse_size(opts.max_memory)  # a bad size fails before the model loads
+    if opts.max_memory is not None:  # parsed once: a bad size fails before the model loads
+        opts = dataclasses.replace(opts, max_memory=parse_size(opts.max_memory))
     mesh = local_mesh(opts.devices)
     batch = "auto" if opts.batch_size is None else opts.batch_size
     check_batch(mesh, batch, "--batch_size")

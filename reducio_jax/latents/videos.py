@@ -112,13 +112,14 @@ class VideoEncodeOptions(EncodeOptions):
     keep_fps: bool = False  # keep each video's frame rate (default: `fps` or the config's)
     overlap: int = DEFAULT_OVERLAP  # frames shared by neighbouring windows
     window_batch: int | str = "auto"  # windows a call: from memory, or a multiple of the devices
-    max_memory: str | None = None  # memory for the whole process, e.g. "8GB" (None: measured)
+    max_memory: str | int | None = None  # for the whole process: "8GB" or bytes (None: measured)
 
 
 # -- options ----------------------------------------------------------------------------------
 
 
-def _check_options(opts: VideoEncodeOptions, window: int) -> None:
+def _check_options(opts: VideoEncodeOptions, window: int) -> VideoEncodeOptions:
+    """`opts` checked, with its memory size parsed (once, before the model loads)."""
     if opts.data == "synthetic" or opts.data.startswith("tfds:"):
         raise InputError(
             f"--whole_videos reads video files; --data {opts.data} is not a folder, list file "
@@ -140,8 +141,9 @@ def _check_options(opts: VideoEncodeOptions, window: int) -> None:
         raise InputError(f"--num_shards {opts.num_shards} must be positive")
     if opts.resolution is not None and min(frame_size(opts.resolution)) < 32:
         raise InputError(f"--resolution {opts.resolution}: the model needs at least 32 px")
-    if opts.max_memory is not None:
-        parse_size(opts.max_memory)  # a bad size fails before the model loads
+    if opts.max_memory is None:
+        return opts
+    return dataclasses.replace(opts, max_memory=parse_size(opts.max_memory))
 
 
 # -- one batch of windows ---------------------------------------------------------------------
@@ -428,7 +430,7 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
     """Encodes every video of `opts.data` whole into `opts.out`; returns a summary."""
     began = time.perf_counter()
     model_cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
-    _check_options(opts, int(model_cfg.model.ddconfig.get("temp_res", 16)))
+    opts = _check_options(opts, int(model_cfg.model.ddconfig.get("temp_res", 16)))
     listing = find_videos(opts.data)
     files = listing.videos
     n = clip_count(len(files), opts.num_clips)
@@ -479,7 +481,7 @@ def plan_decode(
     mesh: Mesh,
     videos: list[tuple[int, dict[str, Any]]],
     batch: int | str = "auto",
-    max_memory: str | None = None,
+    max_memory: str | int | None = None,
 ) -> dict[Size, Plan]:
     """The window batch and tiling (`planner.plan_batch`) of each frame size of the stored
     `videos` (the largest first; "auto": at most the windows the longest of them has)."""
