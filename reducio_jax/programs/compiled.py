@@ -25,7 +25,7 @@ from reducio_jax.models.tiling import TileConfig
 from reducio_jax.programs import lowering
 from reducio_jax.programs.footprint import Footprint
 
-Key = tuple  # (op, tiles, input tree structure, ((shape, dtype, sharding), ...))
+Key = tuple  # (op, tiles, input tree, ((shape, dtype, placement), ...), state placement)
 
 
 def _is_tracer(tree: Any) -> bool:
@@ -42,14 +42,16 @@ def _placement(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding 
     return sharding
 
 
-def input_key(op: str, tiles: TileConfig | None, inputs: Any) -> Key:
-    """What an executable is specific to: the op, the tiling, and each input's shape, dtype
-    and placement (arrays and `jax.ShapeDtypeStruct`s of the same inputs give one key)."""
+def input_key(op: str, tiles: TileConfig | None, inputs: Any, state: Any = None) -> Key:
+    """What an executable is specific to: the op, the tiling, each input's shape, dtype and
+    placement (arrays and `jax.ShapeDtypeStruct`s of the same inputs give one key), and where
+    the model's state is (the placement of its first array)."""
     leaves, tree = jax.tree.flatten(inputs)
     avals = tuple(
         (tuple(x.shape), str(x.dtype), _placement(getattr(x, "sharding", None))) for x in leaves
     )
-    return (op, tiles, tree, avals)
+    first = next(iter(jax.tree.leaves(state)), None)
+    return (op, tiles, tree, avals, _placement(getattr(first, "sharding", None)))
 
 
 class Programs:
@@ -78,7 +80,7 @@ class Programs:
         graphdef, state = nnx.split(self.model)
         if _is_tracer(inputs) or _is_tracer(state):
             return lowering.JITS[op](graphdef, state, *inputs, tiles=tiles)
-        key = input_key(op, tiles, inputs)
+        key = input_key(op, tiles, inputs, state)
         executable = self._executables.get(key)
         if executable is None:
             executable = self._compile(key, lowering.lower(op, graphdef, state, inputs, tiles))
@@ -117,7 +119,7 @@ class Programs:
             return self._footprints[measured]
         graphdef, state = nnx.split(self.model)
         inputs = self.window_inputs(op, batch, frame)
-        key = input_key(op, tiles, inputs)
+        key = input_key(op, tiles, inputs, state)
         executable = self._executables.get(key)
         if executable is None:
             lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
@@ -146,7 +148,8 @@ class Programs:
         kept: set[Key] = set()
 
         def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any) -> None:
-            kept.add(input_key(op, tiles, self.window_inputs(op, batch, frame)))
+            inputs = self.window_inputs(op, batch, frame)
+            kept.add(input_key(op, tiles, inputs, nnx.state(self.model)))
 
         try:
             yield keep
