@@ -41,7 +41,8 @@ import ml_collections
 from flax import nnx
 
 from reducio_jax.config import load_config
-from reducio_jax.convert.checkpoint import (
+from reducio_jax.convert.hub import HubError, hub_name, is_hub
+from reducio_jax.convert.pretrained import (
     ReducioWeights,
     convert_torch_checkpoint,
     load_hub_weights,
@@ -49,7 +50,6 @@ from reducio_jax.convert.checkpoint import (
     load_pretrained_config,
     save_pretrained,
 )
-from reducio_jax.convert.hub import HubError, hub_name, is_hub
 from reducio_jax.models import VideoVAE, build_vae
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
@@ -123,7 +123,10 @@ class ReducioVAE:
         self.tiles = TileConfig.from_config(cfg)
         self.spatial_factor = model.sizes.spatial_factor
         self.programs = Programs(
-            model, tiles=self.tiles, fallback=_fallback_tiles(cfg, self.spatial_factor)
+            model,
+            tiles=self.tiles,
+            fallback=_fallback_tiles(cfg, self.spatial_factor),
+            model_key=cfg.model.to_json_best_effort(sort_keys=True),
         )
 
     # -- construction -------------------------------------------------------------------------

@@ -11,13 +11,7 @@ import os
 import pathlib
 import tempfile
 
-# Tests compile fast rather than well: LLVM's optimisation level 0 compiles the tiny model's
-# 64 px reconstruct 2.3x faster (12.8 -> 5.6 s) and runs it 2x slower (1.3 -> 2.6 s), with
-# bitwise the same output (XLA's HLO passes and buffer assignment are the same; RESULTS.md,
-# "Compile"). The suite is mostly compiling; the benchmarks measure the real thing.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-)
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keyed by the program, the jax/jaxlib versions and the flags, so a cache left by an earlier run
 # is safe to reuse; bounded (least recently used entries go, under a file lock).

@@ -34,6 +34,8 @@ from reducio_jax.models import build_vae
 from reducio_jax.models.convolution import traced_for
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.programs import lowering
+from reducio_jax.programs.budget import parse_size
+from reducio_jax.programs.footprint import Footprint
 from reducio_jax.sharding import (
     abstract_model,
     abstract_with_shardings,
@@ -45,7 +47,6 @@ from reducio_jax.train.step import batch_spec, jit_train_step
 
 PROGRAMS = ("train_step", *lowering.OPS)
 _OOM_PATTERN = re.compile(r"([\d.]+)([KMGT]?)\s*\)?\s*exceeds available HBM \(([\d.]+)([KMGT]?)")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,7 @@ def _oom_figures(message: str) -> tuple[int, int]:
     if not match:
         return 0, 0
     need, need_unit, have, have_unit = match.groups()
-    return int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit])
+    return parse_size(need + need_unit), parse_size(have + have_unit)
 
 
 def compile_program(
@@ -226,21 +227,15 @@ def compile_program(
             error=first_line,
         )
     seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    total = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
+    memory = Footprint.of(compiled)  # the planner's reading of XLA's memory analysis
     return record(
-        fits=total <= (1.0 - headroom) * hbm,
-        argument_bytes=int(memory.argument_size_in_bytes),
+        fits=memory.total <= (1.0 - headroom) * hbm,
+        argument_bytes=memory.argument,
         state_bytes=int(state_bytes),
-        temp_bytes=int(memory.temp_size_in_bytes),
-        output_bytes=int(memory.output_size_in_bytes),
-        alias_bytes=int(memory.alias_size_in_bytes),
-        total_bytes=int(total),
+        temp_bytes=memory.temp,
+        output_bytes=memory.output,
+        alias_bytes=memory.alias,
+        total_bytes=memory.total,
         flops_per_chip=_flops(compiled),
         compile_seconds=seconds,
     )

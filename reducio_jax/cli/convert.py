@@ -33,7 +33,7 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
     if positional:
         raise InputError(f"unexpected arguments: {' '.join(positional)}")
     shared.require(fv, "checkpoint", "config", "out")
-    from reducio_jax.convert.checkpoint import convert_torch_checkpoint, save_pretrained
+    from reducio_jax.convert.pretrained import convert_torch_checkpoint, save_pretrained
 
     start = time.perf_counter()
     checkpoint, out = fv["checkpoint"].value, fv["out"].value

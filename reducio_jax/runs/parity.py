@@ -332,7 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _report(args: argparse.Namespace) -> str:
     from reducio_jax.api import ReducioVAE, load_config
-    from reducio_jax.convert.checkpoint import convert_state_dict_to_modules
+    from reducio_jax.convert.pretrained import convert_state_dict_to_modules
     from reducio_jax.convert.torch_format import load_state_dict
 
     if not args.reference_repo:

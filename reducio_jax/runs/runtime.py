@@ -27,8 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reducio_jax.api import ReducioVAE
 from reducio_jax.config import load_config
-from reducio_jax.convert.checkpoint import load_pretrained_config
 from reducio_jax.convert.hub import is_hub
+from reducio_jax.convert.pretrained import load_pretrained_config
 from reducio_jax.data.pipeline import as_config
 from reducio_jax.errors import InputError
 from reducio_jax.sharding import make_mesh

@@ -11,10 +11,10 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from reducio_jax.convert.checkpoint import load_hub_weights
 from reducio_jax.convert.hub import HubError, download, is_hub
 from reducio_jax.convert.load import load_converted
 from reducio_jax.convert.mapping import ConversionError, convert_state_dict, split_groups
+from reducio_jax.convert.pretrained import load_hub_weights
 from reducio_jax.convert.torch_format import CheckpointFormatError, load_state_dict
 from reducio_jax.storage.paths import Path, PathLike, as_path
 from reducio_jax.train.errors import TrainingError
@@ -34,7 +34,7 @@ def _existing(path: PathLike, flag: str) -> Path:
 def load_init_weights(path: str, cfg: ml_collections.ConfigDict, mesh: Mesh) -> Any:
     """A torch .ckpt/.pt/.safetensors (converted on the fly), a pretrained directory or a run's
     step -> `ReducioWeights` (vae, discriminator | None, lpips | None, logvar) on `mesh`."""
-    from reducio_jax.convert.checkpoint import convert_torch_checkpoint, load_pretrained
+    from reducio_jax.convert.pretrained import convert_torch_checkpoint, load_pretrained
 
     try:
         if is_hub(path):
@@ -49,7 +49,7 @@ def load_init_weights(path: str, cfg: ml_collections.ConfigDict, mesh: Mesh) -> 
 
 def load_lpips_weights(path: str, cfg: ml_collections.ConfigDict, mesh: Mesh) -> nnx.Module:
     """LPIPS from a torch file with `loss.perceptual_loss.*` keys or a pretrained directory."""
-    from reducio_jax.convert.checkpoint import load_pretrained
+    from reducio_jax.convert.pretrained import load_pretrained
 
     try:
         p = download(path) if is_hub(path) else _existing(path, "--lpips_weights")

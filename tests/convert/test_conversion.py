@@ -14,17 +14,17 @@ from helpers import max_err, write_checkpoint
 from torch_writer import save_safetensors
 
 from configs import reducio_ft2, reducio_ft4, tiny
-from reducio_jax.convert.checkpoint import (
-    convert_state_dict_to_modules,
-    convert_torch_checkpoint,
-    load_pretrained,
-)
 from reducio_jax.convert.load import target_shapes
 from reducio_jax.convert.mapping import (
     ConversionError,
     convert_state_dict,
     fill_state,
     split_groups,
+)
+from reducio_jax.convert.pretrained import (
+    convert_state_dict_to_modules,
+    convert_torch_checkpoint,
+    load_pretrained,
 )
 from reducio_jax.convert.torch_format import CheckpointFormatError
 from reducio_jax.models import build_discriminator, build_lpips, build_vae

@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from reducio_jax import ReducioVAE
-from reducio_jax.convert.checkpoint import load_pretrained
 from reducio_jax.convert.mapping import ConversionError
+from reducio_jax.convert.pretrained import load_pretrained
 from reducio_jax.models import build_vae
 from reducio_jax.sharding import make_mesh
 from reducio_jax.storage import checkpoints

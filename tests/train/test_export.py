@@ -10,7 +10,7 @@ from flax import nnx
 
 from reducio_jax import ReducioVAE
 from reducio_jax.__main__ import main
-from reducio_jax.convert.checkpoint import load_pretrained
+from reducio_jax.convert.pretrained import load_pretrained
 from reducio_jax.runs.runtime import InputError, resolve_config
 from reducio_jax.storage import checkpoints
 from reducio_jax.train.errors import TrainingError

@@ -11,7 +11,7 @@ from helpers import recipe_checkpoint
 
 import configs.tiny as tiny
 from reducio_jax import sharding as sh
-from reducio_jax.convert.checkpoint import ReducioWeights, save_pretrained
+from reducio_jax.convert.pretrained import ReducioWeights, save_pretrained
 from reducio_jax.models import build_discriminator, build_vae
 from reducio_jax.storage.checkpoints import DISCRIMINATOR, VAE, RunCheckpoints
 from reducio_jax.train import run
