@@ -8,7 +8,11 @@ fresh process: the lowered program's size (StableHLO ops, convolutions, while lo
 seconds to trace and lower, the seconds XLA takes to compile it, the optimised module's size
 (HLO instructions, fusions, while loops) and how far the compile raised the process's peak
 resident memory. The persistent compilation cache is off, so every compile is a real one.
-JSON lines on stdout; `--write-results` puts the table into the "Compile" section of
+`--second-process` adds the seconds from nothing to a ready
+executable (trace, lower, compile or load) in three fresh processes sharing one cache folder:
+cold, with JAX's persistent cache warm (it still traces and lowers), and with the model's
+executables kept whole (reducio_jax/programs/store.py: nothing traced). JSON lines on stdout;
+`--write-results` puts the table into the "Compile" section of
 benchmarks/RESULTS.md with the machine, versions and commit. Weights are random (sizes and
 compile times do not depend on their values).
 """
@@ -84,33 +88,71 @@ def profile(config: str, height: int, width: int, op: str) -> dict:
         "lower_s": round(lower_s, 2),
         "compile_s": round(compile_s, 2),
         "hlo_instructions": _count(r"^\s+(ROOT )?%?\S+ = ", hlo),
-        "fusions": _count(r"^\s+(ROOT )?%?\S+ = \S+ fusion\(", hlo),
-        "hlo_while_loops": _count(r"^\s+(ROOT )?%?\S+ = \S+ while\(", hlo),
+        "fusions": _count(r"^\s+(ROOT )?%?\S+ = .*\bfusion\(", hlo),
+        "hlo_while_loops": _count(r"^\s+(ROOT )?%?\S+ = .*\bwhile\(", hlo),
         "compile_peak_rise_gib": round(max(0, peak - rss_before) / 2**30, 2),
         "temp_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 2),
     }
 
 
+def ready_seconds(config: str, height: int, width: int, op: str, cache: str, kept: bool) -> float:
+    """Seconds from nothing to `op`'s executable ready (trace, lower, compile or load) in this
+    process, with JAX's persistent cache at `cache` and (`kept`) the executables kept there."""
+    import time
+
+    import jax
+
+    from reducio_jax import ReducioVAE
+    from reducio_jax.programs import cache as compile_cache
+    from reducio_jax.programs import store
+
+    compile_cache.use_compilation_cache(cache)
+    vae = ReducioVAE.from_config(ROOT / "configs" / CONFIG_FILES[config])
+    jax.block_until_ready(jax.tree.leaves(vae.programs.model))
+    with store.executable_store(cache if kept else None):
+        start = time.perf_counter()
+        vae.programs.footprint(op, 1, (height, width), None)
+        return time.perf_counter() - start
+
+
+def first_and_second(case: str, op: str) -> dict:
+    """Seconds to a ready executable: a cold process, a second one with JAX's persistent cache
+    warm, a third with the executables kept whole (programs/store.py)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        seconds = [run_child(case, op, extra=["--ready", cache, "--kept", kept])["ready_s"]
+                   for kept in ("1", "0", "1")]  # fmt: skip
+    return {"cold_s": seconds[0], "jax_cache_s": seconds[1], "kept_s": seconds[2]}
+
+
 def table(records: list[dict]) -> str:
     head = (
         "| case | StableHLO ops | convolutions | while | lower s | compile s | HLO instr. "
-        "(fusions, while) | compile peak rise GiB | temp GiB |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "(fusions, while) | compile peak rise GiB | temp GiB | ready s: cold / JAX cache / "
+        "kept |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = [
         f"| {r['config']} {r['frame'][0]}x{r['frame'][1]} {r['op']} | {r['stablehlo_ops']} | "
         f"{r['convolutions']} | {r['while_loops']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
         f"{r['hlo_instructions']} ({r['fusions']}, {r['hlo_while_loops']}) | "
-        f"{r['compile_peak_rise_gib']:.2f} | {r['temp_gib']:.2f} |"
+        f"{r['compile_peak_rise_gib']:.2f} | {r['temp_gib']:.2f} | {_ready(r)} |"
         for r in records
     ]
     return head + "\n".join(rows) + "\n"
 
 
-def run_child(case: str, op: str) -> dict:
+def _ready(r: dict) -> str:
+    if "cold_s" not in r:
+        return "–"
+    return f"{r['cold_s']:.1f} / {r['jax_cache_s']:.1f} / {r['kept_s']:.1f}"
+
+
+def run_child(case: str, op: str, extra: Sequence[str] = ()) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", case, "--op", op]
+    cmd += list(extra)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"error: {case}: {done.stderr.strip().splitlines()[-1]}")
@@ -123,8 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--op", default="reconstruct", choices=("encode", "decode", "reconstruct"))
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--note", default="")
+    p.add_argument("--second-process", action="store_true",
+                   help="also time a ready executable in fresh processes: cold, JAX cache, kept")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ready", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--kept", default="1", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child and args.ready:
+        seconds = ready_seconds(*parse_case(args.child), args.op, args.ready, args.kept == "1")
+        print(json.dumps({"ready_s": seconds}))
+        return 0
     if args.child:
         print(json.dumps(profile(*parse_case(args.child), args.op)))
         return 0
@@ -134,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     for case in cases:
         records.append(run_child(case, args.op))
+        if args.second_process:
+            records[-1].update(first_and_second(case, args.op))
         print(json.dumps(records[-1]), flush=True)
     print(table(records))
     if args.write_results:
