@@ -9,9 +9,8 @@ seconds to trace and lower, the seconds XLA takes to compile it, the optimised m
 (HLO instructions, fusions, while loops) and how far the compile raised the process's peak
 resident memory. The persistent compilation cache is off, so every compile is a real one.
 `--second-process` adds the seconds from nothing to a ready
-executable (trace, lower, compile or load) in three fresh processes sharing one cache folder:
-cold, with JAX's persistent cache warm (it still traces and lowers), and with the model's
-executables kept whole (reducio_jax/programs/store.py: nothing traced). JSON lines on stdout;
+executable (trace, lower, compile or load) in two fresh processes sharing one cache folder:
+cold, then with JAX's persistent cache warm (it still traces and lowers). JSON lines on stdout;
 `--write-results` puts the table into the "Compile" section of
 benchmarks/RESULTS.md with the machine, versions and commit. Weights are random (sizes and
 compile times do not depend on their values).
@@ -95,42 +94,39 @@ def profile(config: str, height: int, width: int, op: str) -> dict:
     }
 
 
-def ready_seconds(config: str, height: int, width: int, op: str, cache: str, kept: bool) -> float:
+def ready_seconds(config: str, height: int, width: int, op: str, cache: str) -> float:
     """Seconds from nothing to `op`'s executable ready (trace, lower, compile or load) in this
-    process, with JAX's persistent cache at `cache` and (`kept`) the executables kept there."""
+    process, with JAX's persistent cache at `cache`."""
     import time
 
     import jax
 
     from reducio_jax import ReducioVAE
     from reducio_jax.programs import cache as compile_cache
-    from reducio_jax.programs import store
 
     compile_cache.use_compilation_cache(cache)
     vae = ReducioVAE.from_config(ROOT / "configs" / CONFIG_FILES[config])
     jax.block_until_ready(jax.tree.leaves(vae.programs.model))
-    with store.executable_store(cache if kept else None):
-        start = time.perf_counter()
-        vae.programs.footprint(op, 1, (height, width), None)
-        return time.perf_counter() - start
+    start = time.perf_counter()
+    vae.programs.footprint(op, 1, (height, width), None)
+    return time.perf_counter() - start
 
 
 def first_and_second(case: str, op: str) -> dict:
-    """Seconds to a ready executable: a cold process, a second one with JAX's persistent cache
-    warm, a third with the executables kept whole (programs/store.py)."""
+    """Seconds to a ready executable: a cold process, then a second one with JAX's persistent
+    cache warm."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as cache:
-        seconds = [run_child(case, op, extra=["--ready", cache, "--kept", kept])["ready_s"]
-                   for kept in ("1", "0", "1")]  # fmt: skip
-    return {"cold_s": seconds[0], "jax_cache_s": seconds[1], "kept_s": seconds[2]}
+        seconds = [run_child(case, op, extra=["--ready", cache])["ready_s"] for _ in range(2)]
+    return {"cold_s": seconds[0], "jax_cache_s": seconds[1]}
 
 
 def table(records: list[dict]) -> str:
     head = (
         "| case | StableHLO ops | convolutions | while | lower s | compile s | HLO instr. "
-        "(fusions, while) | compile peak rise GiB | temp GiB | ready s: cold / JAX cache / "
-        "kept |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "(fusions, while) | compile peak rise GiB | temp GiB | ready s: cold / JAX cache |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = [
         f"| {r['config']} {r['frame'][0]}x{r['frame'][1]} {r['op']} | {r['stablehlo_ops']} | "
@@ -145,7 +141,7 @@ def table(records: list[dict]) -> str:
 def _ready(r: dict) -> str:
     if "cold_s" not in r:
         return "–"
-    return f"{r['cold_s']:.1f} / {r['jax_cache_s']:.1f} / {r['kept_s']:.1f}"
+    return f"{r['cold_s']:.1f} / {r['jax_cache_s']:.1f}"
 
 
 def run_child(case: str, op: str, extra: Sequence[str] = ()) -> dict:
@@ -166,13 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--note", default="")
     p.add_argument("--second-process", action="store_true",
-                   help="also time a ready executable in fresh processes: cold, JAX cache, kept")
+                   help="also time a ready executable in fresh processes: cold, JAX cache")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--kept", default="1", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child and args.ready:
-        seconds = ready_seconds(*parse_case(args.child), args.op, args.ready, args.kept == "1")
+        seconds = ready_seconds(*parse_case(args.child), args.op, args.ready)
         print(json.dumps({"ready_s": seconds}))
         return 0
     if args.child:

@@ -126,7 +126,6 @@ class ReducioVAE:
             model,
             tiles=self.tiles,
             fallback=_fallback_tiles(cfg, self.spatial_factor),
-            model_key=cfg.model.to_json_best_effort(sort_keys=True),
         )
 
     # -- construction -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from absl import flags
 
 from reducio_jax.cli import shared_flags
 from reducio_jax.errors import BAD_INPUT, INTERRUPTED, error_line, exit_status
-from reducio_jax.programs import allocator, cache, store
+from reducio_jax.programs import allocator, cache
 
 # command -> one line; each is the module reducio_jax.cli.<command> (imported when run).
 COMMANDS = {
@@ -101,11 +101,11 @@ def run_command(command: str, args: Sequence[str], prog: str) -> int:
     if command in ONE_HEAP_COMMANDS:
         allocator.share_one_heap()
     try:
-        directory = cache.use_compilation_cache(fv["compilation_cache"].value)
-        with cache.CompileCount() as compiles, store.executable_store(directory) as kept:
+        cache.use_compilation_cache(fv["compilation_cache"].value)
+        with cache.CompileCount() as compiles:
             status = module.run(fv, positional)
         if "progress" in fv and fv["progress"].value:  # beside the progress bars, on stderr
-            print(compiles.describe(kept), file=sys.stderr, flush=True)
+            print(compiles.describe(), file=sys.stderr, flush=True)
         return status
     except KeyboardInterrupt as stop:  # a command may say what it kept: "...; MESSAGE"
         print("; ".join(["error: interrupted", *map(str, stop.args)]), file=sys.stderr)

@@ -5,8 +5,7 @@ read and written through etils.epath), with no minimum compile time, so that a s
 command on the same shapes loads every executable instead of compiling it; `''` leaves it
 off, and `JAX_COMPILATION_CACHE_DIR` in the environment wins. `CompileCount` counts XLA's
 backend compiles while it is open (from JAX's monitoring events): how many programs were
-compiled, how many came from the cache, and the seconds they took; the executables a command
-loaded whole, without tracing them, come from `store.py` in the same directory.
+compiled, how many came from the cache, and the seconds they took.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import os
 import jax
 from jax import monitoring
 
-from reducio_jax.programs.store import ExecutableStore
 from reducio_jax.storage.paths import as_path
 
 DEFAULT_CACHE = "~/.cache/reducio_jax/xla"
@@ -69,10 +67,8 @@ class CompileCount:
         monitoring.unregister_event_duration_listener(self._on_duration)
         monitoring.unregister_event_listener(self._on_event)
 
-    def describe(self, kept: ExecutableStore | None = None) -> str:
-        """"compiled N program(s) (M from the cache, K executables loaded) in S s"."""
-        loaded = f", {kept.loaded} executable(s) loaded" if kept is not None else ""
+    def describe(self) -> str:
         return (
-            f"compiled {self.compiled} program(s) ({self.from_cache} from the cache{loaded}) "
+            f"compiled {self.compiled} program(s) ({self.from_cache} from the cache) "
             f"in {self.seconds:.1f} s"
         )

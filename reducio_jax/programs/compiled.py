@@ -7,9 +7,7 @@ input a tracer) it calls the op's jit instead, so the methods nest. `footprint(.
 memory analysis of the program for a number of windows of a frame size: the planner's only
 question. A measured program is kept unless `keep=False` (a probe), and `candidates()` drops
 the ones the planner measured and did not choose: the executable the planner measured is the
-one that runs. `compiles` and `compile_seconds` count this model's compiles. Inside a
-command's `store.executable_store` an executable is first looked for on disk (store.py), so a
-second process neither traces nor compiles it.
+one that runs. `compiles` and `compile_seconds` count this model's compiles.
 """
 
 from __future__ import annotations
@@ -23,9 +21,8 @@ import jax
 from flax import nnx
 
 from reducio_jax.models import VideoVAE
-from reducio_jax.models.convolution import target_platform
 from reducio_jax.models.tiling import TileConfig
-from reducio_jax.programs import lowering, store
+from reducio_jax.programs import lowering
 from reducio_jax.programs.footprint import Footprint
 
 Key = tuple  # (op, tiles, input tree, ((shape, dtype, placement), ...), state placement)
@@ -60,16 +57,8 @@ def input_key(op: str, tiles: TileConfig | None, inputs: Any, state: Any = None)
 class Programs:
     """One model's compiled inference programs (see the module docstring)."""
 
-    def __init__(
-        self,
-        model: VideoVAE,
-        *,
-        tiles: TileConfig | None,
-        fallback: TileConfig,
-        model_key: str | None = None,
-    ):
+    def __init__(self, model: VideoVAE, *, tiles: TileConfig | None, fallback: TileConfig):
         self.model = model
-        self.model_key = model_key  # what the graph depends on (its config), for the store
         self.tiles = tiles  # the config's tiling (None: never tiled)
         self.fallback = fallback  # the tile size used when memory calls for tiling
         self.window = model.sizes.num_frames
@@ -92,51 +81,20 @@ class Programs:
         if _is_tracer(inputs) or _is_tracer(state):
             return lowering.JITS[op](graphdef, state, *inputs, tiles=tiles)
         key = input_key(op, tiles, inputs, state)
-        executable = self._executables.get(key) or self._stored(key, state)
+        executable = self._executables.get(key)
         if executable is None:
-            lowered = lowering.lower(op, graphdef, state, inputs, tiles)
-            executable = self._compile(key, lowered, state)
+            executable = self._compile(key, lowering.lower(op, graphdef, state, inputs, tiles))
         return executable(state, *inputs)
 
-    def _compile(
-        self, key: Key, lowered: jax.stages.Lowered, state: Any, *, keep: bool = True
-    ) -> jax.stages.Compiled:
+    def _compile(self, key: Key | None, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         start = time.perf_counter()
         executable = lowered.compile()
         self.compiles += 1
         self.compile_seconds += time.perf_counter() - start
-        disk = self._store_key(key, state)
-        if disk is not None:
-            store.active().save(disk, executable)
-        if keep:
-            self._remember(key, executable)
-        return executable
-
-    def _remember(self, key: Key, executable: jax.stages.Compiled) -> None:
-        self._executables[key] = executable
-        if self._new is not None:
-            self._new.append(key)
-
-    def _store_key(self, key: Key, state: Any) -> str | None:
-        """The executable's key in the active store, or None when it is not to be kept there
-        (no store, no model key, several devices, or traced under a mesh or for another
-        platform)."""
-        if store.active() is None or self.model_key is None:
-            return None
-        op, tiles, tree, avals, placement = key
-        if placement is not None or any(a[2] is not None for a in avals):
-            return None
-        if not jax.sharding.get_abstract_mesh().empty or target_platform() != jax.default_backend():
-            return None
-        shapes = [(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)]
-        return repr((self.model_key, shapes, op, tiles, str(tree), avals))
-
-    def _stored(self, key: Key, state: Any, *, keep: bool = True) -> jax.stages.Compiled | None:
-        """The executable from the active store (kept here too), or None."""
-        disk = self._store_key(key, state)
-        executable = None if disk is None else store.active().load(disk)
-        if executable is not None and keep:
-            self._remember(key, executable)
+        if key is not None:
+            self._executables[key] = executable
+            if self._new is not None:
+                self._new.append(key)
         return executable
 
     def executables(self) -> list[Key]:
@@ -162,10 +120,10 @@ class Programs:
         graphdef, state = nnx.split(self.model)
         inputs = self.window_inputs(op, batch, frame)
         key = input_key(op, tiles, inputs, state)
-        executable = self._executables.get(key) or self._stored(key, state, keep=keep)
+        executable = self._executables.get(key)
         if executable is None:
             lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
-            executable = self._compile(key, lowered, state, keep=keep)
+            executable = self._compile(key if keep else None, lowered)
         footprint = Footprint.of(executable, lowering.input_bytes(inputs))
         self._footprints[measured] = footprint
         return footprint
