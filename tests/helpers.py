@@ -110,3 +110,29 @@ def read_video(path: pathlib.Path) -> tuple[np.ndarray, float]:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         return np.stack(frames), float(stream.average_rate)
+
+
+def write_gif(path: pathlib.Path, size: int = 32) -> pathlib.Path:
+    """Four frames of `pattern` as an animated GIF (a format the commands do not read)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("gif", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "rgb8"
+        for frame in pattern(4, size, size):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def write_audio_only(path: pathlib.Path) -> pathlib.Path:
+    """About a second of AAC silence, no video stream (.m4a, or any MPEG-4 name)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for i in range(16):
+            silence = np.zeros((1, 1024), np.float32)
+            frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path

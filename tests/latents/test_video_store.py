@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import recipe_checkpoint
+from helpers import recipe_checkpoint, write_audio_only, write_gif
 
 from reducio_jax.__main__ import main
 from reducio_jax.data import video_to_float
@@ -247,21 +247,8 @@ def test_files_that_are_not_videos_are_named_and_listed(ckpt, tmp_path, capsys):
     root = tmp_path / "videos"
     root.mkdir()
     _write(root / "a.mp4", _frames(16, 0))
-    with av.open(str(root / "anim.gif"), "w") as container:
-        stream = container.add_stream("gif", rate=8)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "rgb8"
-        for frame in _frames(3, 1):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    with av.open(str(root / "song.m4a"), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        stream.layout = "mono"
-        for i in range(8):
-            silence = np.zeros((1, 1024), np.float32)
-            frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    write_gif(root / "anim.gif")
+    write_audio_only(root / "song.m4a")
     (root / "notes.txt").write_text("not a video\n")
     assert _encode(ckpt, root, tmp_path / "store") == 0
     out, err = capsys.readouterr()

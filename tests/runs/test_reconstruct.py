@@ -14,7 +14,15 @@ import av
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY, pattern, read_video, recipe_checkpoint, write_video
+from helpers import (
+    TINY,
+    pattern,
+    read_video,
+    recipe_checkpoint,
+    write_audio_only,
+    write_gif,
+    write_video,
+)
 
 from configs import tiny
 from reducio_jax import ReducioVAE
@@ -99,38 +107,13 @@ def test_folder_resampled_side_by_side_with_a_bad_file(ckpt, tmp_path, capsys):
     assert sum("PSNR" in line for line in lines) == 2
 
 
-def _gif(path: pathlib.Path) -> pathlib.Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("gif", rate=8)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "rgb8"
-        for frame in pattern(4):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
-def _audio_only(path: pathlib.Path) -> pathlib.Path:
-    """About a second of AAC silence, no video stream (.m4a, or any MPEG-4 name)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        stream.layout = "mono"
-        for i in range(16):
-            silence = np.zeros((1, 1024), np.float32)
-            frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
-
-
 def test_folder_names_every_file_it_does_not_take(ckpt, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
     write_video(src / "clip.mp4", pattern(16))
-    _gif(src / "anim.gif")
-    _audio_only(src / "song.m4a")
-    _audio_only(src / "voice.mp4")  # a video's extension, but no video stream
+    write_gif(src / "anim.gif")
+    write_audio_only(src / "song.m4a")
+    write_audio_only(src / "voice.mp4")  # a video's extension, but no video stream
     (src / "notes.txt").write_text("not a video\n")
     (src / ".DS_Store").write_bytes(b"\0" * 16)  # hidden: left out without a word
     with av.open(str(src / "song.m4a")) as container:
@@ -161,7 +144,7 @@ def test_folder_names_every_file_it_does_not_take(ckpt, tmp_path, capsys):
 def test_a_folder_of_no_videos_is_one_error(ckpt, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
-    _gif(src / "anim.gif")
+    write_gif(src / "anim.gif")
     status, _, errors = run_cli(str(src), str(tmp_path / "out"), "--checkpoint", ckpt,
                                 "--config", TINY, capsys=capsys)  # fmt: skip
     assert status == 2 and len(errors) == 1 and errors[0].startswith("error: No video files")
