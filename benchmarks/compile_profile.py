@@ -55,7 +55,7 @@ def profile(config: str, height: int, width: int, op: str) -> dict:
     import jax
     from flax import nnx
 
-    from reducio_jax.config import load_config
+    from reducio_jax.config import derived, load_config
     from reducio_jax.models import build_vae
     from reducio_jax.programs import budget, lowering
     from reducio_jax.train.state import FAST_COMPILE
@@ -65,9 +65,8 @@ def profile(config: str, height: int, width: int, op: str) -> dict:
         make = lambda: build_vae(cfg.model, seed=0)  # noqa: E731
         graphdef = nnx.graphdef(nnx.eval_shape(make))
         state = jax.jit(lambda: nnx.state(make()), compiler_options=FAST_COMPILE)()
-    window = int(cfg.model.ddconfig.get("temp_res", 16))
     start = time.perf_counter()
-    inputs = lowering.window_inputs(op, graphdef, state, 1, (height, width), window)
+    inputs = lowering.window_inputs(op, derived(cfg), 1, (height, width))
     lowered = lowering.lower(op, graphdef, state, inputs, None)
     stablehlo = lowered.as_text()
     lower_s = time.perf_counter() - start

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from reducio_jax import losses
 from reducio_jax.aot.topologies import chip_hbm
-from reducio_jax.config import frame_size
+from reducio_jax.config import derived, frame_size
 from reducio_jax.errors import InputError
 from reducio_jax.models import build_vae
 from reducio_jax.models.convolution import traced_for
@@ -149,7 +149,8 @@ def _lower_inference(
     if tile_batch is not None:
         tiles = dataclasses.replace(tiles, max_batch=tile_batch)
     shard = batch_sharding(mesh)
-    inputs = lowering.window_inputs(program, graphdef, state, b, frame, t, sharding=shard)
+    sizes = derived(cfg)
+    inputs = lowering.window_inputs(program, sizes, b, frame, frames=t, sharding=shard)
     return lowering.lower(program, graphdef, state, inputs, tiles)
 
 

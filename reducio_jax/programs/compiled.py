@@ -61,14 +61,12 @@ class Programs:
         self.model = model
         self.tiles = tiles  # the config's tiling (None: never tiled)
         self.fallback = fallback  # the tile size used when memory calls for tiling
-        self.window = model.sizes.num_frames
         self.spatial_factor = model.sizes.spatial_factor
         self.compiles = 0
         self.compile_seconds = 0.0
         self._executables: dict[Key, jax.stages.Compiled] = {}
         self._footprints: dict[tuple, Footprint] = {}
         self._new: list[Key] | None = None  # executables compiled inside `candidates()`
-        self._inputs: dict[tuple, tuple] = {}
 
     @property
     def resident(self) -> int:
@@ -130,11 +128,7 @@ class Programs:
 
     def window_inputs(self, op: str, batch: int, frame: tuple[int, int]) -> tuple:
         """The abstract inputs of `op` for `batch` windows of `frame` px on one device."""
-        if (op, batch, frame) not in self._inputs:
-            graphdef, state = nnx.split(self.model)
-            inputs = lowering.window_inputs(op, graphdef, state, batch, frame, self.window)
-            self._inputs[op, batch, frame] = inputs
-        return self._inputs[op, batch, frame]
+        return lowering.window_inputs(op, self.model.sizes, batch, frame)
 
     def measured(self) -> list[tuple]:
         """(op, batch, frame, tiles) of every program measured so far."""

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reducio_jax.config import Derived
 from reducio_jax.models import VideoVAE, latent_layer_norm
 from reducio_jax.models.convolution import target_platform
 from reducio_jax.models.posterior import DiagonalGaussian
@@ -107,18 +108,19 @@ def lower(
 
 def window_inputs(
     op: str,
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
+    sizes: Derived,
     batch: int,
     frame: tuple[int, int],
-    window: int,
     *,
+    frames: int | None = None,
     sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[Any, ...]:
-    """The abstract non-parameter inputs of `op` for `batch` windows of `window` frames of
-    `frame` (H, W) px, float32, with `sharding` (None: one device)."""
+    """The abstract non-parameter inputs of `op` for `batch` windows of `frames` (default: the
+    model's clip length) frames of `frame` (H, W) px, float32, with `sharding` (None: one
+    device); the latent's shape follows from the model's `sizes` (no trace of the encoder)."""
     check_op(op)
-    video = jax.ShapeDtypeStruct((batch, window, *frame, 3), jnp.float32, sharding=sharding)
+    frames = sizes.num_frames if frames is None else frames
+    video = jax.ShapeDtypeStruct((batch, frames, *frame, 3), jnp.float32, sharding=sharding)
     if op == "encode":
         return (video,)
     if op == "reconstruct":
@@ -126,9 +128,8 @@ def window_inputs(
     content = jax.ShapeDtypeStruct((batch, *frame, 3), jnp.float32, sharding=sharding)
     if op == "content":
         return (content,)
-    encode = functools.partial(JITS["encode"], graphdef, tiles=None)
-    mean = jax.eval_shape(lambda s, v: encode(s, v).mean, state, video)
-    return jax.ShapeDtypeStruct(mean.shape, mean.dtype, sharding=sharding), content
+    latent_shape = (batch, *sizes.latent_shape(*frame))  # (B, t, h, w, z)
+    return jax.ShapeDtypeStruct(latent_shape, jnp.float32, sharding=sharding), content
 
 
 def input_bytes(inputs: Sequence[Any]) -> int:

@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 
 from reducio_jax.errors import InputError
 from reducio_jax.models.tiling import TileConfig
+from reducio_jax.models.windows import pad_size
 from reducio_jax.programs import allocator
 from reducio_jax.programs.budget import MaxMemory, available_memory, budget, gib
 from reducio_jax.programs.compiled import Programs
@@ -118,7 +119,7 @@ class Request:
 
 def padded_frame(programs: Programs, height: int, width: int) -> tuple[int, int]:
     f = programs.spatial_factor
-    return (height + (-height) % f, width + (-width) % f)
+    return (height + pad_size(height, f), width + pad_size(width, f))
 
 
 def plan_memory(
