@@ -384,8 +384,8 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
     tiles_h, tiles_w = -(-h // m), -(-wd // m)
     n = m + 2  # input tile size
     g = jnp.asarray(g_t, jnp.float32)
-    u = jnp.einsum("ra,tabio,sb->rsito", g, w.astype(jnp.float32), g, precision="highest")
-    u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # taps' output channels side by side
+    u = jnp.einsum("ra,tabio,sb->srito", g, w.astype(jnp.float32), g, precision="highest")
+    u = u.reshape(n * n, c_in, kt * c_out).astype(w.dtype)  # (s, r) at s*n + r, as the input's
 
     def pad_band(x_rows: jax.Array, row_pads: tuple[int, int] = (0, 0)) -> jax.Array:
         """Rows of x padded as the whole input would be (T by `t_pad`, W to whole tiles plus
@@ -453,22 +453,22 @@ def _winograd_band(x: jax.Array, u: jax.Array, kt: int, m: int, **kw) -> jax.Arr
     b, t_in, h_in, w_in, c_in = x.shape
     tiles_h, tiles_w = (h_in - 2) // m, (w_in - 2) // m
     t_out = t_in - kt + 1
-    # The input transform one axis at a time. The rows' pass is materialised (a barrier), else
-    # XLA recomputes it inside each of the n*n outputs of the columns' pass.
+    # The input transform one axis at a time, each pass over every tile row (column) at once:
+    # n outputs of a few adds each (not n*n), so the program stays small (issue 30: 2-3x less
+    # compile time a convolution, the same or less run time). The rows' pass is materialised (a
+    # barrier), else XLA recomputes it inside each output of the columns' pass.
     rows = [x[:, :, a : a + m * tiles_h : m] for a in range(n)]  # each (B, T_in, th, W_in, Ci)
-    by_row = lax.optimization_barrier(jnp.stack(_combine(rows, b_t)))  # (n, B, T_in, th, W_in, Ci)
-    v = []
-    for r in range(n):
-        v += _combine([by_row[r, :, :, :, c : c + m * tiles_w : m] for c in range(n)], b_t)
-    v = jnp.stack(v)  # (n*n, B, T_in, th, tw, Ci), tile position (r, s) at r*n + s
+    by_row = lax.optimization_barrier(jnp.stack(_combine(rows, b_t)))  # (n_r, B, T_in, th, W_in, C)
+    cols = [by_row[..., c : c + m * tiles_w : m, :] for c in range(n)]
+    v = jnp.stack(_combine(cols, b_t))  # (n_s, n_r, B, T_in, th, tw, Ci), (s, r) at s*n + r
     z = lax.dot_general(v.reshape(n * n, -1, c_in), u, (((2,), (1,)), ((0,), (0,))), **kw)
     z = z.reshape(n * n, b, t_in, tiles_h, tiles_w, kt, -1)
     z = functools.reduce(operator.add, [z[:, :, i : i + t_out, :, :, i] for i in range(kt)])
-    # The output transform, rows' pass materialised as above: (n, n, ...) -> (m, n, ...) -> m x m.
+    # The output transform, columns' pass materialised as above: (n_s, n_r) -> (m, n_r) -> m x m.
     z = z.reshape(n, n, *z.shape[1:])
-    by_row = lax.optimization_barrier(jnp.stack(_combine([z[r] for r in range(n)], a_t)))
-    y = [_combine([by_row[i, s] for s in range(n)], a_t) for i in range(m)]  # y[row][column]
-    y = jnp.stack([jnp.stack(y_u, axis=-2) for y_u in y], axis=3)  # (B, T, th, m, tw, m, Co)
+    by_col = lax.optimization_barrier(jnp.stack(_combine([z[s] for s in range(n)], a_t)))
+    y = jnp.stack(_combine([by_col[:, r] for r in range(n)], a_t))  # (m_r, m_c, B, T, th, tw, Co)
+    y = jnp.transpose(y, (2, 3, 4, 0, 5, 1, 6))  # (B, T, th, m, tw, m, Co)
     return y.reshape(b, t_out, m * tiles_h, m * tiles_w, y.shape[-1])
 
 
