@@ -103,5 +103,40 @@ def test_memory_side_by_side_writes_both_sides(tmp_path):
     assert record["max_abs_diff"] < 1e-4
     assert record["jax"]["run_above"] > 0 and record["torch"]["run_above"] > 0
     assert record["jax"]["process_peak"] >= record["jax"]["setup_rss"]
+    assert record["api"]["call_s"][1] < record["api"]["call_s"][0]  # the second call reuses
+    assert record["api"]["plan"]["memory_per_call"] > 0 and record["api_max_abs_diff"] < 1e-4
+    assert record["cli"]["process_peak"] > 0 and record["cli"]["plan"] is not None
     text = out.read_text()
-    assert text.count("| tiny | 16x32x32 |") == 2 and "ours / official" in text
+    assert text.count("| tiny | 16x32x32 |") == 4 and "ours / official" in text
+    assert "| ours: API |" in text and "| ours: CLI |" in text
+
+
+def test_memory_side_by_side_reads_the_plan_line_and_tables_each_path():
+    """The command's plan line (`Plan.describe`, `CompileCount.describe`) is read back, and
+    each path is a row, its process peak in the ratios; no torch, no child process."""
+    import memory_side_by_side as bench
+
+    from reducio_jax.models.tiling import TileConfig
+    from reducio_jax.programs.cache import CompileCount
+    from reducio_jax.programs.footprint import Plan
+
+    tiles = TileConfig(256, 0.25, 32, max_batch=1, wide=True)
+    plan = Plan(1, tiles, 3 * bench.GiB // 2, 20 * bench.GiB, "available RAM", (512, 512), 0)
+    count = CompileCount()
+    count.requests, count.from_cache = 8, 2
+    read = bench.cli_plan(f"clip.mp4: {plan.describe()}\n{count.describe()}\n")
+    assert read["plan"]["tiled"] and read["plan"]["memory_per_call"] == 3 * bench.GiB // 2
+    assert read["plan"]["available"] == 20 * bench.GiB and read["compiles"] == 6
+    assert bench.cli_plan("no plan here") == {"plan": None, "compiles": None}
+
+    side = {"setup_rss": bench.GiB, "run_above": bench.GiB // 4, "process_peak": 2 * bench.GiB}
+    record = {"config": "tiny", "frames": 16, "height": 64, "width": 64, "max_abs_diff": 1e-6}
+    record["jax"] = {**side, "compile_above": bench.GiB, "run_s": 1.0, "xla_temp": 0}
+    record["api"] = {**side, "call_s": [9.0, 1.0], "plan": read["plan"]}
+    record["cli"] = {"process_peak": 3 * bench.GiB, "wall_s": 20.0, "plan": None}
+    record["torch"] = {**side, "run_s": 2.0}
+    text = bench.table([record]) + "\n" + bench.ratios([record])
+    assert text.count("| tiny | 16x64x64 |") == 4 and "| 9.0 / 1.0 |" in text
+    assert "CLI process peak 1.50x" in text and "| 3.00 | – | 20.0 (wall) |" in text
+    record["cli"] = {"error": "exit 2: error: bad input"}
+    assert "| ours: CLI | exit 2: error: bad input |" in bench.table([record])
