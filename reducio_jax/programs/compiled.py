@@ -22,7 +22,7 @@ from flax import nnx
 
 from reducio_jax.models import VideoVAE
 from reducio_jax.models.tiling import TileConfig
-from reducio_jax.programs import lowering
+from reducio_jax.programs import allocator, lowering
 from reducio_jax.programs.footprint import Footprint
 
 Key = tuple  # (op, tiles, input tree, ((shape, dtype, placement), ...), state placement)
@@ -87,6 +87,9 @@ class Programs:
     def _compile(self, key: Key | None, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         start = time.perf_counter()
         executable = lowered.compile()
+        # What the compile freed goes back to the kernel now: kept in the heap (allocator.py),
+        # it would sit beside the run's buffers, not under them (tiny 256 px: 0.5 GiB).
+        allocator.release_freed_memory()
         self.compiles += 1
         self.compile_seconds += time.perf_counter() - start
         if key is not None:
