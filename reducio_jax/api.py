@@ -233,11 +233,18 @@ class ReducioVAE:
         )
 
     def footprint(
-        self, op: str, batch: int, frame: tuple[int, int], tiles: TileConfig | None
+        self,
+        op: str,
+        batch: int,
+        frame: tuple[int, int],
+        tiles: TileConfig | None,
+        *,
+        schedule: str = "default",
     ) -> planner.Footprint:
         """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples of
-        32) px, compiled once per shape and kept (`Programs.footprint`)."""
-        return self.programs.footprint(op, batch, frame, tiles)
+        32) px in XLA's `schedule` ("default", or "memory": XLA:CPU's memory-minded one),
+        compiled once per shape and kept (`Programs.footprint`)."""
+        return self.programs.footprint(op, batch, frame, tiles, schedule=schedule)
 
     # -- videos of any length (overlapping windows, docs/video.md) ------------------------------
     @property

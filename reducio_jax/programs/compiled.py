@@ -5,9 +5,10 @@ tiles=...)`) through the executable compiled for its inputs' shapes, dtypes and 
 compiling it (`lowering.lower(...).compile()`) the first time; inside a user's `jax.jit` (any
 input a tracer) it calls the op's jit instead, so the methods nest. `footprint(...)` is XLA's
 memory analysis of the program for a number of windows of a frame size: the planner's only
-question. A measured program is kept unless `keep=False` (a probe), and `candidates()` drops
-the ones the planner measured and did not choose: the executable the planner measured is the
-one that runs. `compiles` and `compile_seconds` count this model's compiles.
+question, asked of XLA's default schedule or its memory-minded one (`lowering.SCHEDULES`). A
+measured program is kept unless `keep=False` (a probe), and `candidates()` drops the ones the
+planner measured and did not choose: the executable the planner measured, in the schedule it
+chose, is the one that runs. `compiles` and `compile_seconds` count this model's compiles.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ class Programs:
         self.spatial_factor = model.sizes.spatial_factor
         self.compiles = 0
         self.compile_seconds = 0.0
-        self._executables: dict[Key, jax.stages.Compiled] = {}
+        self._executables: dict[tuple[Key, str], jax.stages.Compiled] = {}  # (key, schedule)
+        self._schedules: dict[Key, str] = {}  # the planner's choice (else "default")
         self._footprints: dict[tuple, Footprint] = {}
-        self._new: list[Key] | None = None  # executables compiled inside `candidates()`
+        self._new: list[tuple[Key, str]] | None = None  # compiled inside `candidates()`
 
     @property
     def resident(self) -> int:
@@ -79,27 +81,31 @@ class Programs:
         if _is_tracer(inputs) or _is_tracer(state):
             return lowering.JITS[op](graphdef, state, *inputs, tiles=tiles)
         key = input_key(op, tiles, inputs, state)
-        executable = self._executables.get(key)
+        kept = (key, self._schedules.get(key, "default"))
+        executable = self._executables.get(kept)
         if executable is None:
-            executable = self._compile(key, lowering.lower(op, graphdef, state, inputs, tiles))
+            executable = self._compile(kept, lowering.lower(op, graphdef, state, inputs, tiles))
         return executable(state, *inputs)
 
-    def _compile(self, key: Key | None, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+    def _compile(
+        self, kept: tuple[Key, str] | None, lowered: jax.stages.Lowered, schedule: str = ""
+    ) -> jax.stages.Compiled:
+        """`lowered` compiled (in `kept`'s schedule, else `schedule`) and kept under `kept`."""
         start = time.perf_counter()
-        executable = lowered.compile()
+        executable = lowering.compile_lowered(lowered, kept[1] if kept else schedule)
         # What the compile freed goes back to the kernel now: kept in the heap (allocator.py),
         # it would sit beside the run's buffers, not under them (tiny 256 px: 0.5 GiB).
         allocator.release_freed_memory()
         self.compiles += 1
         self.compile_seconds += time.perf_counter() - start
-        if key is not None:
-            self._executables[key] = executable
+        if kept is not None:
+            self._executables[kept] = executable
             if self._new is not None:
-                self._new.append(key)
+                self._new.append(kept)
         return executable
 
-    def executables(self) -> list[Key]:
-        """The keys of the executables kept."""
+    def executables(self) -> list[tuple[Key, str]]:
+        """(key, schedule) of the executables kept."""
         return list(self._executables)
 
     # -- measuring ----------------------------------------------------------------------------
@@ -111,20 +117,21 @@ class Programs:
         tiles: TileConfig | None,
         *,
         keep: bool = True,
+        schedule: str = "default",
     ) -> Footprint:
         """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples
-        of 32) px on one device, compiled once per shape. `keep=False`: a probe, compiled
-        through a jit of its own and dropped (nothing of it stays in memory)."""
-        measured = (op, batch, frame, tiles)
+        of 32) px on one device in `schedule`, compiled once per shape. `keep=False`: a
+        probe, compiled through a jit of its own and dropped (nothing of it stays in memory)."""
+        measured = (op, batch, frame, tiles) + (() if schedule == "default" else (schedule,))
         if measured in self._footprints:
             return self._footprints[measured]
         graphdef, state = nnx.split(self.model)
         inputs = self.window_inputs(op, batch, frame)
-        key = input_key(op, tiles, inputs, state)
-        executable = self._executables.get(key)
+        kept = (input_key(op, tiles, inputs, state), schedule)
+        executable = self._executables.get(kept)
         if executable is None:
             lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
-            executable = self._compile(key if keep else None, lowered)
+            executable = self._compile(kept if keep else None, lowered, schedule)
         footprint = Footprint.of(executable, lowering.input_bytes(inputs))
         self._footprints[measured] = footprint
         return footprint
@@ -134,19 +141,25 @@ class Programs:
         return lowering.window_inputs(op, self.model.sizes, batch, frame)
 
     def measured(self) -> list[tuple]:
-        """(op, batch, frame, tiles) of every program measured so far."""
+        """(op, batch, frame, tiles) of every program measured so far (and the schedule
+        where it is not the default)."""
         return list(self._footprints)
 
     @contextlib.contextmanager
-    def candidates(self) -> Iterator[Callable[[str, int, tuple[int, int], Any], None]]:
+    def candidates(self) -> Iterator[Callable[[str, int, tuple[int, int], Any, str], None]]:
         """Executables compiled inside are candidates: at the end only those passed to the
-        yielded `keep(op, batch, frame, tiles)` stay."""
+        yielded `keep(op, batch, frame, tiles, schedule)` stay, and their schedule is the one
+        the op runs in for those inputs."""
         outer, self._new = self._new, []
-        kept: set[Key] = set()
+        kept: set[tuple[Key, str]] = set()
 
-        def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any) -> None:
-            inputs = self.window_inputs(op, batch, frame)
-            kept.add(input_key(op, tiles, inputs, nnx.state(self.model)))
+        def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any, schedule: str) -> None:
+            key = input_key(op, tiles, self.window_inputs(op, batch, frame), nnx.state(self.model))
+            kept.add((key, schedule))
+            self._schedules[key] = schedule
+            for other in lowering.SCHEDULES:  # the same program in another schedule: not run
+                if other != schedule:
+                    self._executables.pop((key, other), None)
 
         try:
             yield keep

@@ -28,6 +28,7 @@ memory goes back to the kernel and the plan is checked against the RAM (or accel
 memory) left (`available_memory(address_space=False)`, `replan_if_short`), so that it is
 made again rather than run into the kernel's OOM killer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,9 +109,10 @@ class Request:
     def resident(self) -> int:
         return self.programs.resident
 
-    def measure(self, batch: int, tiles: TileConfig | None) -> Footprint:
-        """The footprint of `batch` windows with `tiles` (its executable kept for the run)."""
-        return self.programs.footprint(self.op, batch, self.frame, tiles)
+    def measure(self, batch: int, tiles: TileConfig | None, schedule: str = "default") -> Footprint:
+        """The footprint of `batch` windows with `tiles` in XLA's `schedule` (its executable
+        kept for the run)."""
+        return self.programs.footprint(self.op, batch, self.frame, tiles, schedule=schedule)
 
     def probe(self, frame: tuple[int, int]) -> Footprint:
         """One untiled window of another frame size, only measured."""
@@ -143,7 +145,7 @@ def plan_memory(
         if max_memory is None:  # (a figure of the user's is not the machine's)
             allocator.release_freed_memory()  # what the planner's compiles freed
             plan = replan_if_short(plan, request, available_memory(address_space=False))
-        keep(op, plan.window_batch, plan.frame, plan.tiles)
+        keep(op, plan.window_batch, plan.frame, plan.tiles, plan.schedule)
     return plan
 
 
@@ -212,9 +214,11 @@ def _host_memory(mesh: Mesh | None) -> bool:
 
 # -- the choice -----------------------------------------------------------------------------------
 
+
 def plan_windows_batch(req: Request) -> Plan:
-    """The largest window batch <= `cap` whose program fits `available`; tiled one tile a step
-    when one window does not fit; `OutOfMemory` when one tile does not either."""
+    """The largest window batch <= `cap` whose program fits `available`; when one window does
+    not fit, one window in XLA:CPU's memory-minded schedule (on the CPU: 1-5% slower, 10-45%
+    fewer temporaries), else tiled one tile a step; `OutOfMemory` when one tile does not fit."""
     resident, tiles, cap = req.resident, req.tiles, req.cap
     room, source = req.available
     estimate = untiled_estimate(req)
@@ -222,6 +226,11 @@ def plan_windows_batch(req: Request) -> Plan:
         return _tiled_plan(req, estimate, estimated=True)
     need = req.measure(1, tiles).need(resident)
     if need > room:
+        if jax.default_backend() == "cpu":
+            need_memory = req.measure(1, tiles, "memory").need(resident)
+            if need_memory <= room:
+                return Plan(1, tiles, need_memory, room, source, req.frame, resident, "memory")
+            need = min(need, need_memory)
         return _tiled_plan(req, need)
     batch = max(1, min(cap, room // max(need, 1)))
     while batch > 1:  # the estimate assumed memory linear in the batch: check the real program
@@ -299,5 +308,3 @@ def tile_sizes(tiles: TileConfig) -> list[TileConfig]:
         if half.sample_size % f or half.sample_window % f or half.sample_size < f:
             return out
         out.append(half)
-
-

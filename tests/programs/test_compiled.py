@@ -43,7 +43,8 @@ def test_rejected_candidates_and_probes_are_not_kept(vae):
     plan = fresh.plan_memory(32, 32, op="encode", cap=2, max_memory=limit)
     assert plan.window_batch == 1
     kept = fresh.programs.executables()
-    assert [(k[0], k[3][0][0][0]) for k in kept] == [("encode", 1)]  # batch 2 was dropped
+    batches = [(key[0], key[3][0][0][0], schedule) for key, schedule in kept]
+    assert batches == [("encode", 1, "default")]  # batch 2 was dropped
     fresh.programs.footprint("encode", 1, (64, 64), None, keep=False)  # a probe
     assert fresh.programs.executables() == kept
 
