@@ -88,7 +88,7 @@ class Programs:
         return executable(state, *inputs)
 
     def _compile(
-        self, kept: tuple[Key, str] | None, lowered: jax.stages.Lowered, schedule: str = ""
+        self, kept: tuple[Key, str] | None, lowered: jax.stages.Lowered, schedule: str = "default"
     ) -> jax.stages.Compiled:
         """`lowered` compiled (in `kept`'s schedule, else `schedule`) and kept under `kept`."""
         start = time.perf_counter()
