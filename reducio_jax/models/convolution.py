@@ -11,7 +11,7 @@ XLA:CPU runs well:
   channels, e.g. RGB in, and up to 32 on frames of at least 128x128);
 - `output_taps`: one matmul into every tap's output channels, then shifted sums (few output
   channels, e.g. RGB out);
-- `patches_matmul`: every tap's input slice stacked into channels, one matmul (frames of at
+- `patches_matmul`: every tap's input positions gathered into channels, one matmul (frames of at
   most 16 output positions with large kernels, e.g. the 2x2 and 4x4 latent levels of the
   released models, where XLA:CPU's convolution runs at ~1 GFLOP/s: 300 ms against 5 ms for
   4x2x2x512 -> 512; smaller kernels keep `temporal_taps`, whose graph compiles faster).
@@ -314,8 +314,8 @@ _output_taps.defvjp(_output_taps_fwd, _output_taps_bwd)
 
 
 def patches_matmul(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Array:
-    """Every tap's strided input slice stacked into channels, then one matmul with the kernel
-    flattened the same way. x: (B, T, H, W, Ci), w: (kt, kh, kw, Ci, Co)."""
+    """Every tap's strided input positions gathered side by side into channels (one gather),
+    then one matmul with the kernel flattened the same way. x: (B, T, H, W, Ci), w: (kt, kh, kw, Ci, Co)."""
     kt, kh, kw_, c_in, c_out = w.shape
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
     out = [(x.shape[d + 1] - w.shape[d]) // strides[d] + 1 for d in range(3)]  # T, H, W out
