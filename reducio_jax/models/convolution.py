@@ -315,7 +315,8 @@ _output_taps.defvjp(_output_taps_fwd, _output_taps_bwd)
 
 def patches_matmul(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Array:
     """Every tap's strided input positions gathered side by side into channels (one gather),
-    then one matmul with the kernel flattened the same way. x: (B, T, H, W, Ci), w: (kt, kh, kw, Ci, Co)."""
+    then one matmul with the kernel flattened the same way.
+    x: (B, T, H, W, Ci), w: (kt, kh, kw, Ci, Co)."""
     kt, kh, kw_, c_in, c_out = w.shape
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
     out = [(x.shape[d + 1] - w.shape[d]) // strides[d] + 1 for d in range(3)]  # T, H, W out

@@ -84,15 +84,16 @@ class Programs:
         kept = (key, self._schedules.get(key, "default"))
         executable = self._executables.get(kept)
         if executable is None:
-            executable = self._compile(kept, lowering.lower(op, graphdef, state, inputs, tiles))
+            lowered = lowering.lower(op, graphdef, state, inputs, tiles)
+            executable = self._compile(lowered, kept[1], kept)
         return executable(state, *inputs)
 
     def _compile(
-        self, kept: tuple[Key, str] | None, lowered: jax.stages.Lowered, schedule: str = "default"
+        self, lowered: jax.stages.Lowered, schedule: str, kept: tuple[Key, str] | None
     ) -> jax.stages.Compiled:
-        """`lowered` compiled (in `kept`'s schedule, else `schedule`) and kept under `kept`."""
+        """`lowered` compiled in XLA's `schedule`, kept under `kept` (None: a probe)."""
         start = time.perf_counter()
-        executable = lowering.compile_lowered(lowered, kept[1] if kept else schedule)
+        executable = lowering.compile_lowered(lowered, schedule)
         # What the compile freed goes back to the kernel now: kept in the heap (allocator.py),
         # it would sit beside the run's buffers, not under them (tiny 256 px: 0.5 GiB).
         allocator.release_freed_memory()
@@ -131,7 +132,7 @@ class Programs:
         executable = self._executables.get(kept)
         if executable is None:
             lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
-            executable = self._compile(kept if keep else None, lowered, schedule)
+            executable = self._compile(lowered, schedule, kept if keep else None)
         footprint = Footprint.of(executable, lowering.input_bytes(inputs))
         self._footprints[measured] = footprint
         return footprint
