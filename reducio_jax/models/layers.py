@@ -400,8 +400,7 @@ class Upsample(nnx.Module):
         x, kernel, bias = nnx.nn.dtypes.promote_dtype(
             (x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype
         )
-        y = upsampled_conv(x, kernel, self.factors, precision=conv.precision)
-        return y + bias
+        return upsampled_conv(x, kernel, self.factors, bias, precision=conv.precision)
 
 
 def remat_call(fn, *args, remat: bool):

@@ -217,8 +217,9 @@ def _host_memory(mesh: Mesh | None) -> bool:
 
 def plan_windows_batch(req: Request) -> Plan:
     """The largest window batch <= `cap` whose program fits `available`; when one window does
-    not fit, one window in XLA:CPU's memory-minded schedule (on the CPU: 1-5% slower, 10-45%
-    fewer temporaries), else tiled one tile a step; `OutOfMemory` when one tile does not fit."""
+    not fit, tiled one tile a step; `OutOfMemory` when one tile does not fit. (XLA:CPU's
+    memory-minded schedule, once a step between the two, needs more than the default schedule
+    since the convolutions run in chunks: benchmarks/RESULTS.md, "Memory per clip".)"""
     resident, tiles, cap = req.resident, req.tiles, req.cap
     room, source = req.available
     estimate = untiled_estimate(req)
@@ -226,11 +227,6 @@ def plan_windows_batch(req: Request) -> Plan:
         return _tiled_plan(req, estimate, estimated=True)
     need = req.measure(1, tiles).need(resident)
     if need > room:
-        if jax.default_backend() == "cpu":
-            need_memory = req.measure(1, tiles, "memory").need(resident)
-            if need_memory <= room:
-                return Plan(1, tiles, need_memory, room, source, req.frame, resident, "memory")
-            need = min(need, need_memory)
         return _tiled_plan(req, need)
     batch = max(1, min(cap, room // max(need, 1)))
     while batch > 1:  # the estimate assumed memory linear in the batch: check the real program

@@ -89,37 +89,8 @@ def test_batch_from_the_programs_memory_analysis(vae):
     assert plan.window_batch == 2 and plan.need == two <= 2.5 * one and not plan.tiled
     assert plan_windows_batch(request(vae, (64, 64), 100 * one, cap=3)).window_batch == 3
     assert plan_windows_batch(request(vae, (64, 64), one)).window_batch == 1
-    least = min(one, memory_minded(vae, (64, 64)))  # the smallest whole window, either schedule
-    with pytest.raises(OutOfMemory, match=f"one 64x64 window needs {gib(least)}"):
-        plan_windows_batch(request(vae, (64, 64), least - 1))
-
-
-def memory_minded(vae: ReducioVAE, frame: tuple[int, int], tiles=None) -> int:
-    """What one window needs in XLA:CPU's memory-minded schedule."""
-    footprint = vae.footprint("reconstruct", 1, frame, tiles, schedule="memory")
-    return footprint.need(resident(vae))
-
-
-def test_the_memory_minded_schedule_before_tiles(vae):
-    """Between what one window needs in XLA's memory-minded schedule and in its default one,
-    the planner keeps the whole window in the memory-minded schedule (no tiles), keeps that
-    executable and runs it: the reconstruction compiles nothing more and matches the default
-    schedule's."""
-    fresh = ReducioVAE.from_config(tiny.get_config())  # its own executables
-    frame = (192, 192)
-    default = fresh.footprint("reconstruct", 1, frame, None).need(resident(fresh))
-    memory = memory_minded(fresh, frame)
-    assert memory < default  # what the step is for (XLA:CPU, this model at 192 px: -20%)
-    room = (memory + default) // 2  # (the process holds the same before and while planning)
-    plan = fresh.plan_memory(*frame, max_memory=process_status("VmRSS") + RESERVE + room)
-    assert plan.schedule == "memory" and not plan.tiled and plan.window_batch == 1
-    assert "memory-minded" in plan.describe() and plan.record()["schedule"] == "memory"
-    video = jnp.asarray(pattern(16, *frame), jnp.float32)[None] / 127.5 - 1.0
-    compiles = fresh.programs.compiles
-    got = fresh.reconstruct(video, plan=plan)
-    assert fresh.programs.compiles == compiles  # the planner's executable ran
-    want = ReducioVAE.from_config(tiny.get_config()).reconstruct(video)  # default schedule
-    assert max_err(got, want) < 1e-5
+    with pytest.raises(OutOfMemory, match=f"one 64x64 window needs {gib(one)}"):
+        plan_windows_batch(request(vae, (64, 64), one - 1))
 
 
 def test_tiles_when_one_window_does_not_fit(vae):
@@ -130,7 +101,6 @@ def test_tiles_when_one_window_does_not_fit(vae):
     need_big, need_small = (
         vae.footprint("reconstruct", 1, frame, t).need(resident(vae)) for t in (big, small)
     )
-    whole = min(whole, memory_minded(vae, frame))  # (either schedule: a whole window)
     assert need_small < need_big < whole
     plan = plan_windows_batch(request(vae, frame, (need_big + whole) // 2))
     assert plan.tiled and plan.window_batch == 1 and plan.tiles == big and plan.need == need_big
@@ -176,9 +146,8 @@ def test_a_plan_short_of_memory_after_its_compiles_is_made_again(vae):
     req = request(vae, frame, 2 * whole, cap=1)
     plan = plan_windows_batch(req)
     assert not plan.tiled and replan_if_short(plan, req, (whole, "now")) is plan
-    least = min(whole, memory_minded(vae, frame))  # a whole window in either schedule
-    again = replan_if_short(plan, req, (least - 1, "the memory left"))
-    assert again.tiled and again.need < least and again.source == "the memory left"
+    again = replan_if_short(plan, req, (whole - 1, "the memory left"))
+    assert again.tiled and again.need < whole and again.source == "the memory left"
     with pytest.raises(OutOfMemory, match="the memory left"):
         replan_if_short(plan, req, (1, "the memory left"))
 
@@ -264,8 +233,7 @@ def test_reconstruct_under_an_address_space_limit(ckpt, tmp_path):
         base + RESERVE + one // 4, str(source), str(tmp_path / "small.mp4"),
         "--checkpoint", ckpt, "--config", TINY,
     )  # fmt: skip
-    least = min(one, memory_minded(model, (128, 128)))  # the smaller of the two schedules
-    _assert_one_error(small, f"one 128x128 window needs {gib(least)}", tmp_path / "small.mp4")
+    _assert_one_error(small, f"one 128x128 window needs {gib(one)}", tmp_path / "small.mp4")
 
 
 def _assert_one_error(done: subprocess.CompletedProcess, match: str, out=None) -> None:
@@ -314,7 +282,5 @@ def test_encode_whole_videos_under_an_address_space_limit(ckpt, tmp_path):
     small = run_limited(
         base + RESERVE + one // 4, *flags, "--out", str(store), "--overwrite", command="encode"
     )
-    least = model.footprint("encode", 1, (64, 64), None, schedule="memory").need(resident(model))
-    least = min(one, least)  # (the error names the smaller need of the two schedules)
-    _assert_one_error(small, f"in.mp4: not enough memory: one 64x64 window needs {gib(least)}")
+    _assert_one_error(small, f"in.mp4: not enough memory: one 64x64 window needs {gib(one)}")
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before  # not touched
