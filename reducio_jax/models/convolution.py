@@ -224,11 +224,23 @@ def winograd_applies(x: jax.Array, w: jax.Array, strides, pads) -> bool:
 
 def _frame_positions(x_shape, w_shape, strides, pads) -> int:
     """Output positions per frame (H_out * W_out) of a 3D convolution."""
+    _, _, h_out, w_out, _ = _output_shape(x_shape, w_shape, strides, pads)
+    return h_out * w_out
+
+
+def _output_shape(x_shape, w_shape, strides, pads) -> tuple[int, ...]:
+    """(B, T_out, H_out, W_out, Co) of a channels-last 3D convolution."""
     sizes = [
         (x_shape[d] + lo + hi - w_shape[d - 1]) // s + 1
-        for d, s, (lo, hi) in zip((2, 3), strides[1:], pads[1:], strict=True)
+        for d, s, (lo, hi) in zip((1, 2, 3), strides, pads, strict=True)
     ]
-    return sizes[0] * sizes[1]
+    return (x_shape[0], *sizes, w_shape[-1])
+
+
+def _output(x: jax.Array, w: jax.Array, strides, pads, kw: dict) -> jax.ShapeDtypeStruct:
+    """The output of a channels-last 3D convolution (`kw`: its precision and type options)."""
+    dtype = kw.get("preferred_element_type") or jnp.result_type(x, w)
+    return jax.ShapeDtypeStruct(_output_shape(x.shape, w.shape, strides, pads), dtype)
 
 
 def _frames_per_tap(x: jax.Array, kt: int, stride: int, pad: tuple[int, int]) -> list[jax.Array]:
@@ -261,15 +273,12 @@ def temporal_taps(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Array:
             out = y if out is None else out + y
         return out
 
-    h_out, w_out = (
-        (x.shape[d] + lo + hi - w.shape[d - 1]) // st + 1
-        for d, st, (lo, hi) in zip((2, 3), strides[1:], pads[1:], strict=True)
-    )
-    frame_bytes = x.shape[0] * h_out * w_out * w.shape[-1] * kt * jnp.dtype(x.dtype).itemsize
+    out = _output(x, w, strides, pads, kw)
+    frame_bytes = math.prod(out.shape) // out.shape[1] * kt * jnp.dtype(x.dtype).itemsize
     chunk = max(1, CHUNK_BYTES // frame_bytes)
     if strides[0] != 1 or chunk >= x.shape[1]:
         return tap_sum(x, tuple(pads[0]))
-    return chunked(lambda x: tap_sum(x, (0, 0)), x, 1, kt, tuple(pads[0]), chunk)
+    return chunked(lambda x: tap_sum(x, (0, 0)), x, out, 1, kt, tuple(pads[0]), chunk)
 
 
 def taps_as_channels(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Array:
@@ -288,16 +297,26 @@ def taps_as_channels(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Arr
     chunk = max(1, CHUNK_BYTES // frame_bytes)
     if stride != 1 or chunk >= x.shape[1]:
         return stacked_conv(x, tuple(pads[0]))
-    return chunked(lambda x: stacked_conv(x, (0, 0)), x, 1, kt, tuple(pads[0]), chunk)
+    out = _output(x, w, strides, pads, kw)
+    return chunked(lambda x: stacked_conv(x, (0, 0)), x, out, 1, kt, tuple(pads[0]), chunk)
 
 
-def chunked(conv, x: jax.Array, axis: int, taps: int, pad: tuple[int, int], chunk: int):
+def chunked(
+    conv,
+    x: jax.Array,
+    out: jax.ShapeDtypeStruct,
+    axis: int,
+    taps: int,
+    pad: tuple[int, int],
+    chunk: int,
+) -> jax.Array:
     """A stride-1 convolution `conv` with `taps` taps along `axis` of x, unpadded on that axis
     (n -> n - taps + 1), computed for x padded by `pad` there, `chunk` outputs at a time in one
     loop: each step takes the chunk + taps - 1 input positions it meets (zeros outside x) and
     writes its outputs in place. The program holds one chunk's convolution, and its
     temporaries one chunk's, whatever the size; the last chunk overlaps the one before rather
-    than being shorter. x: (B, T, H, W, C); axis 1 (frames) or 2 (rows)."""
+    than being shorter. x: (B, T, H, W, C); axis 1 (frames) or 2 (rows); `out`: the whole
+    output (its shape and dtype: a chunk's are the same but on `axis`)."""
     n_in = x.shape[axis]
     n_out = n_in + pad[0] + pad[1] - taps + 1
     inside_shape = [chunk + taps - 1 if d == axis else 1 for d in range(x.ndim)]
@@ -309,13 +328,13 @@ def chunked(conv, x: jax.Array, axis: int, taps: int, pad: tuple[int, int], chun
         inside = ((source >= 0) & (source < n_in)).reshape(inside_shape)
         return jnp.where(inside, jnp.take(x, jnp.clip(source, 0, n_in - 1), axis=axis), 0)
 
-    out = jax.eval_shape(lambda: conv(inputs(jnp.zeros((), jnp.int32))))
-    shape = [n_out if d == axis else size for d, size in enumerate(out.shape)]
-    y = after(jnp.zeros(shape, out.dtype), x)
+    y = after(jnp.zeros(out.shape, out.dtype), x)
 
     def one_chunk(k: jax.Array, y: jax.Array) -> jax.Array:
         first = jnp.minimum(k * chunk, n_out - chunk)
-        return lax.dynamic_update_slice_in_dim(y, conv(inputs(first)), first, axis=axis)
+        return lax.dynamic_update_slice_in_dim(
+            y, conv(inputs(first)).astype(out.dtype), first, axis=axis
+        )
 
     return lax.fori_loop(0, -(-n_out // chunk), one_chunk, y)
 
@@ -334,7 +353,9 @@ def output_taps(x: jax.Array, w: jax.Array, pads, **kw) -> jax.Array:
     if band >= h + rows[0] + rows[1] - w.shape[1] + 1:
         return _output_taps(x, w, ((t_lo, t_hi), rows, (w_lo, w_hi)), *options)
     band_pads = ((t_lo, t_hi), (0, 0), (w_lo, w_hi))
-    return chunked(lambda x: _output_taps(x, w, band_pads, *options), x, 2, w.shape[1], rows, band)
+    out = _output(x, w, (1, 1, 1), pads, kw)
+    conv = lambda x: _output_taps(x, w, band_pads, *options)  # noqa: E731
+    return chunked(conv, x, out, 2, w.shape[1], rows, band)
 
 
 def _taps_matrix(w: jax.Array) -> jax.Array:
@@ -480,7 +501,8 @@ def winograd(x: jax.Array, w: jax.Array, t_pad: tuple[int, int], m: int, **kw) -
         return band(x_rows)[:, :, :h]
     # A band of rows at a time, all bands through one loop: the program (and XLA's compile of
     # it) stays the same size whatever the frame.
-    return chunked(band, x, 2, 3, (1, 1), rows)
+    out = _output(x, w, (1, 1, 1), [t_pad, (1, 1), (1, 1)], kw)
+    return chunked(band, x, out, 2, 3, (1, 1), rows)
 
 
 def after(x: Any, y: Any) -> Any:
