@@ -319,6 +319,7 @@ def chunked(
     output (its shape and dtype: a chunk's are the same but on `axis`)."""
     n_in = x.shape[axis]
     n_out = n_in + pad[0] + pad[1] - taps + 1
+    chunk = min(chunk, n_out)
     inside_shape = [chunk + taps - 1 if d == axis else 1 for d in range(x.ndim)]
 
     def inputs(

@@ -75,6 +75,54 @@ def test_cpu_forms_match_xla(x_shape, w_shape, strides, padding, form, monkeypat
         np.testing.assert_allclose(got, want, atol=5e-5 * scale, rtol=1e-4)
 
 
+CHUNKED = [  # (input shape, kernel shape, padding, the form), stride 1
+    ((1, 5, 8, 6, 16), (3, 3, 3, 16, 12), SAME, "temporal_taps"),
+    ((1, 5, 8, 6, 16), (3, 3, 3, 16, 12), [(0, 0), (1, 1), (1, 1)], "temporal_taps"),
+    ((1, 5, 128, 128, 16), (3, 3, 3, 16, 12), SAME, "taps_as_channels"),
+    ((2, 5, 9, 6, 16), (3, 3, 3, 16, 3), SAME, "output_taps"),
+    ((1, 5, 7, 6, 8), (3, 2, 3, 8, 2), [(2, 0), (0, 1), (1, 2)], "output_taps"),
+]
+
+
+@pytest.mark.parametrize("budget", [1, 2, 4])  # the chunk in frames (rows): 1, then overlapping
+@pytest.mark.parametrize("x_shape, w_shape, padding, form", CHUNKED)
+def test_chunked_forms_match_xla(x_shape, w_shape, padding, form, budget, monkeypatch):
+    """A few output frames (rows) at a time, through one loop, the last chunk overlapping the
+    one before: the same values and gradients as the whole convolution."""
+    x, w = _inputs(x_shape, w_shape)
+    itemsize, kt, c_out = 4, w_shape[0], w_shape[-1]
+    frame = {
+        "temporal_taps": x_shape[0] * x_shape[2] * x_shape[3] * c_out * kt * itemsize,
+        "taps_as_channels": x_shape[0] * x_shape[2] * x_shape[3] * x_shape[-1] * kt * itemsize,
+    }
+    if form == "output_taps":
+        (t_lo, t_hi), _, (w_lo, w_hi) = padding
+        taps = int(np.prod(w_shape[:3])) * c_out
+        row = x_shape[0] * (x_shape[1] + t_lo + t_hi) * (x_shape[3] + w_lo + w_hi) * taps * 4
+        monkeypatch.setattr(convolution, "OUTPUT_TAPS_BAND_BYTES", budget * row)
+    else:
+        monkeypatch.setattr(convolution, "CHUNK_BYTES", budget * frame[form])
+    loops = []
+    monkeypatch.setattr(convolution, "chunked", _spy(convolution.chunked, "chunked", loops))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1, 1), padding, dimension_numbers=DN)
+
+    def ours(x, w):
+        return getattr(convolution, form)(x, w, (1, 1, 1), padding)
+
+    if form == "output_taps":
+        ours = lambda x, w: convolution.output_taps(x, w, padding)  # noqa: E731
+    np.testing.assert_allclose(ours(x, w), ref(x, w), atol=2e-5, rtol=1e-5)
+    assert loops == ["chunked"]
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for got, want in zip(
+        jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        scale = max(1.0, float(jnp.max(jnp.abs(want))))
+        np.testing.assert_allclose(got, want, atol=5e-5 * scale, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "x_shape, w_shape, strides, form",
     [
