@@ -274,11 +274,8 @@ def temporal_taps(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Array:
         return out
 
     out = _output(x, w, strides, pads, kw)
-    frame_bytes = math.prod(out.shape) // out.shape[1] * kt * jnp.dtype(x.dtype).itemsize
-    chunk = max(1, CHUNK_BYTES // frame_bytes)
-    if strides[0] != 1 or chunk >= x.shape[1]:
-        return tap_sum(x, tuple(pads[0]))
-    return chunked(lambda x: tap_sum(x, (0, 0)), x, out, 1, kt, tuple(pads[0]), chunk)
+    per_frame = math.prod(out.shape) // out.shape[1] * kt * jnp.dtype(x.dtype).itemsize
+    return _by_frames(tap_sum, x, out, kt, strides[0], tuple(pads[0]), per_frame)
 
 
 def taps_as_channels(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Array:
@@ -293,12 +290,18 @@ def taps_as_channels(x: jax.Array, w: jax.Array, strides, pads, **kw) -> jax.Arr
         stacked = jnp.concatenate(frames, axis=-1)  # (B, T_out, H, W, kt*Ci)
         return _conv2d(stacked, w2d, strides[1:], pads[1:], **kw)
 
-    frame_bytes = math.prod((x.shape[0], *x.shape[2:])) * kt * jnp.dtype(x.dtype).itemsize
-    chunk = max(1, CHUNK_BYTES // frame_bytes)
-    if stride != 1 or chunk >= x.shape[1]:
-        return stacked_conv(x, tuple(pads[0]))
     out = _output(x, w, strides, pads, kw)
-    return chunked(lambda x: stacked_conv(x, (0, 0)), x, out, 1, kt, tuple(pads[0]), chunk)
+    per_frame = math.prod((x.shape[0], *x.shape[2:])) * kt * jnp.dtype(x.dtype).itemsize
+    return _by_frames(stacked_conv, x, out, kt, stride, tuple(pads[0]), per_frame)
+
+
+def _by_frames(conv, x, out, kt: int, stride: int, t_pad: tuple[int, int], per_frame: int):
+    """`conv(x, t_pad)` whole, or (temporal stride 1, and all frames' `per_frame` temporary
+    bytes over CHUNK_BYTES) a few output frames at a time through `chunked`."""
+    chunk = max(1, CHUNK_BYTES // per_frame)
+    if stride != 1 or chunk >= x.shape[1]:
+        return conv(x, t_pad)
+    return chunked(lambda x: conv(x, (0, 0)), x, out, 1, kt, t_pad, chunk)
 
 
 def chunked(
@@ -322,9 +325,8 @@ def chunked(
     chunk = min(chunk, n_out)
     inside_shape = [chunk + taps - 1 if d == axis else 1 for d in range(x.ndim)]
 
-    def inputs(
-        first: jax.Array,
-    ) -> jax.Array:  # x's positions first - pad[0] + [0, chunk + taps - 1)
+    def inputs(first: jax.Array) -> jax.Array:
+        """x's positions first - pad[0] + [0, chunk + taps - 1) on `axis`, zeros outside x."""
         source = first - pad[0] + jnp.arange(chunk + taps - 1)
         inside = ((source >= 0) & (source < n_in)).reshape(inside_shape)
         return jnp.where(inside, jnp.take(x, jnp.clip(source, 0, n_in - 1), axis=axis), 0)
@@ -347,14 +349,14 @@ def output_taps(x: jax.Array, w: jax.Array, pads, **kw) -> jax.Array:
     `_output_taps_bwd`."""
     (t_lo, t_hi), rows, (w_lo, w_hi) = (tuple(p) for p in pads)
     taps = math.prod(w.shape[:3]) * w.shape[-1]  # output channels of the matmul
-    b, t, h, wd, _ = x.shape
+    b, t, _, wd, _ = x.shape
     row_bytes = b * (t + t_lo + t_hi) * (wd + w_lo + w_hi) * taps * jnp.dtype(x.dtype).itemsize
     band = max(1, OUTPUT_TAPS_BAND_BYTES // row_bytes)
     options = (kw.get("precision"), kw.get("preferred_element_type"))
-    if band >= h + rows[0] + rows[1] - w.shape[1] + 1:
+    out = _output(x, w, (1, 1, 1), pads, kw)
+    if band >= out.shape[2]:
         return _output_taps(x, w, ((t_lo, t_hi), rows, (w_lo, w_hi)), *options)
     band_pads = ((t_lo, t_hi), (0, 0), (w_lo, w_hi))
-    out = _output(x, w, (1, 1, 1), pads, kw)
     conv = lambda x: _output_taps(x, w, band_pads, *options)  # noqa: E731
     return chunked(conv, x, out, 2, w.shape[1], rows, band)
 
