@@ -142,6 +142,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     # off a v5e-256: benchmarks/RESULTS.md, "TPU memory plan: the scheduler's memory limit")
     train.tpu_compiler_options = {"xla_tpu_scheduler_percent_shared_memory_limit": 60}
     train.lpips_weights = ""  # LPIPS source when --init_from has none (see docs/training.md)
+    train.compiled_step = ""  # a step file from `compile --serialize` to load ("" compiles here)
 
     cfg.mesh = ml_collections.ConfigDict()
     cfg.mesh.shape = {"data": -1, "fsdp": 1}  # -1: all remaining devices

@@ -33,7 +33,7 @@ from reducio_jax.errors import InputError
 from reducio_jax.models import build_vae
 from reducio_jax.models.convolution import traced_for
 from reducio_jax.models.tiling import TileConfig
-from reducio_jax.programs import lowering
+from reducio_jax.programs import lowering, serialized
 from reducio_jax.programs.budget import parse_size
 from reducio_jax.programs.footprint import Footprint
 from reducio_jax.sharding import (
@@ -43,6 +43,7 @@ from reducio_jax.sharding import (
     make_mesh,
 )
 from reducio_jax.train import state as state_lib
+from reducio_jax.train.loop import step_identity
 from reducio_jax.train.step import batch_spec, jit_train_step
 
 PROGRAMS = ("train_step", *lowering.OPS)
@@ -105,7 +106,8 @@ def _sized(cfg: ml_collections.ConfigDict, mesh: Mesh, batch_per_chip: int):
 
 def lower_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     """The train command's jitted step (train/step.py) lowered for abstract, sharded inputs
-    (with LPIPS unless `cfg.loss.perceptual_weight` is 0, as `train` does)."""
+    (with LPIPS unless `cfg.loss.perceptual_weight` is 0, as `train` does), and what the
+    program is made of (`train.loop.step_identity`, for `--serialize`)."""
     perceptual = float(cfg.loss.perceptual_weight)
     lpips_graph = lpips_state = lpips = None
     if perceptual > 0:
@@ -118,7 +120,8 @@ def lower_train_step(cfg: ml_collections.ConfigDict, mesh: Mesh):
     nets = state_lib.Networks(vae_graph, disc_graph, lpips_graph, lpips_state)
     step = jit_train_step(cfg, nets, weights, mesh, state_lib.state_shardings(cfg, mesh))
     state = abstract_with_shardings(state_lib.abstract_state(cfg), mesh, cfg.mesh.rules)
-    return step.lower(state, batch_spec(cfg.data, mesh), lpips)
+    identity = step_identity(cfg, weights, mesh, lpips is not None)
+    return step.lower(state, batch_spec(cfg.data, mesh), lpips), identity
 
 
 def _state_bytes(cfg: ml_collections.ConfigDict, mesh: Mesh, program: str) -> int:
@@ -172,9 +175,13 @@ def compile_program(
     topology: str = "",
     headroom: float = 0.0,
     tile_batch: int | None = None,
+    serialize: str | None = None,
 ) -> CompileRecord:
     """Lowers and compiles `program` for `devices` (mesh `cfg.mesh.shape` over them); the
-    per-chip figures. `fits`: compiled, and the total is within (1 - headroom) of HBM."""
+    per-chip figures. `fits`: compiled, and the total is within (1 - headroom) of HBM.
+    `serialize`: a file to write the compiled train step to (`programs/serialized.py`)."""
+    if serialize and program != "train_step":
+        raise InputError(f"--serialize writes the train step, not {program}")
     if program not in PROGRAMS:
         raise InputError(f"program '{program}' is not one of {', '.join(PROGRAMS)}")
     if batch_per_chip < 1:
@@ -198,16 +205,19 @@ def compile_program(
     )
     state_bytes = _state_bytes(cfg, mesh, program)
     start = time.perf_counter()
+    cache = jax.config.jax_enable_compilation_cache
     try:
+        if serialize:  # an XLA:CPU executable serialized for the cache cannot be again
+            jax.config.update("jax_enable_compilation_cache", False)
         # the layers' sharding constraints (models/constraints.py) follow the mesh and rules
         with (
             traced_for(device.platform),
             jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
             nnx.logical_axis_rules(cfg.mesh.rules),
         ):
-            options = None
+            options = identity = None
             if program == "train_step":
-                lowered = lower_train_step(cfg, mesh)
+                lowered, identity = lower_train_step(cfg, mesh)
                 options = state_lib.step_compiler_options(cfg, device.platform) or None
             else:
                 lowered = _lower_inference(cfg, mesh, program, tile_batch)
@@ -227,7 +237,11 @@ def compile_program(
             compile_seconds=time.perf_counter() - start,
             error=first_line,
         )
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     seconds = time.perf_counter() - start
+    if serialize:
+        serialized.write(serialize, compiled, identity, list(mesh.devices.flat))
     memory = Footprint.of(compiled)  # the planner's reading of XLA's memory analysis
     return record(
         fits=memory.total <= (1.0 - headroom) * hbm,

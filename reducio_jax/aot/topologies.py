@@ -10,6 +10,7 @@ import re
 import jax
 
 from reducio_jax.errors import InputError
+from reducio_jax.programs import budget
 
 GIB = 1 << 30
 # HBM per chip, by `device_kind`, from the chips' spec pages (cloud.google.com/tpu/docs/v4,
@@ -27,6 +28,7 @@ HBM_BYTES = {
 }
 TOPOLOGY_PATTERN = re.compile(r"^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$")
 GPU_PATTERN = re.compile(r"^h100:(\d+)$")  # H100 SXM, N GPUs on one host
+CPU_PATTERN = re.compile(r"^cpu:(\d+)$")  # this host's first N CPU devices
 TPU_INSTALL_HINT = 'pip install -e ".[tpu]"  (libtpu for the installed jax)'
 GPU_INSTALL_HINT = 'pip install "jax[cuda12]==<the installed jax>"  (about 5.5 GB)'
 # The H100 SXM as XLA's GPU compiler sees it (the fields of XLA's GpuTargetConfigProto, values
@@ -50,7 +52,7 @@ def tpu_devices(topology: str) -> list[jax.Device]:
     if not TOPOLOGY_PATTERN.match(topology):
         raise InputError(
             f"topology '{topology}' is not GEN:AxB or GEN:AxBxC with GEN v4, v5e, v5p or v6e "
-            "(e.g. v5e:4x4, v5p:2x2x1), nor h100:N"
+            "(e.g. v5e:4x4, v5p:2x2x1), nor h100:N, nor cpu:N"
         )
     if importlib.util.find_spec("libtpu") is None:
         raise InputError(f"compiling for a TPU topology needs libtpu: {TPU_INSTALL_HINT}")
@@ -85,12 +87,32 @@ def gpu_devices(topology: str) -> list[jax.Device]:
     return list(desc.devices)
 
 
+def cpu_devices(topology: str) -> list[jax.Device]:
+    """This host's first N CPU devices for "cpu:N" (more with
+    XLA_FLAGS=--xla_force_host_platform_device_count=N): a program `train` here can load."""
+    count = int(CPU_PATTERN.match(topology).group(1))
+    devices = jax.devices("cpu")
+    if not 1 <= count <= len(devices):
+        raise InputError(
+            f"{topology}: this host has {len(devices)} CPU device(s) (more with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+        )
+    return devices[:count]
+
+
 def target_devices(topology: str) -> list[jax.Device]:
-    """`tpu_devices` or `gpu_devices`, by the topology's name."""
-    return gpu_devices(topology) if GPU_PATTERN.match(topology) else tpu_devices(topology)
+    """`tpu_devices`, `gpu_devices` or `cpu_devices`, by the topology's name."""
+    if GPU_PATTERN.match(topology):
+        return gpu_devices(topology)
+    if CPU_PATTERN.match(topology):
+        return cpu_devices(topology)
+    return tpu_devices(topology)
 
 
 def chip_hbm(device: jax.Device) -> int:
+    """The chip's memory; for a CPU device, the memory this host has free for a program."""
+    if device.platform == "cpu":
+        return budget.available_memory(device)[0]
     kind = device.device_kind
     if kind not in HBM_BYTES:
         raise InputError(f"no HBM size known for device kind '{kind}' (aot.HBM_BYTES)")

@@ -4,6 +4,7 @@ memory against the chip's HBM, its FLOPs and the compile time: does it fit, at w
     python -m reducio_jax compile --topology v5e:4x4 --config configs/reducio_ft4.py \\
         --batch_per_chip 2 [--fsdp 4] [--dtype bfloat16] [--remat] [--program train_step]
     ... --find_batch        # the largest per-chip batch that fits with --headroom to spare
+    ... --serialize FILE    # also write the compiled step: train.compiled_step loads it
 
 It compiles the same jitted program that `train` (or `encode`, `decode`, `reconstruct`) runs,
 with its shardings, traced for the TPU (never this host's CPU forms), through libtpu's
@@ -35,7 +36,8 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
         "topology",
         None,
         "TPU topology, e.g. v5e:2x4, v5e:16x16, v6e:4x4, v5p:2x2x1, v4:2x2x1; or h100:N "
-        "(N H100s, needs jax[cuda12]; run with JAX_PLATFORMS=cpu on a host without a GPU).",
+        "(N H100s, needs jax[cuda12]; run with JAX_PLATFORMS=cpu on a host without a GPU); or "
+        "cpu:N (this host's first N CPU devices).",
         flag_values=fv,
     )
     shared.define_config(fv, argv)
@@ -86,6 +88,13 @@ def define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_string(
         "json", None, "Write the records (a JSON list) to this file.", flag_values=fv
     )
+    flags.DEFINE_string(
+        "serialize",
+        None,
+        "Also write the compiled train step to this file (local or gs://), for "
+        "train's --config.train.compiled_step: compiled once, loaded at every start.",
+        flag_values=fv,
+    )
 
 
 def _configured(fv: flags.FlagValues):
@@ -130,10 +139,13 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
             topology=fv["topology"].value,
             headroom=headroom,
             tile_batch=fv["tile_batch"].value,
+            serialize=fv["serialize"].value,
         )
         print(format_record(record), flush=True)
         return record
 
+    if fv["serialize"].value and fv["find_batch"].value:
+        raise InputError("--serialize writes one program: give --batch_per_chip, not --find_batch")
     if fv["find_batch"].value:
         best, records = sizing.find_batch(compile_at)
         print(f"largest batch per chip that fits with {headroom:.0%} headroom: {best}")
@@ -141,6 +153,10 @@ def run(fv: flags.FlagValues, positional: Sequence[str]) -> int:
     else:
         records = [compile_at(fv["batch_per_chip"].value)]
         status = 0 if records[0].fits else 1
+        if fv["serialize"].value and not records[0].error:
+            path = fv["serialize"].value
+            print(f"wrote the compiled step to {path} (train loads it with "
+                  f"--config.train.compiled_step={path})")  # fmt: skip
     if fv["json"].value:
         from reducio_jax.storage.paths import write_text
 

@@ -33,6 +33,7 @@ from reducio_jax.config import derived, frame_size
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
+from reducio_jax.programs import serialized
 from reducio_jax.runs.preemption import Preempted, StopOnSigterm
 from reducio_jax.storage import checkpoints
 from reducio_jax.storage.paths import Path, PathLike, as_path, make_dirs
@@ -47,8 +48,9 @@ from reducio_jax.train.weights import load_init_weights, load_lpips_weights
 log = logging.getLogger(__name__)
 LOOP_ONLY_KEYS = (
     "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "preview_every",
-    "workdir", "async_checkpointing", "lpips_weights",
+    "workdir", "async_checkpointing", "lpips_weights", "seed", "compiled_step",
 )  # fmt: skip
+PROGRAM_DATA_KEYS = ("batch_size", "num_frames", "resolution")  # the rest is the loader's
 _COMPILED: dict[Any, Any] = {}  # compiled steps and helpers of this process, keyed by program
 
 
@@ -173,8 +175,19 @@ def compiled_step(
     mesh: Mesh,
     state: TrainState,
 ) -> tuple[Any, float | None, str]:
-    """(compiled train step, its FLOPs per device, program key), compiled once per process."""
-    key = program_key(cfg, weights, mesh, nets.lpips is not None)
+    """(compiled train step, its FLOPs per device, program key): loaded from
+    `train.compiled_step` when it names a file, else compiled once per process."""
+    lpips = nets.lpips is not None
+    key = program_key(cfg, weights, mesh, lpips)
+    if cfg.train.get("compiled_step"):
+        t0 = time.perf_counter()
+        identity = step_identity(cfg, weights, mesh, lpips)
+        compiled = serialized.read(cfg.train.compiled_step, identity, list(mesh.devices.flat))
+        log.info(
+            "Loaded the train step from %s in %.1f s.",
+            cfg.train.compiled_step, time.perf_counter() - t0,
+        )  # fmt: skip
+        return compiled, step_flops(compiled), key
     if key not in _COMPILED:
         t0 = time.perf_counter()
         shardings = state_lib.state_shardings(cfg, mesh)
@@ -187,14 +200,24 @@ def compiled_step(
     return (*_COMPILED[key], key)
 
 
-def program_key(
+def step_identity(
     cfg: ml_collections.ConfigDict, w: losses.LossWeights, mesh: Mesh, lpips: bool
-) -> str:
+) -> dict[str, Any]:
+    """What one compiled train step is made of: the config less the loop's and the loader's
+    own settings, the loss weights, the mesh's axes and whether LPIPS is in the loss."""
     d = json.loads(cfg.to_json_best_effort())
     for key in LOOP_ONLY_KEYS:
         d.get("train", {}).pop(key, None)
+    d["data"] = {k: v for k, v in d.get("data", {}).items() if k in PROGRAM_DATA_KEYS}
+    d.get("mesh", {}).pop("shape", None)  # as the devices resolve it, below
+    return {"config": d, "loss_weights": repr(w), "mesh": dict(mesh.shape), "lpips": lpips}
+
+
+def program_key(
+    cfg: ml_collections.ConfigDict, w: losses.LossWeights, mesh: Mesh, lpips: bool
+) -> str:
     devices = [int(x.id) for x in np.asarray(mesh.devices).reshape(-1)]
-    return json.dumps([d, repr(w), dict(mesh.shape), devices, lpips], sort_keys=True)
+    return json.dumps([step_identity(cfg, w, mesh, lpips), devices], sort_keys=True)
 
 
 def cached(name: str, program: str, make: Callable[[], Any]) -> Any:
@@ -314,13 +337,14 @@ class Trainer:
             lpips_graph = state_lib.lpips_graph(cfg) if lpips_state is not None else None
             self.nets = state_lib.Networks(*state_lib.graphdefs(cfg), lpips_graph, lpips_state)
             t2 = time.perf_counter()
+            self.step_fn, flops_per_step, self.program = compiled_step(
+                cfg, self.nets, self.weights, self.mesh, self.state
+            )
             self.monitor = Monitor(
                 self.workdir, enabled=jax.process_index() == 0,
                 device_kind=jax.devices()[0].device_kind,
             )  # fmt: skip
-            self.step_fn, self.monitor.flops_per_step, self.program = compiled_step(
-                cfg, self.nets, self.weights, self.mesh, self.state
-            )
+            self.monitor.flops_per_step = flops_per_step
         except BaseException:
             self.ckpt.close()  # lets Orbax's background clean-up finish before the process exits
             raise

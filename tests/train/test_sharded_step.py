@@ -109,7 +109,7 @@ def test_fsdp_keeps_activations_split_over_the_batch():
         cfg.mesh.shape = {"data": -1, "fsdp": fsdp}
         mesh = make_mesh(cfg.mesh, jax.devices()[:8])
         cfg.data.batch_size = 2 * 8
-        memory = sizing.lower_train_step(cfg, mesh).compile().memory_analysis()
+        memory = sizing.lower_train_step(cfg, mesh)[0].compile().memory_analysis()
         temps[fsdp], args[fsdp] = memory.temp_size_in_bytes, memory.argument_size_in_bytes
     assert args[8] < args[1] / 4  # the state is split over 8 devices
     assert temps[8] <= 1.05 * temps[1], temps
