@@ -99,24 +99,37 @@ class ReconstructOptions:
 
 
 @jax.jit
-def _frame_metrics(source: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8 source and [-1, 1] reconstruction (T, H, W, 3) -> per-frame PSNR, SSIM (T,)."""
+def _metric_sums(source: jax.Array, recon: jax.Array, count: jax.Array) -> jax.Array:
+    """uint8 source and [-1, 1] reconstruction (T, H, W, 3) of which the first `count` frames
+    are real -> the sums of their PSNR and SSIM, (2,)."""
     x = source.astype(jnp.float32) / 255.0
     y = (jnp.clip(recon, -1.0, 1.0) + 1.0) / 2.0
-    return psnr_per_image(y, x), ssim_per_image(y, x)
+    real = jnp.arange(source.shape[0]) < count
+    psnr = jnp.where(real, psnr_per_image(y, x), 0.0)
+    ssim = jnp.where(real, ssim_per_image(y, x), 0.0)
+    return jnp.stack([jnp.sum(psnr), jnp.sum(ssim)])
 
 
 @dataclasses.dataclass
 class Totals:
+    """Sums of the per-frame metrics, `length` frames a call: one compiled shape per frame
+    size, whatever the stitcher hands over."""
+
+    length: int
     frames: int = 0
     psnr: float = 0.0
     ssim: float = 0.0
 
     def add(self, source: np.ndarray, recon: np.ndarray) -> None:
-        psnr, ssim = _frame_metrics(source, recon)
-        self.frames += source.shape[0]
-        self.psnr += float(jnp.sum(psnr))
-        self.ssim += float(jnp.sum(ssim))
+        for start in range(0, source.shape[0], self.length):
+            piece = [a[start : start + self.length] for a in (source, recon)]
+            count = piece[0].shape[0]
+            short = [(0, self.length - count)] + [(0, 0)] * 3
+            sums = _metric_sums(*(np.pad(a, short) for a in piece), count)
+            psnr, ssim = np.asarray(sums, np.float64)
+            self.frames += count
+            self.psnr += float(psnr)
+            self.ssim += float(ssim)
 
 
 # -- one video ----------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ class _Pipeline:
         self.queue: list[int] = []  # starts of windows waiting for the model
         self.next_start = 0  # the next regular window's start
         self.last_start = 0
-        self.totals = Totals()
+        self.totals = Totals(self.window)
         self.windows = 0
         self.peak_frames = 0  # most source frames held at once
 
@@ -204,7 +217,7 @@ class _Pipeline:
         batch, rows = self.batch, windows.shape[0]
         if rows < batch:  # one compiled shape: pad with copies of the last window
             windows = np.concatenate([windows, np.repeat(windows[-1:], batch - rows, axis=0)])
-        video = jnp.asarray(windows, jnp.float32) / 127.5 - 1.0
+        video = windows.astype(np.float32) / 127.5 - 1.0  # on the host: no program for it
         return np.asarray(self.vae.reconstruct_windows(video, plan=self.plan))[:rows]
 
     def _emit(self, recon: np.ndarray, num_frames: int | None) -> None:

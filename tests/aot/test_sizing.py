@@ -6,9 +6,12 @@ grows with the number of distinct operations, so the micro model trains without 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
+import pathlib
+import pickle
 
 import jax
 import pytest
@@ -18,6 +21,7 @@ from reducio_jax.aot import sizing, topologies
 from reducio_jax.cli.compile import format_record
 from reducio_jax.config import load_config
 from reducio_jax.errors import InputError
+from reducio_jax.programs import serialized
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -47,13 +51,14 @@ def data_parallel(devices) -> sizing.CompileRecord:
 
 
 @pytest.fixture(scope="module")
-def fsdp_command(tmp_path_factory) -> tuple[int, dict]:
-    """The same on data=2 x fsdp=2, through the command: (exit status, its JSON record)."""
-    out = tmp_path_factory.mktemp("aot") / "record.json"
+def fsdp_command(tmp_path_factory) -> tuple[int, dict, pathlib.Path]:
+    """The same on data=2 x fsdp=2, through the command: (exit status, its JSON record, the
+    serialized step)."""
+    out = tmp_path_factory.mktemp("aot")
     argv = ["compile", "--topology", TOPOLOGY, "--config", MICRO, "--fsdp", "2"]
-    argv += ["--config.loss.perceptual_weight=0.0", "--json", str(out)]
-    status = cli.main(argv)
-    return status, json.loads(out.read_text())[0]
+    argv += ["--config.loss.perceptual_weight=0.0", "--json", str(out / "record.json")]
+    status = cli.main([*argv, "--serialize", str(out / "step.bin")])
+    return status, json.loads((out / "record.json").read_text())[0], out / "step.bin"
 
 
 @needs_libtpu
@@ -69,17 +74,30 @@ def test_train_step_compiles_for_the_tpu(data_parallel):
 
 @needs_libtpu
 def test_command_exits_0_and_writes_the_record(fsdp_command):
-    status, record = fsdp_command
+    status, record, _ = fsdp_command
     assert status == 0
     assert record["mesh"] == {"data": 2, "fsdp": 2} and record["fits"]
     assert record["program"] == "train_step" and record["batch_per_chip"] == 1
 
 
 @needs_libtpu
+def test_the_serialized_tpu_step_names_its_chips(fsdp_command):
+    """The TPU executable is written with its versions and chips; loading it on this host's
+    CPUs is refused naming the platform, not attempted (tests/train/test_compiled_step.py
+    loads a CPU one and trains with it)."""
+    _, _, step = fsdp_command
+    stored = pickle.loads(step.read_bytes())["environment"]
+    assert stored["platform"] == "tpu" and stored["device_kind"] == "TPU v5 lite"
+    assert stored["devices"] == 4 and stored["libtpu"] == importlib.metadata.version("libtpu")
+    with pytest.raises(InputError, match="platform: 'tpu' in the file, 'cpu' here"):
+        serialized.read(step, {}, jax.devices("cpu")[:4])
+
+
+@needs_libtpu
 def test_state_bytes_per_chip_shrink_with_fsdp(data_parallel, fsdp_command):
     """fsdp=2 halves every parameter and Adam moment whose sharded axis 2 divides; what the
     rules leave replicated (norm scales, the 3-channel convolutions' odd axes) stays whole."""
-    _, fsdp = fsdp_command
+    _, fsdp, _ = fsdp_command
     state = sizing.state_lib.abstract_state(_config(2))
     full = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
     assert data_parallel.state_bytes == full  # data parallel: every chip holds all of it
