@@ -5,10 +5,11 @@ tiles=...)`) through the executable compiled for its inputs' shapes, dtypes and 
 compiling it (`lowering.lower(...).compile()`) the first time; inside a user's `jax.jit` (any
 input a tracer) it calls the op's jit instead, so the methods nest. `footprint(...)` is XLA's
 memory analysis of the program for a number of windows of a frame size: the planner's only
-question, asked of XLA's default schedule or its memory-minded one (`lowering.SCHEDULES`). A
-measured program is kept unless `keep=False` (a probe), and `candidates()` drops the ones the
-planner measured and did not choose: the executable the planner measured, in the schedule it
-chose, is the one that runs. `compiles` and `compile_seconds` count this model's compiles.
+question (XLA's memory-minded schedule can be measured too, `schedule="memory"`; such a
+program is never run, so never kept). A measured program is kept unless `keep=False` (a
+probe), and `candidates()` drops the ones the planner measured and did not choose: the
+executable the planner measured is the one that runs. `compiles` and `compile_seconds` count
+this model's compiles.
 """
 
 from __future__ import annotations
@@ -65,10 +66,9 @@ class Programs:
         self.spatial_factor = model.sizes.spatial_factor
         self.compiles = 0
         self.compile_seconds = 0.0
-        self._executables: dict[tuple[Key, str], jax.stages.Compiled] = {}  # (key, schedule)
-        self._schedules: dict[Key, str] = {}  # the planner's choice (else "default")
+        self._executables: dict[Key, jax.stages.Compiled] = {}
         self._footprints: dict[tuple, Footprint] = {}
-        self._new: list[tuple[Key, str]] | None = None  # compiled inside `candidates()`
+        self._new: list[Key] | None = None  # compiled inside `candidates()`
 
     @property
     def resident(self) -> int:
@@ -81,15 +81,14 @@ class Programs:
         if _is_tracer(inputs) or _is_tracer(state):
             return lowering.JITS[op](graphdef, state, *inputs, tiles=tiles)
         key = input_key(op, tiles, inputs, state)
-        kept = (key, self._schedules.get(key, "default"))
-        executable = self._executables.get(kept)
+        executable = self._executables.get(key)
         if executable is None:
             lowered = lowering.lower(op, graphdef, state, inputs, tiles)
-            executable = self._compile(lowered, kept[1], kept)
+            executable = self._compile(lowered, key)
         return executable(state, *inputs)
 
     def _compile(
-        self, lowered: jax.stages.Lowered, schedule: str, kept: tuple[Key, str] | None
+        self, lowered: jax.stages.Lowered, kept: Key | None, schedule: str = "default"
     ) -> jax.stages.Compiled:
         """`lowered` compiled in XLA's `schedule`, kept under `kept` (None: a probe)."""
         start = time.perf_counter()
@@ -105,8 +104,8 @@ class Programs:
                 self._new.append(kept)
         return executable
 
-    def executables(self) -> list[tuple[Key, str]]:
-        """(key, schedule) of the executables kept."""
+    def executables(self) -> list[Key]:
+        """The keys of the executables kept."""
         return list(self._executables)
 
     # -- measuring ----------------------------------------------------------------------------
@@ -121,18 +120,20 @@ class Programs:
         schedule: str = "default",
     ) -> Footprint:
         """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples
-        of 32) px on one device in `schedule`, compiled once per shape. `keep=False`: a
-        probe, compiled through a jit of its own and dropped (nothing of it stays in memory)."""
+        of 32) px on one device in `schedule`, compiled once per shape. `keep=False` (and
+        any schedule but the default, which is the one that runs): a probe, compiled through
+        a jit of its own and dropped (nothing of it stays in memory)."""
         measured = (op, batch, frame, tiles) + (() if schedule == "default" else (schedule,))
         if measured in self._footprints:
             return self._footprints[measured]
         graphdef, state = nnx.split(self.model)
         inputs = self.window_inputs(op, batch, frame)
-        kept = (input_key(op, tiles, inputs, state), schedule)
-        executable = self._executables.get(kept)
+        keep = keep and schedule == "default"
+        key = input_key(op, tiles, inputs, state)
+        executable = self._executables.get(key) if schedule == "default" else None
         if executable is None:
             lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
-            executable = self._compile(lowered, schedule, kept if keep else None)
+            executable = self._compile(lowered, key if keep else None, schedule)
         footprint = Footprint.of(executable, lowering.input_bytes(inputs))
         self._footprints[measured] = footprint
         return footprint
@@ -147,20 +148,15 @@ class Programs:
         return list(self._footprints)
 
     @contextlib.contextmanager
-    def candidates(self) -> Iterator[Callable[[str, int, tuple[int, int], Any, str], None]]:
+    def candidates(self) -> Iterator[Callable[[str, int, tuple[int, int], Any], None]]:
         """Executables compiled inside are candidates: at the end only those passed to the
-        yielded `keep(op, batch, frame, tiles, schedule)` stay, and their schedule is the one
-        the op runs in for those inputs."""
+        yielded `keep(op, batch, frame, tiles)` stay."""
         outer, self._new = self._new, []
-        kept: set[tuple[Key, str]] = set()
+        kept: set[Key] = set()
 
-        def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any, schedule: str) -> None:
-            key = input_key(op, tiles, self.window_inputs(op, batch, frame), nnx.state(self.model))
-            kept.add((key, schedule))
-            self._schedules[key] = schedule
-            for other in lowering.SCHEDULES:  # the same program in another schedule: not run
-                if other != schedule:
-                    self._executables.pop((key, other), None)
+        def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any) -> None:
+            inputs = self.window_inputs(op, batch, frame)
+            kept.add(input_key(op, tiles, inputs, nnx.state(self.model)))
 
         try:
             yield keep

@@ -56,7 +56,6 @@ class Plan:
     source: str  # where `available` came from
     frame: tuple[int, int]  # the (padded) frame size planned for
     resident: int  # bytes of parameters already held
-    schedule: str = "default"  # XLA's schedule of the program ("memory": memory-minded)
 
     @property
     def tiled(self) -> bool:
@@ -68,15 +67,13 @@ class Plan:
             "window_batch": self.window_batch,
             "tiled": self.tiled,
             "memory_per_call": self.need,
-            "schedule": self.schedule,
         }
 
     def describe(self) -> str:
         tiled = f", tiled {self.tiles.sample_window} px" if self.tiled else ""
-        schedule = "; XLA's memory-minded schedule" if self.schedule == "memory" else ""
         return (
             f"{self.window_batch} window(s) a call{tiled}: {gib(self.need)} of "
-            f"{gib(self.available)} ({self.source}){schedule}"
+            f"{gib(self.available)} ({self.source})"
         )
 
 

@@ -109,10 +109,9 @@ class Request:
     def resident(self) -> int:
         return self.programs.resident
 
-    def measure(self, batch: int, tiles: TileConfig | None, schedule: str = "default") -> Footprint:
-        """The footprint of `batch` windows with `tiles` in XLA's `schedule` (its executable
-        kept for the run)."""
-        return self.programs.footprint(self.op, batch, self.frame, tiles, schedule=schedule)
+    def measure(self, batch: int, tiles: TileConfig | None) -> Footprint:
+        """The footprint of `batch` windows with `tiles` (its executable kept for the run)."""
+        return self.programs.footprint(self.op, batch, self.frame, tiles)
 
     def probe(self, frame: tuple[int, int]) -> Footprint:
         """One untiled window of another frame size, only measured."""
@@ -145,7 +144,7 @@ def plan_memory(
         if max_memory is None:  # (a figure of the user's is not the machine's)
             allocator.release_freed_memory()  # what the planner's compiles freed
             plan = replan_if_short(plan, request, available_memory(address_space=False))
-        keep(op, plan.window_batch, plan.frame, plan.tiles, plan.schedule)
+        keep(op, plan.window_batch, plan.frame, plan.tiles)
     return plan
 
 

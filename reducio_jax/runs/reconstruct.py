@@ -324,7 +324,6 @@ def _summary(
         "window_batch": pipeline.batch,
         "tiled": pipeline.plan.tiled,
         "memory_per_call": pipeline.plan.need,
-        "schedule": pipeline.plan.schedule,
         "psnr": round(totals.psnr / totals.frames, 3),
         "ssim": round(totals.ssim / totals.frames, 4),
         "lost_frames": lost,

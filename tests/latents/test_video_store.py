@@ -189,7 +189,6 @@ def test_decode_batch_from_memory(encoded, ckpt, vae, tmp_path, capsys):
     resident = sum(x.nbytes for x in jax.tree.leaves(nnx.state(vae.model)))
     need = vae.footprint("decode", 2, (32, 64), None).need(resident)
     memory = {"size": [32, 40], "window_batch": 2, "tiled": False, "memory_per_call": need}
-    memory["schedule"] = "default"
     assert _summary(capsys)["memory"] == [memory]
     assert _read(out / "000001_1_long.mp4").shape == (40, HEIGHT, WIDTH, 3)
     small = tmp_path / "small"

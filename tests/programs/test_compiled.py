@@ -43,9 +43,10 @@ def test_rejected_candidates_and_probes_are_not_kept(vae):
     plan = fresh.plan_memory(32, 32, op="encode", cap=2, max_memory=limit)
     assert plan.window_batch == 1
     kept = fresh.programs.executables()
-    batches = [(key[0], key[3][0][0][0], schedule) for key, schedule in kept]
-    assert batches == [("encode", 1, "default")]  # batch 2 was dropped
+    assert [(key[0], key[3][0][0][0]) for key in kept] == [("encode", 1)]  # 2 was dropped
     fresh.programs.footprint("encode", 1, (64, 64), None, keep=False)  # a probe
+    # the memory-minded schedule of the kept program: measured, never run, so not kept
+    fresh.programs.footprint("encode", 1, (32, 32), None, schedule="memory")
     assert fresh.programs.executables() == kept
 
 
