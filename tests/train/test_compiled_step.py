@@ -1,11 +1,18 @@
 """A train step compiled by `compile --serialize` and loaded by `train` (`train.compiled_step`):
 it trains as the step the run compiles itself, loss for loss; a file of another program, of
-another jax, or no program at all is refused with one line before anything is written."""
+another jax, or no program at all is refused with one line before anything is written.
+
+The step is compiled by the command in a process of its own, as a user runs it: XLA:CPU
+(jax 0.10.2) serializes an executable without some of its functions when the process had
+compiled others that share them (benchmarks/RESULTS.md, "Compile")."""
 
 from __future__ import annotations
 
 import json
+import pathlib
 import pickle
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -16,6 +23,7 @@ from reducio_jax.train import run
 
 DEVICES = 2
 MICRO = "tests/train/micro_config.py"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _cfg():
@@ -37,11 +45,18 @@ def _curve(workdir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def step_file(tmp_path_factory):
+def step_file(tmp_path_factory, subprocess_env):
     path = tmp_path_factory.mktemp("compiled") / "step.bin"
     argv = ["compile", "--topology", f"cpu:{DEVICES}", "--config", MICRO, "--batch_per_chip"]
     argv += ["1", "--config.loss.perceptual_weight=0.0", "--serialize", str(path)]
-    assert cli.main(argv) == 0
+    env = {**subprocess_env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # --serialize compiles, whatever the cache
+    done = subprocess.run(
+        [sys.executable, "-m", "reducio_jax", *argv],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "wrote the compiled step" in done.stdout
     return path
 
 
