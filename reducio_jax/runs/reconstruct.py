@@ -246,7 +246,7 @@ def reconstruct_file(
         note(f"planning memory for {info.width}x{info.height} frames (compiling) ...")
     plan = plan_memory(vae, info, opts, expected_output_frames(info, fps))  # before any output
     if opts.progress:
-        note(plan.describe())
+        note(f"{plan.describe()}; planned in {time.perf_counter() - began:.1f} s")
     report = DecodeReport()
     with video_file(output, fps, opts.crf) as writer:  # never a partial file left behind
         pipeline = _stream(vae, info, opts, plan, fps, writer, report)
