@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from reducio_jax.api import DEFAULT_OVERLAP, ReducioVAE
-from reducio_jax.config import frame_size
+from reducio_jax.config import derived, frame_size
 from reducio_jax.data import video_to_float
 from reducio_jax.data.video import (
     ClipSpec,
@@ -118,8 +118,9 @@ class VideoEncodeOptions(EncodeOptions):
 # -- options ----------------------------------------------------------------------------------
 
 
-def _check_options(opts: VideoEncodeOptions, window: int) -> VideoEncodeOptions:
-    """`opts` checked, with its memory size parsed (once, before the model loads)."""
+def _check_options(opts: VideoEncodeOptions, window: int, smallest: int) -> VideoEncodeOptions:
+    """`opts` checked (windows of `window` frames, frames of at least `smallest` px), with its
+    memory size parsed (once, before the model loads)."""
     if opts.data == "synthetic" or opts.data.startswith("tfds:"):
         raise InputError(
             f"--whole_videos reads video files; --data {opts.data} is not a folder, list file "
@@ -139,8 +140,10 @@ def _check_options(opts: VideoEncodeOptions, window: int) -> VideoEncodeOptions:
         raise InputError(f"--overlap: {err}") from None
     if opts.num_shards is not None and opts.num_shards <= 0:
         raise InputError(f"--num_shards {opts.num_shards} must be positive")
-    if opts.resolution is not None and min(frame_size(opts.resolution)) < 32:
-        raise InputError(f"--resolution {opts.resolution}: the model needs at least 32 px")
+    if opts.resolution is not None and min(frame_size(opts.resolution)) < smallest:
+        raise InputError(
+            f"--resolution {opts.resolution}: the model needs at least {smallest} px"
+        )
     if opts.max_memory is None:
         return opts
     return dataclasses.replace(opts, max_memory=parse_size(opts.max_memory))
@@ -430,7 +433,8 @@ def encode_videos_to_store(opts: VideoEncodeOptions) -> dict[str, Any]:
     """Encodes every video of `opts.data` whole into `opts.out`; returns a summary."""
     began = time.perf_counter()
     model_cfg = resolve_config(opts.checkpoint, opts.config)  # bad checkpoint/config: fail first
-    opts = _check_options(opts, int(model_cfg.model.ddconfig.get("temp_res", 16)))
+    sizes = derived(model_cfg)
+    opts = _check_options(opts, sizes.num_frames, sizes.spatial_factor)
     listing = find_videos(opts.data)
     files = listing.videos
     n = clip_count(len(files), opts.num_clips)

@@ -421,7 +421,7 @@ def reconstruct_videos(opts: ReconstructOptions) -> dict[str, Any]:
     if skipped and not single:
         raise InputError(
             f"{len(skipped)} of {total} {what} could not be used (warnings above); "
-            f"the other {len(videos)} are in {opts.output}"
+            f"{len(videos)} written to {opts.output}"
         )
     return summary
 

@@ -134,7 +134,7 @@ def test_folder_names_every_file_it_does_not_take(ckpt, tmp_path, capsys):
     assert f"{src / 'notes.txt'}: not a video file this reads (.txt;" in named["notes.txt"][0]
     assert "no video stream" in named["voice.mp4"][0]
     assert not any(".DS_Store" in line for line in errors)
-    assert error.startswith("error: 4 of 5 files could not be used (warnings above); the other 1")
+    assert error.startswith("error: 4 of 5 files could not be used (warnings above); 1 written to")
     recon, fps = read_video(out / "clip.mp4")  # the one video was reconstructed
     assert recon.shape == (16, 32, 32, 3) and fps == 16
     assert sorted(p.name for p in out.rglob("*")) == ["clip.mp4"]
