@@ -7,6 +7,7 @@ open their readers lazily.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import numpy as np
@@ -14,7 +15,9 @@ import tensorflow_datasets as tfds
 
 from reducio_jax.data.errors import BadVideoError, DataError
 from reducio_jax.data.synthetic import synthetic_clip
-from reducio_jax.data.video import ClipSpec, decode_clip, list_videos, resize_and_crop
+from reducio_jax.data.video import ClipSpec, decode_clip, find_videos, resize_and_crop
+
+log = logging.getLogger(__name__)
 
 
 class ClipSource(Protocol):
@@ -31,8 +34,16 @@ class FolderSource:
     """Local video files (a folder searched recursively, or a list file), decoded by PyAV."""
 
     def __init__(self, path: str, spec: ClipSpec):
-        self.files = list_videos(path)
+        listing = find_videos(path)
+        self.files = listing.videos
         self.spec = spec
+        if listing.passed_over:  # named once, not passed over in silence
+            names = [f"{name} ({reason})" for name, reason in listing.passed_over]
+            more = f", and {len(names) - 3} more" if len(names) > 3 else ""
+            log.warning(
+                "%s: %d file(s) not read: %s%s",
+                path, len(names), "; ".join(names[:3]), more,
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.files)

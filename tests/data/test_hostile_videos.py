@@ -23,7 +23,7 @@ from data_video_helpers import frame_ids, write_video
 from reducio_jax.data import DataError, get_config, make_loader
 from reducio_jax.data.errors import BadVideoError
 from reducio_jax.data.sources import FolderSource
-from reducio_jax.data.video import ClipSpec, decode_clip
+from reducio_jax.data.video import ClipSpec, decode_clip, not_a_video_reason
 from reducio_jax.sharding import make_mesh
 
 SPEC = ClipSpec(num_frames=8, fps=16, height=32, width=32)
@@ -99,6 +99,17 @@ def test_fewer_frames_than_a_clip(tmp_path):
     _bad(_write(tmp_path / "short.mp4", 5), "too short: 5 of 8 frames")
 
 
+def test_a_folders_other_files_are_named_once(tmp_path, caplog):
+    write_video(tmp_path / "a.mp4", 8, 16)
+    (tmp_path / "notes.txt").write_text("not a video")
+    with caplog.at_level(logging.WARNING, logger="reducio_jax.data.sources"):
+        source = FolderSource(str(tmp_path), SPEC)
+    assert len(source) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: 1 file(s) not read: {tmp_path / 'notes.txt'} ({not_a_video_reason('notes.txt')})"
+    ]
+
+
 def test_file_disappears_between_listing_and_reading(tmp_path):
     write_video(tmp_path / "a.mp4", 8, 16)
     source = FolderSource(str(tmp_path), SPEC)
@@ -156,7 +167,7 @@ _PEAK = """
 import sys
 import av
 import jax
-from reducio_jax.data.video import ClipSpec, decode_clip
+from reducio_jax.data.video import ClipSpec, decode_clip, not_a_video_reason
 def status(key):  # bytes
     line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
     return int(line.split()[1]) * 1024
