@@ -9,6 +9,10 @@ from reducio_jax.models.tiling import TileConfig
 from reducio_jax.programs.budget import gib
 
 HEADROOM = 0.15  # fraction of a call's bytes added for what the analysis does not count
+# Bytes a call takes whatever its program: the runtime's threads and per-call allocations. The
+# 15% alone left ft4 at 64 px (0.24 GiB of temporaries) 11% under its measured run
+# (benchmarks/RESULTS.md, "Memory per clip").
+FIXED = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +44,9 @@ class Footprint:
     def need(self, resident: int) -> int:
         """Bytes a call adds to a process already holding `resident` bytes of parameters: the
         program's less the parameters among its arguments (at most `resident`), one host copy
-        of its output, and `HEADROOM`."""
+        of its output, `HEADROOM` and `FIXED`."""
         held = min(resident, self.argument - self.inputs)
-        return int((self.total - held + self.output) * (1 + HEADROOM))
+        return int((self.total - held + self.output) * (1 + HEADROOM)) + FIXED
 
 
 @dataclasses.dataclass(frozen=True)
