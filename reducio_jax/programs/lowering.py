@@ -16,6 +16,7 @@ planner's and the `compile` command's). Lowering for the CPU sets the CPU alloca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from flax import nnx
 from reducio_jax.config import Derived
 from reducio_jax.models import VideoVAE, latent_layer_norm
 from reducio_jax.models.convolution import target_platform
+from reducio_jax.models.layers import forward_only
 from reducio_jax.models.posterior import DiagonalGaussian
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.programs import allocator
@@ -69,11 +71,20 @@ _FUNCTIONS = {
 
 
 def _jitted(fn):
-    """jit over (graphdef, state, *args): a pure function, so it also nests in a user's jax.jit."""
+    """jit over (graphdef, state, *args): a pure function, so it also nests in a user's jax.jit
+    (and their `jax.grad`, which keeps the model's remat). `forward: True` traces it without
+    remat (`layers.forward_only`): the executables `lower` makes are never differentiated."""
 
-    @functools.partial(jax.jit, static_argnames=("graphdef", "tiles"))
-    def run(graphdef: nnx.GraphDef, state: nnx.State, *args, tiles: TileConfig | None):
-        return fn(nnx.merge(graphdef, state), *args, tiles)
+    @functools.partial(jax.jit, static_argnames=("graphdef", "tiles", "forward"))
+    def run(
+        graphdef: nnx.GraphDef,
+        state: nnx.State,
+        *args,
+        tiles: TileConfig | None,
+        forward: bool = False,
+    ):
+        with forward_only() if forward else contextlib.nullcontext():
+            return fn(nnx.merge(graphdef, state), *args, tiles)
 
     return run
 
@@ -103,7 +114,7 @@ def lower(
     if target_platform() == "cpu":
         allocator.reuse_freed_memory()  # once: the CPU programs' buffers (allocator.py)
     jit = _jitted(_FUNCTIONS[op]) if fresh else JITS[op]
-    return jit.lower(graphdef, state, *inputs, tiles=tiles)
+    return jit.lower(graphdef, state, *inputs, tiles=tiles, forward=True)
 
 
 # XLA:CPU's schedulers: "default" runs independent pieces side by side (faster), "memory" orders

@@ -5,11 +5,14 @@ rejected and its probes are not kept, and inside a user's `jax.jit` the op's jit
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from configs import tiny
 from reducio_jax import ReducioVAE
+from reducio_jax.programs import lowering
 from reducio_jax.programs.budget import RESERVE, process_status
 from reducio_jax.programs.compiled import input_key
 
@@ -63,3 +66,30 @@ def test_inside_a_users_jit_the_ops_jit_is_used(vae):
     inside = jax.jit(lambda v: vae.reconstruct(v))(video)
     assert jnp.allclose(inside, outside, atol=1e-5)
     assert vae.programs.compiles == 1  # the jit compiled its own program, not an executable
+
+
+def test_the_kept_programs_are_traced_without_remat_a_users_grad_keeps_it(vae):
+    """The model recomputes its blocks in a backward pass (`model.remat`, on in the released
+    configs); the executables the methods keep have no backward pass, so they are traced
+    without it (cheaper to lower, the same program). A user's `jax.grad` through the op's jit
+    keeps it."""
+    assert vae.config.model.remat
+    graphdef, state = nnx.split(vae.model)
+    video = _video()
+
+    def primitives(forward: bool) -> set[str]:
+        traced = lowering.JITS["encode"].trace(graphdef, state, video, tiles=None, forward=forward)
+        return {str(eqn.primitive) for eqn in _equations(traced.jaxpr.jaxpr)}
+
+    remat = "remat2"  # jax.checkpoint's primitive
+    assert remat in primitives(False) and remat not in primitives(True)
+    grad = jax.grad(lambda v: jnp.sum(vae.encode(v).mean))(video)  # through the op's jit
+    assert grad.shape == video.shape and bool(jnp.all(jnp.isfinite(grad)))
+
+
+def _equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs inside it."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
