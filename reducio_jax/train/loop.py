@@ -177,11 +177,10 @@ def compiled_step(
 ) -> tuple[Any, float | None, str]:
     """(compiled train step, its FLOPs per device, program key): loaded from
     `train.compiled_step` when it names a file, else compiled once per process."""
-    lpips = nets.lpips is not None
-    key = program_key(cfg, weights, mesh, lpips)
+    identity = step_identity(cfg, weights, mesh, nets.lpips is not None)
+    key = program_key(identity, mesh)
     if cfg.train.get("compiled_step"):
         t0 = time.perf_counter()
-        identity = step_identity(cfg, weights, mesh, lpips)
         compiled = serialized.read(cfg.train.compiled_step, identity, list(mesh.devices.flat))
         log.info(
             "Loaded the train step from %s in %.1f s.",
@@ -213,11 +212,10 @@ def step_identity(
     return {"config": d, "loss_weights": repr(w), "mesh": dict(mesh.shape), "lpips": lpips}
 
 
-def program_key(
-    cfg: ml_collections.ConfigDict, w: losses.LossWeights, mesh: Mesh, lpips: bool
-) -> str:
+def program_key(identity: dict[str, Any], mesh: Mesh) -> str:
+    """The step's key in this process: its identity on these devices."""
     devices = [int(x.id) for x in np.asarray(mesh.devices).reshape(-1)]
-    return json.dumps([step_identity(cfg, w, mesh, lpips), devices], sort_keys=True)
+    return json.dumps([identity, devices], sort_keys=True)
 
 
 def cached(name: str, program: str, make: Callable[[], Any]) -> Any:
@@ -342,9 +340,8 @@ class Trainer:
             )
             self.monitor = Monitor(
                 self.workdir, enabled=jax.process_index() == 0,
-                device_kind=jax.devices()[0].device_kind,
+                device_kind=jax.devices()[0].device_kind, flops_per_step=flops_per_step,
             )  # fmt: skip
-            self.monitor.flops_per_step = flops_per_step
         except BaseException:
             self.ckpt.close()  # lets Orbax's background clean-up finish before the process exits
             raise

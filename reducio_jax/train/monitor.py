@@ -89,11 +89,13 @@ def side_by_side(clip: np.ndarray, recon: np.ndarray) -> np.ndarray:
 class Monitor:
     """Writers of one run (no-ops on processes other than 0)."""
 
-    def __init__(self, workdir: Path, *, enabled: bool, device_kind: str):
+    def __init__(
+        self, workdir: Path, *, enabled: bool, device_kind: str, flops_per_step: float | None
+    ):
         self.enabled = enabled
         self.workdir = workdir
         self.device_kind = device_kind
-        self.flops_per_step: float | None = None
+        self.flops_per_step = flops_per_step  # of the compiled step (MFU), None: unknown
         self.writer = None
         if enabled:
             from tensorboardX import SummaryWriter
