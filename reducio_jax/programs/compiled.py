@@ -21,11 +21,13 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 
 from reducio_jax.models import VideoVAE
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.programs import allocator, lowering
 from reducio_jax.programs.footprint import Footprint
+from reducio_jax.sharding import batch_sharding
 
 Key = tuple  # (op, tiles, input tree, ((shape, dtype, placement), ...), state placement)
 
@@ -42,6 +44,11 @@ def _placement(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding 
     if len(devices) == 1 and next(iter(devices)) == jax.devices()[0]:
         return None
     return sharding
+
+
+def _on_cpu(mesh: Mesh | None) -> bool:
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    return device.platform == "cpu"
 
 
 def input_key(op: str, tiles: TileConfig | None, inputs: Any, state: Any = None) -> Key:
@@ -116,46 +123,58 @@ class Programs:
         frame: tuple[int, int],
         tiles: TileConfig | None,
         *,
+        mesh: Mesh | None = None,
         keep: bool = True,
         schedule: str = "default",
     ) -> Footprint:
         """XLA's memory analysis of `op`'s program for `batch` windows of `frame` (multiples
-        of 32) px on one device in `schedule`, compiled once per shape. `keep=False` (and
-        any schedule but the default, which is the one that runs): a probe, compiled through
-        a jit of its own and dropped (nothing of it stays in memory)."""
-        measured = (op, batch, frame, tiles) + (() if schedule == "default" else (schedule,))
+        of 32) px in `schedule`, compiled once per shape: on one device, or split over the
+        devices of `mesh` (the batch a multiple of them; the figures are a device's). The
+        model's state must be where the run has it (on the mesh). `keep=False` (and any
+        schedule but the default, which is the one that runs): a probe, compiled through a
+        jit of its own and dropped (nothing of it stays in memory)."""
+        devices = 1 if mesh is None else mesh.devices.size
+        mesh = mesh if devices > 1 else None
+        measured = (op, batch, frame, tiles) + (() if mesh is None else (mesh,))
+        measured += () if schedule == "default" else (schedule,)
         if measured in self._footprints:
             return self._footprints[measured]
         graphdef, state = nnx.split(self.model)
-        inputs = self.window_inputs(op, batch, frame)
+        inputs = self.window_inputs(op, batch, frame, mesh)
         keep = keep and schedule == "default"
         key = input_key(op, tiles, inputs, state)
         executable = self._executables.get(key) if schedule == "default" else None
         if executable is None:
             lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
             executable = self._compile(lowered, key if keep else None, schedule)
-        footprint = Footprint.of(executable, lowering.input_bytes(inputs))
+        shared = devices if _on_cpu(mesh) else 1  # devices whose buffers share one memory
+        footprint = Footprint.of(executable, lowering.input_bytes(inputs) // devices, shared)
         self._footprints[measured] = footprint
         return footprint
 
-    def window_inputs(self, op: str, batch: int, frame: tuple[int, int]) -> tuple:
-        """The abstract inputs of `op` for `batch` windows of `frame` px on one device."""
-        return lowering.window_inputs(op, self.model.sizes, batch, frame)
+    def window_inputs(
+        self, op: str, batch: int, frame: tuple[int, int], mesh: Mesh | None = None
+    ) -> tuple:
+        """The abstract inputs of `op` for `batch` windows of `frame` px on one device, or
+        split over the devices of `mesh` as the commands split them (`batch_sharding`)."""
+        single = mesh is None or mesh.devices.size == 1
+        sharding = None if single else batch_sharding(mesh)
+        return lowering.window_inputs(op, self.model.sizes, batch, frame, sharding=sharding)
 
     def measured(self) -> list[tuple]:
-        """(op, batch, frame, tiles) of every program measured so far (and the schedule
-        where it is not the default)."""
+        """(op, batch, frame, tiles) of every program measured so far (and the mesh and
+        the schedule where they are not the defaults)."""
         return list(self._footprints)
 
     @contextlib.contextmanager
     def candidates(self) -> Iterator[Callable[[str, int, tuple[int, int], Any], None]]:
         """Executables compiled inside are candidates: at the end only those passed to the
-        yielded `keep(op, batch, frame, tiles)` stay."""
+        yielded `keep(op, batch, frame, tiles, mesh=None)` stay."""
         outer, self._new = self._new, []
         kept: set[Key] = set()
 
-        def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any) -> None:
-            inputs = self.window_inputs(op, batch, frame)
+        def keep(op: str, batch: int, frame: tuple[int, int], tiles: Any, mesh=None) -> None:
+            inputs = self.window_inputs(op, batch, frame, mesh)
             kept.add(input_key(op, tiles, inputs, nnx.state(self.model)))
 
         try:

@@ -24,9 +24,13 @@ class Footprint:
     temp: int
     alias: int = 0
     inputs: int = 0  # bytes of the arguments that are not parameters (the video, the latent)
+    devices: int = 1  # devices running the program (all its figures are one's) in one memory
 
     @classmethod
-    def of(cls, compiled, inputs: int = 0) -> Footprint:
+    def of(cls, compiled, inputs: int = 0, devices: int = 1) -> Footprint:
+        """`compiled`'s memory analysis (a device's, for a program split over a mesh); `inputs`:
+        a device's bytes of them; `devices`: how many devices hold such buffers in the memory
+        planned for (a CPU mesh's devices all live in the host's)."""
         m = compiled.memory_analysis()
         return cls(
             int(m.argument_size_in_bytes),
@@ -34,6 +38,7 @@ class Footprint:
             int(m.temp_size_in_bytes),
             int(m.alias_size_in_bytes),
             inputs,
+            devices,
         )
 
     @property
@@ -42,11 +47,11 @@ class Footprint:
         return self.argument + self.output + self.temp - self.alias
 
     def need(self, resident: int) -> int:
-        """Bytes a call adds to a process already holding `resident` bytes of parameters: the
-        program's less the parameters among its arguments (at most `resident`), one host copy
-        of its output, `HEADROOM` and `FIXED`."""
+        """Bytes a call adds to a process already holding `resident` bytes of parameters (a
+        copy on each device): the program's less the parameters among its arguments (at most
+        `resident`), one host copy of its output, `HEADROOM`, times `devices`, and `FIXED`."""
         held = min(resident, self.argument - self.inputs)
-        return int((self.total - held + self.output) * (1 + HEADROOM)) + FIXED
+        return int((self.total - held + self.output) * (1 + HEADROOM)) * self.devices + FIXED
 
 
 @dataclasses.dataclass(frozen=True)

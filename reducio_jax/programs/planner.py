@@ -100,22 +100,40 @@ class Request:
     tiles: TileConfig | None
     fallback: TileConfig
     estimate: bool = True
+    mesh: Mesh | None = None  # the windows split over its devices (None: one device)
 
     @classmethod
-    def of(cls, programs: Programs, op: str, frame, available, cap: int) -> Request:
-        return cls(programs, op, frame, available, cap, programs.tiles, programs.fallback)
+    def of(
+        cls, programs: Programs, op: str, frame, available, cap: int, mesh: Mesh | None = None
+    ) -> Request:
+        tiles, fallback = programs.tiles, programs.fallback
+        return cls(programs, op, frame, available, cap, tiles, fallback, mesh=mesh)
 
     @property
     def resident(self) -> int:
         return self.programs.resident
 
+    @property
+    def devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.devices.size
+
     def measure(self, batch: int, tiles: TileConfig | None) -> Footprint:
-        """The footprint of `batch` windows with `tiles` (its executable kept for the run)."""
-        return self.programs.footprint(self.op, batch, self.frame, tiles)
+        """The footprint of `batch` windows a device with `tiles`: the program of `batch` times
+        the mesh's devices windows split over them, the one that runs (its executable kept)."""
+        return self.programs.footprint(
+            self.op, batch * self.devices, self.frame, tiles, mesh=self.mesh
+        )
 
     def probe(self, frame: tuple[int, int]) -> Footprint:
-        """One untiled window of another frame size, only measured."""
-        return self.programs.footprint(self.op, 1, frame, None, keep=False)
+        """One untiled window a device of another frame size, only measured."""
+        return self.programs.footprint(
+            self.op, self.devices, frame, None, keep=False, mesh=self.mesh
+        )
+
+    @property
+    def each(self) -> str:
+        """What a message adds to "one window" on a mesh."""
+        return "" if self.devices == 1 else f" on each of {self.devices} devices"
 
 
 def padded_frame(programs: Programs, height: int, width: int) -> tuple[int, int]:
@@ -131,20 +149,24 @@ def plan_memory(
     op: str = "reconstruct",
     max_memory: MaxMemory = None,
     cap: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Plan:
-    """The window batch (<= `cap`, default 1 on the CPU, 16 on accelerators) and tiling for
-    `op` of HxW frames (padded to the model's multiple), from the compiled program's memory
-    analysis and the memory available (`max_memory`: for the whole process instead). Of the
-    programs compiled to choose, only the chosen one's executable is kept. Raises
-    `OutOfMemory` when one tile of one window does not fit."""
+    """The window batch (<= `cap` a device, default 1 on the CPU, 16 on accelerators) and
+    tiling for `op` of HxW frames (padded to the model's multiple), from the compiled program's
+    memory analysis and the memory available (`max_memory`: for the whole process instead).
+    With a `mesh`, the programs measured are those of the windows split over its devices (the
+    plan's window batch is the whole call's, a multiple of them). Of the programs compiled to
+    choose, only the chosen one's executable is kept: it is the one the run calls. Raises
+    `OutOfMemory` when one tile of one window (a device) does not fit."""
     frame = padded_frame(programs, height, width)
-    request = Request.of(programs, op, frame, budget(max_memory), cap or default_cap())
+    request = Request.of(programs, op, frame, budget(max_memory), cap or default_cap(), mesh)
     with programs.candidates() as keep:
         plan = plan_windows_batch(request)
         if max_memory is None:  # (a figure of the user's is not the machine's)
             allocator.release_freed_memory()  # what the planner's compiles freed
             plan = replan_if_short(plan, request, available_memory(address_space=False))
-        keep(op, plan.window_batch, plan.frame, plan.tiles)
+        plan = dataclasses.replace(plan, window_batch=plan.window_batch * request.devices)
+        keep(op, plan.window_batch, plan.frame, plan.tiles, mesh)
     return plan
 
 
@@ -160,62 +182,43 @@ def plan_batch(
     count: int | None = None,
     flag: str = "--window_batch",
 ) -> Plan:
-    """The global batch (windows or clips a call, a positive multiple of the devices of `mesh`)
-    and tiling for `op` on HxW frames: "auto" as many as fit in memory (at most `count`, the
-    most the data has), or the fixed `batch` checked to fit. `OutOfMemory` (one line, an
-    `InputError`) when it does not, or not even one tile of one window fits.
-
-    The devices of a CPU mesh share the host's memory, so a batch of B needs B windows there;
-    an accelerator holds its B / n windows in its own memory."""
+    """The global batch (windows or clips a call, a positive multiple of the devices of `mesh`,
+    split over them) and tiling for `op` on HxW frames: "auto" as many as fit in memory (at
+    most `count`, the most the data has), or the fixed `batch` checked to fit. `OutOfMemory`
+    (one line, an `InputError`) when it does not, or not even one tile of one window a device
+    fits. The programs measured are the mesh's (the devices of a CPU mesh share the host's
+    memory, `Footprint.devices`), so the one chosen is the one that runs."""
     check_batch(mesh, batch, flag)
     n = 1 if mesh is None else mesh.devices.size
-    shared = n if _host_memory(mesh) else 1  # devices whose windows live in one memory
-    per = n // shared  # global batch = windows in one memory * per
     if batch != "auto":
-        return _fixed_batch(programs, height, width, op, int(batch), per, max_memory, flag)
-    cap = default_cap() if count is None else min(default_cap(), -(-count // per))
-    plan = plan_memory(programs, height, width, op=op, max_memory=max_memory, cap=max(shared, cap))
-    local = max(shared, plan.window_batch // shared * shared)  # a whole batch per device
-    if local != plan.window_batch:
-        need = programs.footprint(op, local, plan.frame, plan.tiles).need(plan.resident)
-        if need > plan.available:
-            raise OutOfMemory(
-                f"not enough memory: {local} windows a call (one per device) need "
-                f"{gib(need)} and {plan.source} leaves {gib(plan.available)}; "
-                f"{plan.window_batch} would fit: use --devices {plan.window_batch}"
-            )
-        plan = dataclasses.replace(plan, window_batch=local, need=need)
-    return dataclasses.replace(plan, window_batch=local * per)
+        return _fixed_batch(programs, mesh, height, width, op, int(batch) // n, max_memory, flag)
+    cap = default_cap() if count is None else min(default_cap(), -(-count // n))
+    return plan_memory(programs, height, width, op=op, max_memory=max_memory, cap=cap, mesh=mesh)
 
 
-def _fixed_batch(programs, height, width, op, batch, per, max_memory, flag) -> Plan:
-    """A fixed global `batch`: its program with the config's tiling must fit (or, at one
-    window in a memory, the planner's tiling)."""
-    local = batch // per
-    plan = plan_memory(programs, height, width, op=op, max_memory=max_memory, cap=local)
-    if plan.window_batch != local:  # (the planner's linear estimate may have stopped short)
-        need = programs.footprint(op, local, plan.frame, programs.tiles).need(plan.resident)
+def _fixed_batch(programs, mesh, height, width, op, local, max_memory, flag) -> Plan:
+    """`local` windows a device: its program with the config's tiling must fit (or, at one
+    window a device, the planner's tiling)."""
+    n = 1 if mesh is None else mesh.devices.size
+    plan = plan_memory(programs, height, width, op=op, max_memory=max_memory, cap=local, mesh=mesh)
+    if plan.window_batch != local * n:  # (the planner's linear estimate may have stopped short)
+        request = Request.of(programs, op, plan.frame, plan.available, local, mesh)
+        need = request.measure(local, programs.tiles).need(plan.resident)
         if need > plan.available:
-            where = "" if per == 1 else " per device"
+            where = "" if n == 1 else f" ({local} a device)"
             raise OutOfMemory(
-                f"{flag} {batch} needs {gib(need)}{where} and {plan.source} leaves "
+                f"{flag} {local * n}{where} needs {gib(need)} and {plan.source} leaves "
                 f"{gib(plan.available)}; leave {flag} out to choose it from memory"
             )
-        plan = dataclasses.replace(plan, window_batch=local, tiles=programs.tiles, need=need)
-    return dataclasses.replace(plan, window_batch=batch)
-
-
-def _host_memory(mesh: Mesh | None) -> bool:
-    """Whether the mesh's devices share one memory (CPU devices: the host's RAM)."""
-    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-    return device.platform == "cpu"
+        plan = dataclasses.replace(plan, window_batch=local * n, tiles=programs.tiles, need=need)
+    return plan
 
 
 # -- the choice -----------------------------------------------------------------------------------
 
 
 def plan_windows_batch(req: Request) -> Plan:
-    """The largest window batch <= `cap` whose program fits `available`; when one window does
+    """The largest window batch (a device) <= `cap` whose program fits `available`; when one window does
     not fit, tiled one tile a step; `OutOfMemory` when one tile does not fit. (XLA:CPU's
     memory-minded schedule, once a step between the two, needs more than the default schedule
     since the convolutions run in chunks: benchmarks/RESULTS.md, "Memory per clip".)"""
@@ -276,7 +279,7 @@ def _tiled_plan(req: Request, untiled: int, estimated: bool = False) -> Plan:
     sizes = [t for t in tile_sizes(req.tiles or req.fallback) if t.applies_to(*req.frame)]
     if not sizes:
         raise OutOfMemory(
-            f"not enough memory: one {req.frame[0]}x{req.frame[1]} window needs "
+            f"not enough memory: one {req.frame[0]}x{req.frame[1]} window{req.each} needs "
             f"{about}{gib(untiled)} and {source} leaves {gib(room)}"
         )
     for tiles in sizes:
@@ -287,7 +290,7 @@ def _tiled_plan(req: Request, untiled: int, estimated: bool = False) -> Plan:
         if need <= room:
             return Plan(1, tiles, need, room, source, req.frame, req.resident)
     raise OutOfMemory(
-        f"not enough memory: one {tiles.sample_window} px tile of one window needs "
+        f"not enough memory: one {tiles.sample_window} px tile of one window{req.each} needs "
         f"{gib(need)} and {source} leaves {gib(room)} (a whole "
         f"{req.frame[0]}x{req.frame[1]} window: {about}{gib(untiled)})"
     )

@@ -179,22 +179,22 @@ def test_decode_cli_writes_original_length_and_size(encoded, ckpt, tmp_path, cap
         assert _read(path).shape == (length, HEIGHT, WIDTH, 3)
 
 
-def test_decode_batch_from_memory(encoded, ckpt, vae, tmp_path, capsys):
-    """By default the windows a call come from the decoder's memory analysis for the stored
-    frame size, a multiple of the 2 devices (3 windows fit, 2 are taken); a budget under one
-    window fails before any file is written."""
+def test_decode_batch_from_memory(encoded, ckpt, vae, mesh, tmp_path, capsys):
+    """By default the windows a call come from the memory analysis of the decoder split over
+    the 2 devices for the stored frame size (one window a device on the CPU); a budget under
+    one window a device fails before any file is written."""
     args = ["decode", "--store", str(encoded[0]), "--checkpoint", str(ckpt), "--devices", "2"]
     out = tmp_path / "decoded"
     assert main([*args, "--out", str(out), "--num_clips", "1", "--noprogress"]) == 0
     resident = sum(x.nbytes for x in jax.tree.leaves(nnx.state(vae.model)))
-    need = vae.footprint("decode", 2, (32, 64), None).need(resident)
+    need = vae.programs.footprint("decode", 2, (32, 64), None, mesh=mesh).need(resident)
     memory = {"size": [32, 40], "window_batch": 2, "tiled": False, "memory_per_call": need}
     assert _summary(capsys)["memory"] == [memory]
     assert _read(out / "000001_1_long.mp4").shape == (40, HEIGHT, WIDTH, 3)
     small = tmp_path / "small"
     assert main([*args, "--out", str(small), "--max_memory", "1MB", "--noprogress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error: not enough memory: one 32x64 window needs" in err[0], err
+    assert len(err) == 1 and "not enough memory: one 32x64 window on each of 2 devices needs" in err[0], err
     assert not small.exists()
 
 

@@ -28,6 +28,7 @@ from configs import tiny
 from reducio_jax import ReducioVAE
 from reducio_jax.errors import InputError
 from reducio_jax.latents import LatentStore
+from reducio_jax.latents.videos import encode_windows
 from reducio_jax.models.tiling import TileConfig
 from reducio_jax.programs.budget import RESERVE, gib, parse_size, process_status
 from reducio_jax.programs.planner import (
@@ -40,7 +41,7 @@ from reducio_jax.programs.planner import (
     replan_if_short,
     untiled_estimate,
 )
-from reducio_jax.runs.runtime import local_mesh
+from reducio_jax.runs.runtime import load_vae, local_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -175,16 +176,27 @@ def test_a_program_holds_only_the_parameters_it_takes(vae):
     assert footprint.need(resident(vae)) == footprint.need(footprint.argument - video) > 0
 
 
-def test_batch_on_a_mesh_of_cpu_devices(vae):
-    """CPU devices share the host's memory: a batch is a multiple of the devices, rounded down
-    from what fits; when one window per device does not fit, it fails."""
+def test_batch_on_a_mesh_of_cpu_devices(ckpt):
+    """On a mesh the planner measures the program of the windows split over its devices, the
+    one the run then calls (no second compile); CPU devices share the host's memory, so a
+    call needs every device's share; when one window a device does not fit, it fails."""
     mesh = local_mesh(2)
-    need = {b: vae.footprint("encode", b, (64, 64), None).need(resident(vae)) for b in (1, 2, 3)}
-    plan = plan_batch(vae.programs, mesh, 64, 64, op="encode", count=3)  # 3 fit (RAM), 2 is the multiple
-    assert plan.window_batch == 2 and plan.need == need[2]
-    leaves = (need[1] + need[2]) // 2  # one window fits, two do not
-    with pytest.raises(OutOfMemory, match=f"2 windows a call .one per device. need {gib(need[2])}"):
-        plan_batch(vae.programs, mesh, 64, 64, op="encode", max_memory=process_status("VmRSS") + RESERVE + leaves)
+    vae = load_vae(ckpt, TINY, mesh)
+    held = resident(vae)
+    split = {b: vae.programs.footprint("encode", b, (64, 64), None, mesh=mesh) for b in (2, 4)}
+    video = 16 * 64 * 64 * 3 * 4  # one window's float32 bytes
+    assert split[2].inputs == video and split[2].devices == 2  # a device's window, two devices
+    plan = plan_batch(vae.programs, mesh, 64, 64, op="encode", count=3)  # 1 a device on the CPU
+    assert plan.window_batch == 2 and plan.need == split[2].need(held)
+    compiles = vae.programs.compiles
+    windows = pattern(16, 64, 64)[None].repeat(2, axis=0)  # (2, T, H, W, 3) uint8
+    encode_windows(vae, windows, mesh, plan.window_batch, plan)
+    assert vae.programs.compiles == compiles  # the planner's executable ran
+    fixed = plan_batch(vae.programs, mesh, 64, 64, op="encode", batch=4, flag="--batch_size")
+    assert fixed.window_batch == 4 and fixed.need == split[4].need(held)
+    room = process_status("VmRSS") + RESERVE + split[2].need(held) // 2
+    with pytest.raises(OutOfMemory, match="one 64x64 window on each of 2 devices needs"):
+        plan_batch(vae.programs, mesh, 64, 64, op="encode", max_memory=room)
     with pytest.raises(InputError, match="--batch_size 3 must be a positive multiple of the 2"):
         plan_batch(vae.programs, mesh, 64, 64, op="decode", batch=3, flag="--batch_size")
 
