@@ -165,7 +165,7 @@ def test_tile_batch_bounds_a_tiled_program():
 
     cfg = load_config("configs/tiny.py")
     cfg.model.use_tiling, cfg.model.tile_sample_min_size = True, 32
-    cfg.data.resolution, cfg.data.batch_size, cfg.mesh.shape = 96, 1, {"data": 1}
+    cfg.data.resolution, cfg.data.batch_size, cfg.mesh.shape = 64, 1, {"data": 1}  # 2x2 tiles
     mesh = make_mesh(cfg.mesh, jax.devices("cpu")[:1])
     temps = {
         n: sizing._lower_inference(cfg, mesh, "reconstruct", n).compile().memory_analysis()
