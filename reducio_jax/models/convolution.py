@@ -179,49 +179,14 @@ def _conv_forms(
     ):
         return plain()
     kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-    strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
+    strides, pads = tuple(window_strides), [tuple(p) for p in padding]
+    c_in, c_out = rhs.shape[-2], rhs.shape[-1]
     if lhs.ndim == 4:  # 2D: only a small frame with a big kernel leaves XLA's convolution
         x, w, strides_3d, pads_3d = lhs[:, None], rhs[None], (1, *strides), [(0, 0), *pads]
         small_frame = _frame_positions(x.shape, w.shape, strides_3d, pads_3d) <= SMALL_FRAME
-        if small_frame and rhs.shape[-2] * rhs.shape[-1] >= BIG_KERNEL:
+        if small_frame and c_in * c_out >= BIG_KERNEL:
             return patches_matmul(x, w, strides_3d, pads_3d, **kw)[:, 0]
         return plain()
-    return _cpu_forms(
-        lhs,
-        rhs,
-        strides=strides,
-        pads=pads,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-        tunables=_tunables(),
-    )
-
-
-def _tunables() -> tuple[int, ...]:
-    """The module's thresholds and byte budgets as they are now: part of `_cpu_forms`' cache
-    key, so a changed one traces anew."""
-    return tuple(globals()[name] for name in _TUNABLES)
-
-
-_TUNABLES = (
-    "FEW_CHANNELS", "NARROW_CHANNELS", "NARROW_MIN_POSITIONS", "SMALL_FRAME", "BIG_KERNEL",
-    "WINOGRAD_MIN_FRAME_SIZE", "WINOGRAD_MIN_CHANNELS_IN", "WINOGRAD_MIN_CHANNELS_OUT",
-    "WINOGRAD_TILE", "CHUNK_BYTES", "WINOGRAD_BAND_BYTES", "OUTPUT_TAPS_BAND_BYTES",
-)  # fmt: skip
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("strides", "pads", "precision", "preferred_element_type", "tunables"),
-)
-def _cpu_forms(lhs, rhs, *, strides, pads, precision, preferred_element_type, tunables):
-    """The CPU form of one channels-last 3D convolution, as a function of its own: a program
-    traces (and lowers) it once per shape and options, however many layers share them (the
-    tiny model's 256 px reconstruction: 80 convolutions, 40 shapes), and XLA inlines the calls
-    before optimising, so the compiled program is the same."""
-    del tunables  # only the cache key: the forms read the module's values
-    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-    c_in, c_out = rhs.shape[-2], rhs.shape[-1]
     if rhs.shape[:3] == (1, 1, 1) and all(s == 1 for s in strides) and not any(map(any, pads)):
         return lax.dot_general(lhs, rhs[0, 0, 0], (((4,), (0,)), ((), ())), **kw)
     small_frame = _frame_positions(lhs.shape, rhs.shape, strides, pads) <= SMALL_FRAME
