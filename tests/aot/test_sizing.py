@@ -163,9 +163,9 @@ def test_tile_batch_bounds_a_tiled_program():
     host's CPU, which needs no libtpu)."""
     from reducio_jax.sharding import make_mesh
 
-    cfg = load_config("configs/tiny.py")
-    cfg.model.use_tiling, cfg.model.tile_sample_min_size = True, 32
-    cfg.data.resolution, cfg.data.batch_size, cfg.mesh.shape = 64, 1, {"data": 1}  # 2x2 tiles
+    cfg = load_config(MICRO)  # the cut-down model: a quarter of the tiny one's compile
+    cfg.model.use_tiling, cfg.model.tile_sample_min_size = True, 16
+    cfg.data.resolution, cfg.data.batch_size, cfg.mesh.shape = 32, 1, {"data": 1}  # 2x2 tiles
     mesh = make_mesh(cfg.mesh, jax.devices("cpu")[:1])
     temps = {
         n: sizing._lower_inference(cfg, mesh, "reconstruct", n).compile().memory_analysis()
