@@ -46,6 +46,11 @@ def _placement(sharding: jax.sharding.Sharding | None) -> jax.sharding.Sharding 
     return sharding
 
 
+def mesh_devices(mesh: Mesh | None) -> int:
+    """The devices a program is split over (None: one)."""
+    return 1 if mesh is None else mesh.devices.size
+
+
 def _on_cpu(mesh: Mesh | None) -> bool:
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     return device.platform == "cpu"
@@ -133,7 +138,7 @@ class Programs:
         model's state must be where the run has it (on the mesh). `keep=False` (and any
         schedule but the default, which is the one that runs): a probe, compiled through a
         jit of its own and dropped (nothing of it stays in memory)."""
-        devices = 1 if mesh is None else mesh.devices.size
+        devices = mesh_devices(mesh)
         mesh = mesh if devices > 1 else None
         measured = (op, batch, frame, tiles) + (() if mesh is None else (mesh,))
         measured += () if schedule == "default" else (schedule,)
@@ -157,8 +162,7 @@ class Programs:
     ) -> tuple:
         """The abstract inputs of `op` for `batch` windows of `frame` px on one device, or
         split over the devices of `mesh` as the commands split them (`batch_sharding`)."""
-        single = mesh is None or mesh.devices.size == 1
-        sharding = None if single else batch_sharding(mesh)
+        sharding = None if mesh_devices(mesh) == 1 else batch_sharding(mesh)
         return lowering.window_inputs(op, self.model.sizes, batch, frame, sharding=sharding)
 
     def measured(self) -> list[tuple]:

@@ -42,7 +42,7 @@ from reducio_jax.models.tiling import TileConfig
 from reducio_jax.models.windows import pad_size
 from reducio_jax.programs import allocator
 from reducio_jax.programs.budget import MaxMemory, available_memory, budget, gib
-from reducio_jax.programs.compiled import Programs
+from reducio_jax.programs.compiled import Programs, mesh_devices
 from reducio_jax.programs.footprint import Footprint, Plan
 
 # One window a call on the CPU: more buy no speed there, and XLA:CPU's compile of a batched
@@ -75,7 +75,7 @@ def parse_window_batch(value: int | str | None, flag: str = "--window_batch") ->
 
 def check_batch(mesh: Mesh | None, batch: int | str, flag: str) -> None:
     """`batch` is "auto" or a positive multiple of the mesh's devices (InputError if not)."""
-    n = 1 if mesh is None else mesh.devices.size
+    n = mesh_devices(mesh)
     batch = parse_window_batch(batch, flag)
     if batch != "auto" and (batch is None or batch % n):
         raise InputError(f"{flag} {batch} must be a positive multiple of the {n} device(s)")
@@ -88,7 +88,7 @@ def default_cap(device: jax.Device | None = None) -> int:
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What to plan for: `op` of the model's `programs` on (padded) `frame`s, the memory
-    `available`, the largest batch worth having (`cap`), the config's `tiles` (or None) and
+    `available`, the largest batch a device worth having (`cap`), the config's `tiles` (or None) and
     the `fallback` tiles for frames that do not fit untiled; `estimate`: a large frame's need
     is estimated from two small untiled programs before it is compiled whole."""
 
@@ -115,7 +115,7 @@ class Request:
 
     @property
     def devices(self) -> int:
-        return 1 if self.mesh is None else self.mesh.devices.size
+        return mesh_devices(self.mesh)
 
     def measure(self, batch: int, tiles: TileConfig | None) -> Footprint:
         """The footprint of `batch` windows a device with `tiles`: the program of `batch` times
@@ -189,7 +189,7 @@ def plan_batch(
     fits. The programs measured are the mesh's (the devices of a CPU mesh share the host's
     memory, `Footprint.devices`), so the one chosen is the one that runs."""
     check_batch(mesh, batch, flag)
-    n = 1 if mesh is None else mesh.devices.size
+    n = mesh_devices(mesh)
     if batch != "auto":
         return _fixed_batch(programs, mesh, height, width, op, int(batch) // n, max_memory, flag)
     cap = default_cap() if count is None else min(default_cap(), -(-count // n))
@@ -199,7 +199,7 @@ def plan_batch(
 def _fixed_batch(programs, mesh, height, width, op, local, max_memory, flag) -> Plan:
     """`local` windows a device: its program with the config's tiling must fit (or, at one
     window a device, the planner's tiling)."""
-    n = 1 if mesh is None else mesh.devices.size
+    n = mesh_devices(mesh)
     plan = plan_memory(programs, height, width, op=op, max_memory=max_memory, cap=local, mesh=mesh)
     if plan.window_batch != local * n:  # (the planner's linear estimate may have stopped short)
         request = Request.of(programs, op, plan.frame, plan.available, local, mesh)
@@ -218,8 +218,8 @@ def _fixed_batch(programs, mesh, height, width, op, local, max_memory, flag) -> 
 
 
 def plan_windows_batch(req: Request) -> Plan:
-    """The largest window batch (a device) <= `cap` whose program fits `available`; when one window does
-    not fit, tiled one tile a step; `OutOfMemory` when one tile does not fit. (XLA:CPU's
+    """The largest window batch (a device) <= `cap` whose program fits `available`; when one
+    window does not fit, tiled one tile a step; `OutOfMemory` when one tile does not fit. (XLA:CPU's
     memory-minded schedule, once a step between the two, needs more than the default schedule
     since the convolutions run in chunks: benchmarks/RESULTS.md, "Memory per clip".)"""
     resident, tiles, cap = req.resident, req.tiles, req.cap
