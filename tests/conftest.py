@@ -1,5 +1,6 @@
 """Test set-up: eight simulated CPU devices, one XLA compilation cache for the whole run, the
-parity fixtures directory, and how `pytest -n auto` (pytest-xdist) splits the suite.
+parity fixtures directory, the GCS server of the bucket tests, and how `pytest -n auto`
+(pytest-xdist) splits the suite.
 
 Most of the suite's time is XLA compiling (one CPU core each), so two workers run it in about
 half the time on two cores. Every process of a run (both workers and the CLI subprocesses the
@@ -29,6 +30,7 @@ import gc  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from gcs_server import GcsServer  # noqa: E402
 
 # The repository's own compact copy (tests/fixtures/README.md); REDUCIO_FIXTURES may point at the
 # full fixtures instead (the same files with every array whole).
@@ -46,6 +48,24 @@ def fixtures_dir() -> pathlib.Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"parity fixtures not found at {FIXTURES}; set REDUCIO_FIXTURES")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A started GCS emulator (tests/gcs_server.py); this process's clients point at it while
+    the session runs."""
+    server = GcsServer(tmp_path_factory.mktemp("gcs"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.client_env()}
+    os.environ.update(server.client_env())
+    yield server
+    gc.collect()  # writers that flush once more when collected (tensorboardX's) do it now
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,28 +1,26 @@
 """Two processes (jax.distributed on localhost, 4 CPU devices each) train together through
-`python train.py`: both print the same losses, which equal those of one process training on 8
-devices (the same clips per step; each clip's posterior noise is keyed by its id)."""
+`python train.py` into one bucket (`--workdir gs://...`, a real GCS server): both print the
+same losses, which equal those of one process training on 8 devices into a local folder (the
+same clips per step; each clip's posterior noise is keyed by its id); both write their shards
+and their data position into one committed checkpoint there, beside the TensorBoard events,
+metrics and previews. (The local multi-process path: test_preemption.py's two-process run.)"""
 
 from __future__ import annotations
 
 import json
-import pathlib
-import socket
 
 import numpy as np
+from gcs_server import free_port
 from helpers import losses_line, start_training_process
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from reducio_jax.storage.paths import as_path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_together(tmp_path, subprocess_env, eight_device_run):
-    env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    port, workdir = _free_port(), tmp_path / "two"
+def test_two_processes_train_together_into_a_bucket(gcs, subprocess_env, eight_device_run):
+    env = {**subprocess_env, **gcs.client_env(),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # fmt: skip
+    workdir = gcs.url("two")
+    port = free_port()
     procs = [start_training_process(i, port, workdir, env) for i in range(2)]
     try:
         lines = [losses_line(p) for p in procs]
@@ -31,11 +29,15 @@ def test_two_processes_train_together(tmp_path, subprocess_env, eight_device_run
             p.kill()
     assert lines[0] == lines[1]  # both processes print the same losses
     assert lines[0].startswith("steps 0 -> 2")
-    assert (workdir / "checkpoints" / "2" / "data" / "process_1-of-2.json").is_file()
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (workdir / "previews" / "step_0000002.png").is_file()
-    assert (workdir / "previews" / "step_0000002.gif").is_file()
-    two = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    run = as_path(workdir)
+    step = run / "checkpoints" / "2"
+    assert (step / "data" / "process_0-of-2.json").is_file()
+    assert (step / "data" / "process_1-of-2.json").is_file()
+    assert (step / "_CHECKPOINT_METADATA").is_file()  # committed
+    assert [p.name for p in (run / "tensorboard").iterdir() if "tfevents" in p.name]
+    assert (run / "previews" / "step_0000002.png").is_file()
+    assert (run / "previews" / "step_0000002.gif").is_file()
+    two = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
     import dist_config
 

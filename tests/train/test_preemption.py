@@ -1,7 +1,9 @@
 """Real signals sent to real `python train.py` processes (the micro config, one CPU device).
 
-* SIGTERM at a step that is not a multiple of `checkpoint_every`: the run checkpoints that step,
-  exits 143, and `--resume` gives the loss curve of an uninterrupted run, bit for bit.
+* SIGTERM at a step that is not a multiple of `checkpoint_every`, to a run in a bucket
+  (`--workdir gs://...`, a real GCS server): the run checkpoints that step there, exits 143,
+  and `--resume` finds it and gives the loss curve of an uninterrupted run in a local folder,
+  bit for bit.
 * SIGKILL while an asynchronous checkpoint is being written: `--resume` ignores the partial save,
   says which (complete) step it resumed from, and again ends on the uninterrupted curve.
 """
@@ -18,13 +20,15 @@ import time
 
 import pytest
 
+from reducio_jax.storage.paths import as_path
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MICRO = str(ROOT / "tests" / "train" / "micro_config.py")
 STEPS = 6
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def _args(workdir: pathlib.Path, *extra: str) -> list[str]:
+def _args(workdir: pathlib.Path | str, *extra: str) -> list[str]:
     return [
         sys.executable, str(ROOT / "train.py"), "--config", MICRO, "--workdir", str(workdir),
         f"--config.train.num_steps={STEPS}", "--noprogress", *extra,
@@ -36,8 +40,8 @@ def _run(workdir, env, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _start(workdir, env, *extra) -> subprocess.Popen:
-    path = workdir.parent / f"{workdir.name}.{time.monotonic_ns()}.log"
+def _start(workdir, env, *extra, log_dir=None) -> subprocess.Popen:
+    path = pathlib.Path(log_dir or workdir.parent) / f"{time.monotonic_ns()}.log"
     with open(path, "w") as log:
         proc = subprocess.Popen(_args(workdir, *extra), env=env, stdout=log, stderr=log)
     proc.log_path = path
@@ -52,18 +56,18 @@ def _curve(workdir: pathlib.Path) -> dict[int, dict]:
     """Logged values by step (a step logged twice, before a crash and after the resume, keeps
     its last line; both must be equal for the curve to match anyway)."""
     drop = ("clips_per_second", "seconds_per_step", "mfu")
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (as_path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: {k: v for k, v in r.items() if k not in drop} for r in rows}
 
 
-def _logged_steps(workdir: pathlib.Path) -> int:
-    path = workdir / "metrics.jsonl"
+def _logged_steps(workdir: pathlib.Path | str) -> int:
+    path = as_path(workdir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return max((json.loads(x)["step"] for x in lines if x.endswith("}")), default=0)
 
 
-def _complete_steps(workdir: pathlib.Path) -> list[int]:
-    folder = workdir / "checkpoints"
+def _complete_steps(workdir: pathlib.Path | str) -> list[int]:
+    folder = as_path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
@@ -76,29 +80,33 @@ def straight(subprocess_env, tmp_path_factory) -> pathlib.Path:
     return workdir
 
 
-def test_sigterm_checkpoints_step_in_flight_and_resume_matches(straight, subprocess_env, tmp_path):
-    workdir = tmp_path / "run"
-    proc = _start(workdir, subprocess_env, "--config.train.checkpoint_every=4")
+def test_sigterm_checkpoints_step_in_flight_in_bucket_and_resume_matches(
+    straight, subprocess_env, gcs, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would appear here as ./gs:
+    env, workdir = {**subprocess_env, **gcs.client_env()}, gcs.url("preempted")
+    proc = _start(workdir, env, "--config.train.checkpoint_every=4", log_dir=tmp_path)
     deadline = time.monotonic() + 300
     while _logged_steps(workdir) < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # step 1 is done; 5 remain
     assert proc.wait(timeout=300) == 143, _output(proc)[-3000:]
     out = _output(proc)
     assert "Traceback" not in out
     lines = [x for x in out.splitlines() if x.startswith("preempted: ")]
-    assert len(lines) == 1 and "--resume" in lines[0]
+    assert len(lines) == 1 and "--resume" in lines[0] and workdir in lines[0]
     stopped = _complete_steps(workdir)[-1]
     assert 1 <= stopped < STEPS and stopped % 4 != 0  # not a regular checkpoint
     assert f"stopped at step {stopped}" in lines[0] and _logged_steps(workdir) == stopped
 
-    resumed = _run(workdir, subprocess_env, "--config.train.checkpoint_every=4", "--resume")
+    resumed = _run(workdir, env, "--config.train.checkpoint_every=4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from step {stopped} " in resumed.stderr
     assert f"steps {stopped} -> {STEPS}" in resumed.stdout
     want, got = _curve(straight), _curve(workdir)
     assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
     assert want == got  # every logged loss part, bit for bit
+    assert not (tmp_path / "gs:").exists()
 
 
 def _kill_during_save(workdir: pathlib.Path, env: dict, resume: bool) -> str | None:
