@@ -9,8 +9,9 @@ seconds to trace and lower, the seconds XLA takes to compile it, the optimised m
 (HLO instructions, fusions, while loops) and how far the compile raised the process's peak
 resident memory. The persistent compilation cache is off, so every compile is a real one.
 `--second-process` adds the seconds from nothing to a ready
-executable (trace, lower, compile or load) in two fresh processes sharing one cache folder:
-cold, then with JAX's persistent cache warm (it still traces and lowers). JSON lines on stdout;
+executable (trace, lower, compile or load) in fresh processes sharing one cache folder:
+cold; then with the program store warm (loaded without a trace, reducio_jax/programs/store.py);
+then with the store set aside, JAX's persistent cache alone (it traces and lowers). JSON lines on stdout;
 `--write-results` puts the table into the "Compile" section of
 benchmarks/RESULTS.md with the machine, versions and commit. Weights are random (sizes and
 compile times do not depend on their values).
@@ -112,19 +113,26 @@ def ready_seconds(config: str, height: int, width: int, op: str, cache: str) -> 
 
 
 def first_and_second(case: str, op: str) -> dict:
-    """Seconds to a ready executable: a cold process, then a second one with JAX's persistent
-    cache warm."""
+    """Seconds to a ready executable: a cold process, a second one with the program store
+    warm, a third with the store set aside (JAX's persistent cache alone)."""
+    import shutil
     import tempfile
 
+    from reducio_jax.programs.store import FOLDER
+
+    def ready(cache: str) -> float:
+        return run_child(case, op, extra=["--ready", cache])["ready_s"]
+
     with tempfile.TemporaryDirectory() as cache:
-        seconds = [run_child(case, op, extra=["--ready", cache])["ready_s"] for _ in range(2)]
-    return {"cold_s": seconds[0], "jax_cache_s": seconds[1]}
+        cold, stored = ready(cache), ready(cache)
+        shutil.rmtree(os.path.join(cache, FOLDER))
+        return {"cold_s": cold, "store_s": stored, "jax_cache_s": ready(cache)}
 
 
 def table(records: list[dict]) -> str:
     head = (
         "| case | StableHLO ops | convolutions | while | lower s | compile s | HLO instr. "
-        "(fusions, while) | compile peak rise GiB | temp GiB | ready s: cold / JAX cache |\n"
+        "(fusions, while) | compile peak rise GiB | temp GiB | ready s: cold / store / JAX cache |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = [
@@ -140,7 +148,7 @@ def table(records: list[dict]) -> str:
 def _ready(r: dict) -> str:
     if "cold_s" not in r:
         return "–"
-    return f"{r['cold_s']:.1f} / {r['jax_cache_s']:.1f}"
+    return f"{r['cold_s']:.1f} / {r.get('store_s', float('nan')):.1f} / {r['jax_cache_s']:.1f}"
 
 
 def run_child(case: str, op: str, extra: Sequence[str] = ()) -> dict:
@@ -161,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--note", default="")
     p.add_argument("--second-process", action="store_true",
-                   help="also time a ready executable in fresh processes: cold, JAX cache")
+                   help="also time a ready executable in fresh processes: cold, store, JAX cache")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ready", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -15,6 +15,7 @@ import os
 import jax
 from jax import monitoring
 
+from reducio_jax.programs.store import LOADED_EVENT
 from reducio_jax.storage.paths import as_path
 
 DEFAULT_CACHE = "~/.cache/reducio_jax/xla"
@@ -56,6 +57,9 @@ class CompileCount:
 
     def _on_event(self, event: str, **_) -> None:
         if event == _CACHE_HIT:
+            self.from_cache += 1
+        elif event == LOADED_EVENT:  # an executable loaded from the program store (store.py)
+            self.requests += 1
             self.from_cache += 1
 
     def __enter__(self) -> CompileCount:

@@ -9,7 +9,12 @@ question (XLA's memory-minded schedule can be measured too, `schedule="memory"`;
 program is never run, so never kept). A measured program is kept unless `keep=False` (a
 probe), and `candidates()` drops the ones the planner measured and did not choose: the
 executable the planner measured is the one that runs. `compiles` and `compile_seconds` count
-this model's compiles.
+the executables this model made (compiled, or loaded), `loaded` those of them that came from
+the program store.
+
+With the persistent compilation cache on, every executable compiled here is also kept on disk
+under a key made without tracing (`store.py`): a later process loads it (or, for a program it
+only measures, reads its memory analysis) instead of tracing and lowering it again.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from jax.sharding import Mesh
 
 from reducio_jax.models import VideoVAE
 from reducio_jax.models.tiling import TileConfig
-from reducio_jax.programs import allocator, lowering
+from reducio_jax.programs import allocator, lowering, store
 from reducio_jax.programs.footprint import Footprint
 from reducio_jax.sharding import batch_sharding
 
@@ -68,6 +73,26 @@ def input_key(op: str, tiles: TileConfig | None, inputs: Any, state: Any = None)
     return (op, tiles, tree, avals, _placement(getattr(first, "sharding", None)))
 
 
+def _devices_of(sharding: jax.sharding.Sharding) -> list[jax.Device]:
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return list(sharding.mesh.devices.flat)
+    return sorted(sharding.device_set, key=lambda d: d.id)
+
+
+def key_devices(key: Key) -> list[jax.Device]:
+    """The devices of the program under `key`: those of its first placed input or state, else
+    the first device (where an unplaced program runs)."""
+    placements = [p for (_, _, p) in key[3]] + [key[4]]
+    placed = next((p for p in placements if p is not None), None)
+    return [jax.devices()[0]] if placed is None else _devices_of(placed)
+
+
+def _describe_placement(sharding: jax.sharding.Sharding | None) -> str:
+    if sharding is None:
+        return "first device"
+    return f"{store.describe(sharding)} on {[d.id for d in _devices_of(sharding)]}"
+
+
 class Programs:
     """One model's compiled inference programs (see the module docstring)."""
 
@@ -78,9 +103,12 @@ class Programs:
         self.spatial_factor = model.sizes.spatial_factor
         self.compiles = 0
         self.compile_seconds = 0.0
+        self.loaded = 0  # executables of `compiles` loaded from the program store
         self._executables: dict[Key, jax.stages.Compiled] = {}
         self._footprints: dict[tuple, Footprint] = {}
         self._new: list[Key] | None = None  # compiled inside `candidates()`
+        self._graph_text: tuple[nnx.GraphDef, str] | None = None  # the last graph described
+        self._from_store: set[Key] = set()  # loaded from the store, not called yet
 
     @property
     def resident(self) -> int:
@@ -95,26 +123,82 @@ class Programs:
         key = input_key(op, tiles, inputs, state)
         executable = self._executables.get(key)
         if executable is None:
-            lowered = lowering.lower(op, graphdef, state, inputs, tiles)
-            executable = self._compile(lowered, key)
+            executable = self._make(op, graphdef, state, inputs, tiles, key, kept=True)
+        if key not in self._from_store:
+            return executable(state, *inputs)
+        self._from_store.discard(key)  # its first call here: waited for, errors seen here
+        try:
+            return jax.block_until_ready(executable(state, *inputs))
+        except jax.errors.JaxRuntimeError as err:
+            if "not found" not in str(err):
+                raise
+        # An incomplete stored executable (store.py): forget it, make the program here.
+        programs, name = self._store_entry(graphdef, state, key)
+        if programs is not None:
+            programs.drop(name)
+        executable = self._make(op, graphdef, state, inputs, tiles, key, kept=True, load=False)
         return executable(state, *inputs)
 
-    def _compile(
-        self, lowered: jax.stages.Lowered, kept: Key | None, schedule: str = "default"
+    def _make(
+        self,
+        op: str,
+        graphdef: nnx.GraphDef,
+        state: nnx.State,
+        inputs: tuple,
+        tiles: TileConfig | None,
+        key: Key,
+        *,
+        kept: bool,
+        schedule: str = "default",
+        load: bool = True,
     ) -> jax.stages.Compiled:
-        """`lowered` compiled in XLA's `schedule`, kept under `kept` (None: a probe)."""
+        """The executable under `key`: loaded from the program store (unless `load` is
+        False), or lowered, compiled in XLA's `schedule` and stored; kept in memory if `kept`
+        (else a probe)."""
         start = time.perf_counter()
-        executable = lowering.compile_lowered(lowered, schedule)
-        # What the compile freed goes back to the kernel now: kept in the heap (allocator.py),
-        # it would sit beside the run's buffers, not under them (tiny 256 px: 0.5 GiB).
-        allocator.release_freed_memory()
+        programs, name = self._store_entry(graphdef, state, key, schedule)
+        executable = None
+        if programs is not None and load:
+            executable = programs.load(name, key_devices(key))
+        if executable is None:
+            lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not kept)
+            executable = lowering.compile_lowered(lowered, schedule)
+            # What the compile freed goes back to the kernel now: kept in the heap
+            # (allocator.py), it would sit beside the run's buffers, not under them (tiny
+            # 256 px: 0.5 GiB).
+            allocator.release_freed_memory()
+            if programs is not None:
+                programs.put(name, executable)
+        else:
+            self.loaded += 1
+            self._from_store.add(key)
         self.compiles += 1
         self.compile_seconds += time.perf_counter() - start
-        if kept is not None:
-            self._executables[kept] = executable
+        if kept:
+            self._executables[key] = executable
             if self._new is not None:
-                self._new.append(kept)
+                self._new.append(key)
         return executable
+
+    def _store_entry(
+        self, graphdef: nnx.GraphDef, state: nnx.State, key: Key, schedule: str = "default"
+    ) -> tuple[store.Store | None, str]:
+        """The program store (None: off, or a schedule other than the default) and the name
+        of the program under `key` in it."""
+        programs = store.Store.current() if schedule == "default" else None
+        if programs is None:
+            return None, ""
+        if self._graph_text is None or self._graph_text[0] != graphdef:
+            self._graph_text = (graphdef, store.describe((graphdef.nodes, graphdef.attributes)))
+        op, tiles, tree, avals, state_placement = key
+        leaves = [(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(state)]
+        identity = store.describe({
+            "op": op,
+            "tiles": tiles,
+            "inputs": (tree, [(s, d, _describe_placement(p)) for s, d, p in avals]),
+            "state": (leaves, _describe_placement(state_placement)),
+        }) + "\n" + self._graph_text[1]  # fmt: skip
+        return programs, store.key(identity, key_devices(key))
 
     def executables(self) -> list[Key]:
         """The keys of the executables kept."""
@@ -148,12 +232,20 @@ class Programs:
         inputs = self.window_inputs(op, batch, frame, mesh)
         keep = keep and schedule == "default"
         key = input_key(op, tiles, inputs, state)
-        executable = self._executables.get(key) if schedule == "default" else None
-        if executable is None:
-            lowered = lowering.lower(op, graphdef, state, inputs, tiles, fresh=not keep)
-            executable = self._compile(lowered, key if keep else None, schedule)
         shared = devices if _on_cpu(mesh) else 1  # devices whose buffers share one memory
-        footprint = Footprint.of(executable, lowering.input_bytes(inputs) // devices, shared)
+        per_device = lowering.input_bytes(inputs) // devices
+        executable = self._executables.get(key) if schedule == "default" else None
+        if executable is None and not keep:  # a probe: the stored figures, if any, suffice
+            programs, name = self._store_entry(graphdef, state, key, schedule)
+            entry = None if programs is None else programs.get(name)
+            if entry is not None:
+                footprint = Footprint.from_memory(entry.memory, per_device, shared)
+                self._footprints[measured] = footprint
+                return footprint
+        if executable is None:
+            executable = self._make(op, graphdef, state, inputs, tiles, key, kept=keep,
+                                    schedule=schedule)  # fmt: skip
+        footprint = Footprint.of(executable, per_device, shared)
         self._footprints[measured] = footprint
         return footprint
 
@@ -164,6 +256,16 @@ class Programs:
         split over the devices of `mesh` as the commands split them (`batch_sharding`)."""
         sharding = None if mesh_devices(mesh) == 1 else batch_sharding(mesh)
         return lowering.window_inputs(op, self.model.sizes, batch, frame, sharding=sharding)
+
+    def stored_name(
+        self, op: str, batch: int, frame: tuple[int, int], tiles: Any, mesh: Mesh | None = None
+    ) -> str | None:
+        """The name of `op`'s program for `batch` windows of `frame` in the program store (None
+        when the store is off): what a later process looks it up by."""
+        graphdef, state = nnx.split(self.model)
+        inputs = self.window_inputs(op, batch, frame, mesh)
+        programs, name = self._store_entry(graphdef, state, input_key(op, tiles, inputs, state))
+        return None if programs is None else name
 
     def measured(self) -> list[tuple]:
         """(op, batch, frame, tiles) of every program measured so far (and the mesh and

@@ -32,14 +32,16 @@ class Footprint:
         a device's bytes of them; `devices`: how many devices hold such buffers in the memory
         planned for (a CPU mesh's devices all live in the host's)."""
         m = compiled.memory_analysis()
-        return cls(
-            int(m.argument_size_in_bytes),
-            int(m.output_size_in_bytes),
-            int(m.temp_size_in_bytes),
-            int(m.alias_size_in_bytes),
-            inputs,
-            devices,
-        )
+        names = ("argument", "output", "temp", "alias")
+        memory = {n: int(getattr(m, f"{n}_size_in_bytes")) for n in names}
+        return cls.from_memory(memory, inputs, devices)
+
+    @classmethod
+    def from_memory(cls, memory: dict[str, int], inputs: int = 0, devices: int = 1) -> Footprint:
+        """The same from the figures of a memory analysis ({"argument": bytes, "output",
+        "temp", "alias"}), as the program store keeps them."""
+        names = ("argument", "output", "temp", "alias")
+        return cls(*(int(memory[n]) for n in names), inputs, devices)
 
     @property
     def total(self) -> int:

@@ -25,6 +25,7 @@ import jaxlib
 from jax.experimental import serialize_executable
 
 from reducio_jax.errors import InputError
+from reducio_jax.programs import store
 from reducio_jax.storage.paths import PathLike, as_path, write_bytes
 
 FORMAT = "reducio_jax compiled program 1"
@@ -89,6 +90,7 @@ def read(path: PathLike, identity: dict, devices: Sequence[jax.Device]) -> jax.s
             "config and flags"
         )
     in_tree, out_tree = record["trees"]
+    store.mark_loaded()
     try:
         return serialize_executable.deserialize_and_load(
             record["executable"], in_tree, out_tree, execution_devices=list(devices)

@@ -33,7 +33,7 @@ from reducio_jax.config import derived, frame_size
 from reducio_jax.data import make_loader
 from reducio_jax.data.errors import DataError
 from reducio_jax.data.skips import SKIPPED_FILE
-from reducio_jax.programs import serialized
+from reducio_jax.programs import serialized, store
 from reducio_jax.runs.preemption import Preempted, StopOnSigterm
 from reducio_jax.storage import checkpoints
 from reducio_jax.storage.paths import Path, PathLike, as_path, make_dirs
@@ -189,14 +189,36 @@ def compiled_step(
         return compiled, step_flops(compiled), key
     if key not in _COMPILED:
         t0 = time.perf_counter()
-        shardings = state_lib.state_shardings(cfg, mesh)
-        fn = jit_train_step(cfg, nets, weights, mesh, shardings)
-        options = state_lib.step_compiler_options(cfg, mesh.devices.flat[0].platform)
-        lowered = fn.lower(state, batch_spec(cfg.data, mesh), nets.lpips_state)
-        compiled = lowered.compile(compiler_options=options or None)
+        devices = list(mesh.devices.flat)
+        options = state_lib.step_compiler_options(cfg, devices[0].platform)
+        programs = store.Store.current()
+        name = _stored_name(key, options, state, nets, devices)
+        compiled = None if programs is None else programs.load(name, devices)
+        if compiled is None:
+            shardings = state_lib.state_shardings(cfg, mesh)
+            fn = jit_train_step(cfg, nets, weights, mesh, shardings)
+            lowered = fn.lower(state, batch_spec(cfg.data, mesh), nets.lpips_state)
+            compiled = lowered.compile(compiler_options=options or None)
+            if programs is not None:
+                programs.put(name, compiled)
+            log.info("Compiled the train step in %.1f s.", time.perf_counter() - t0)
+        else:
+            log.info("Loaded the train step from %s in %.1f s.", programs.folder,
+                     time.perf_counter() - t0)  # fmt: skip
         _COMPILED[key] = (compiled, step_flops(compiled))
-        log.info("Compiled the train step in %.1f s.", time.perf_counter() - t0)
     return (*_COMPILED[key], key)
+
+
+def _stored_name(
+    key: str, options: dict[str, Any], state: Any, nets: state_lib.Networks, devices: list
+) -> str:
+    """The train step's name in the program store (store.py): its key, its XLA options and
+    the shapes, dtypes and shardings of the state and the LPIPS weights it is called with."""
+    leaves = [
+        (tuple(x.shape), str(x.dtype), store.describe(getattr(x, "sharding", None)))
+        for x in jax.tree.leaves((state, nets.lpips_state))
+    ]
+    return store.key(store.describe(("train_step", key, sorted(options.items()), leaves)), devices)
 
 
 def step_identity(
