@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import textwrap
+import threading
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 from absl import flags
 
 from reducio_jax.cli import shared_flags
 from reducio_jax.errors import BAD_INPUT, INTERRUPTED, error_line, exit_status
 from reducio_jax.programs import allocator, cache
+from reducio_jax.storage import paths
 
 # command -> one line; each is the module reducio_jax.cli.<command> (imported when run).
 COMMANDS = {
@@ -100,6 +104,10 @@ def run_command(command: str, args: Sequence[str], prog: str) -> int:
         return BAD_INPUT
     if command in ONE_HEAP_COMMANDS:
         allocator.share_one_heap()
+    default_sigint = signal.getsignal(signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and default_sigint is signal.default_int_handler:  # Ctrl-C: also noted
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         cache.use_compilation_cache(fv["compilation_cache"].value)
         with cache.CompileCount() as compiles:
@@ -115,6 +123,17 @@ def run_command(command: str, args: Sequence[str], prog: str) -> int:
             raise  # the full traceback of an unexpected failure, for a bug report
         print(error_line(err), file=sys.stderr, flush=True)
         return exit_status(err)
+    finally:
+        if main_thread and signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, default_sigint)
+        paths.clear_interrupt()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Python's KeyboardInterrupt, noted first: raised inside a garbage-collection callback,
+    Python prints and drops it, and the command would go on to publish its output."""
+    paths.note_interrupt()
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m reducio_jax") -> int:

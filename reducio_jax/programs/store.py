@@ -30,12 +30,12 @@ trust, as with JAX's own cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import os
-import pathlib
 import pickle
 import re
 import sys
@@ -49,13 +49,13 @@ from jax import monitoring
 from jax.experimental import serialize_executable
 
 from reducio_jax.models import convolution
-from reducio_jax.storage.paths import as_path, is_remote, write_bytes
+from reducio_jax.storage.paths import as_path, is_remote, make_dirs, write_bytes
 
 FOLDER = "reducio_jax_programs"
 FORMAT = "reducio_jax program store 1"
 MAX_BYTES = 4 << 30
 LOADED_EVENT = "/reducio_jax/programs/store_loads"  # counted by `cache.CompileCount`
-_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+_PACKAGE = os.path.dirname(os.path.dirname(__file__))  # reducio_jax/
 _LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "ml_collections", "einops")
 _PLUGINS = ("libtpu", "jax-cuda12-plugin", "jax-cuda13-plugin")
 # JAX settings that change what a function traces or lowers to.
@@ -106,9 +106,15 @@ class Entry:
 def _source_digest() -> str:
     """sha256 of every Python file of the package (its path and bytes)."""
     digest = hashlib.sha256()
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        digest.update(str(path.relative_to(_PACKAGE)).encode())
-        digest.update(path.read_bytes())
+    files = [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(_PACKAGE)
+        for name in names
+        if name.endswith(".py")
+    ]
+    for file in sorted(files):
+        digest.update(os.path.relpath(file, _PACKAGE).encode())
+        digest.update(as_path(file).read_bytes())
     return digest.hexdigest()
 
 
@@ -260,8 +266,7 @@ class Store:
         if is_remote(file):
             write_bytes(file, data)
             return
-        folder = pathlib.Path(os.fspath(file.parent))
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = os.fspath(make_dirs(file.parent))
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".partial", delete=False) as tmp:
             tmp.write(data)
         os.chmod(tmp.name, 0o644)  # as JAX's cache files (NamedTemporaryFile makes 0600)
@@ -278,15 +283,16 @@ class Store:
         if is_remote(self.folder):
             return
         files = []
-        for path in pathlib.Path(os.fspath(self.folder)).glob("*.exe"):
+        for path in self.folder.glob("*.exe"):
             try:
-                stat = path.stat()
+                stat = os.stat(os.fspath(path))
             except FileNotFoundError:
                 continue
-            files.append((stat.st_mtime, stat.st_size, path))
+            files.append((stat.st_mtime, stat.st_size, os.fspath(path)))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= limit:
                 break
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
             total -= size

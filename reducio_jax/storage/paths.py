@@ -124,7 +124,9 @@ def copytree(source: PathLike, out: PathLike) -> None:
 @contextlib.contextmanager
 def staged(path: PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
     """A local file to write `path` through: it is moved into place when the block ends (one
-    `os.replace`, or one upload to a bucket) and deleted if the block raises. `suffix` gives the
+    `os.replace`, or one upload to a bucket) and deleted if the block raises, or if the user
+    interrupted the process meanwhile (`note_interrupt`: a Ctrl-C that Python lost, raised in
+    a garbage-collection callback, still keeps the unfinished file out). `suffix` gives the
     temporary file an extension a writer may need (e.g. ".mp4" for PyAV)."""
     path = as_path(path)
     suffix = suffix or path.suffix
@@ -132,15 +134,36 @@ def staged(path: PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
         with tempfile.TemporaryDirectory(prefix="reducio-upload-") as folder:
             local = pathlib.Path(folder) / ("staged" + suffix)
             yield local
+            _check_interrupt()
             upload(local, path)
         return
     make_dirs(path.parent)
     local = pathlib.Path(os.fspath(path.parent)) / f".{path.stem}.partial{suffix}"
     try:
         yield local
+        _check_interrupt()
         os.replace(local, os.fspath(path))
     finally:
         local.unlink(missing_ok=True)
+
+
+_INTERRUPTED = {"seen": False}
+
+
+def note_interrupt() -> None:
+    """Notes a SIGINT (the commands' handler, reducio_jax.cli): no staged file is moved into
+    place after it."""
+    _INTERRUPTED["seen"] = True
+
+
+def clear_interrupt() -> None:
+    """Forgets a noted SIGINT (a command has ended)."""
+    _INTERRUPTED["seen"] = False
+
+
+def _check_interrupt() -> None:
+    if _INTERRUPTED["seen"]:
+        raise KeyboardInterrupt
 
 
 def upload(local: pathlib.Path, path: epath.Path) -> None:

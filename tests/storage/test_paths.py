@@ -75,3 +75,19 @@ def test_staged_write_is_atomic_locally(tmp_path):
         raise RuntimeError("writer died")
     assert target.read_text() == "old"  # the failed write left the finished file alone
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no partial
+
+
+def test_after_a_noted_interrupt_no_staged_file_is_moved_into_place(tmp_path):
+    """A Ctrl-C that Python dropped (raised in a garbage-collection callback) was still noted
+    by the commands' SIGINT handler: the output being written is not published."""
+    target = tmp_path / "out.bin"
+    paths.note_interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt), paths.staged(target) as local:
+            local.write_bytes(b"unfinished")
+    finally:
+        paths.clear_interrupt()
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its partial file
+    with paths.staged(target) as local:
+        local.write_bytes(b"done")
+    assert target.read_bytes() == b"done"
