@@ -15,6 +15,14 @@ HEADROOM = 0.15  # fraction of a call's bytes added for what the analysis does n
 FIXED = 64 << 20
 
 
+def memory_figures(compiled) -> dict[str, int]:
+    """XLA's memory analysis of `compiled` as {"argument": bytes, "output", "temp", "alias"}
+    (what `Footprint.from_memory` and the program store keep)."""
+    m = compiled.memory_analysis()
+    names = ("argument", "output", "temp", "alias")
+    return {n: int(getattr(m, f"{n}_size_in_bytes")) for n in names}
+
+
 @dataclasses.dataclass(frozen=True)
 class Footprint:
     """The memory of one compiled program (XLA's `memory_analysis()`), in bytes."""
@@ -31,10 +39,7 @@ class Footprint:
         """`compiled`'s memory analysis (a device's, for a program split over a mesh); `inputs`:
         a device's bytes of them; `devices`: how many devices hold such buffers in the memory
         planned for (a CPU mesh's devices all live in the host's)."""
-        m = compiled.memory_analysis()
-        names = ("argument", "output", "temp", "alias")
-        memory = {n: int(getattr(m, f"{n}_size_in_bytes")) for n in names}
-        return cls.from_memory(memory, inputs, devices)
+        return cls.from_memory(memory_figures(compiled), inputs, devices)
 
     @classmethod
     def from_memory(cls, memory: dict[str, int], inputs: int = 0, devices: int = 1) -> Footprint:

@@ -49,6 +49,7 @@ from jax import monitoring
 from jax.experimental import serialize_executable
 
 from reducio_jax.models import convolution
+from reducio_jax.programs.footprint import memory_figures
 from reducio_jax.storage.paths import as_path, is_remote, make_dirs, write_bytes
 
 FOLDER = "reducio_jax_programs"
@@ -181,12 +182,6 @@ def key(identity: str, devices: Sequence[jax.Device]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _memory(compiled: jax.stages.Compiled) -> dict[str, int]:
-    m = compiled.memory_analysis()
-    names = ("argument", "output", "temp", "alias", "generated_code")
-    return {n: int(getattr(m, f"{n}_size_in_bytes")) for n in names}
-
-
 class Store:
     """The entries in `folder` (see the module docstring)."""
 
@@ -246,7 +241,7 @@ class Store:
             return False  # not serializable (closed-over constants, a host callback)
         record = {
             "format": FORMAT,
-            "memory": _memory(compiled),
+            "memory": memory_figures(compiled),
             "executable": payload,
             "trees": (in_tree, out_tree),
         }

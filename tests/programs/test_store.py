@@ -53,6 +53,7 @@ from flax import nnx
 from jax.experimental import serialize_executable
 from reducio_jax import ReducioVAE
 from reducio_jax.programs import cache, lowering, store
+from reducio_jax.programs.footprint import memory_figures
 cache.use_compilation_cache(sys.argv[1])
 vae = ReducioVAE.from_config({TINY!r})
 encode = lowering.window_inputs("encode", vae.model.sizes, 1, (32, 32))
@@ -64,7 +65,7 @@ compiled = lowering.lower("reconstruct", graphdef, state, inputs, None).compile(
 jax.config.update("jax_enable_compilation_cache", True)
 name = vae.programs.stored_name("reconstruct", 1, (64, 64), None)
 payload, *trees = serialize_executable.serialize(compiled)
-record = dict(format=store.FORMAT, memory=store._memory(compiled), executable=payload,
+record = dict(format=store.FORMAT, memory=memory_figures(compiled), executable=payload,
               trees=tuple(trees))
 store.Store.current()._write(store.Store.current()._file(name), pickle.dumps(record))
 print(store.loaded_any())
