@@ -17,6 +17,7 @@ from reducio_jax.models.layers import (
     Upsample,
     maybe_remat,
     remat_call,
+    run_blocks,
     same_conv,
 )
 
@@ -184,13 +185,12 @@ def _up_level(
     then this level's blocks and fusion; this level's own upsampling runs in the next unit."""
     if below is not None:
         h = maybe_remat(below, h, remat=remat)
-    for block in up.block_1:
-        h = maybe_remat(block, h, remat=remat)
+    if not up.fuse:  # one sequence of blocks
+        return run_blocks([*up.block_1, *up.block_2], h, remat=remat)
+    h = run_blocks(up.block_1, h, remat=remat)
     for fuse in up.fuse:
         h = maybe_remat(fuse, h, context, remat=remat)
-    for block in up.block_2:
-        h = maybe_remat(block, h, remat=remat)
-    return h
+    return run_blocks(up.block_2, h, remat=remat)
 
 
 def _norm_silu(norm: GroupNorm, h: jax.Array) -> jax.Array:

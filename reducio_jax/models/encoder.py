@@ -17,6 +17,7 @@ from reducio_jax.models.layers import (
     ResnetBlock,
     maybe_remat,
     remat_call,
+    run_blocks,
     same_conv,
 )
 
@@ -132,6 +133,5 @@ class Encoder(nnx.Module):
 
 def _down_level(level: DownLevel, h: jax.Array, *, remat: bool) -> tuple[jax.Array, jax.Array]:
     """(the level's output before downsampling: its skip feature, after downsampling)"""
-    for block in level.block:
-        h = maybe_remat(block, h, remat=remat)
+    h = run_blocks(level.block, h, remat=remat)
     return h, h if level.downsample is None else level.downsample(h)
