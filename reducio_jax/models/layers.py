@@ -424,9 +424,14 @@ def forward_only() -> Iterator[None]:
 def remat_call(fn, *args, remat: bool):
     """`fn(*args)` (modules and arrays), its activations recomputed in the backward pass if
     `remat` (only its inputs are kept; not inside `forward_only()`)."""
-    if remat and not _FORWARD_ONLY.get():
+    if _recompute(remat):
         return nnx.remat(fn)(*args)
     return fn(*args)
+
+
+def _recompute(remat: bool) -> bool:
+    """Whether a program traced now recomputes what `remat` asks (never under `forward_only`)."""
+    return remat and not _FORWARD_ONLY.get()
 
 
 def maybe_remat(module: nnx.Module, *args: jax.Array, remat: bool) -> jax.Array:
@@ -484,6 +489,6 @@ def _scan_run(run: list[nnx.Module], h: jax.Array, *, remat: bool) -> jax.Array:
         state = jax.lax.switch(index, pickers, states)
         return nnx.merge(graphdef, state)(carry), None
 
-    if remat and not _FORWARD_ONLY.get():
+    if _recompute(remat):
         body = jax.checkpoint(body)
     return jax.lax.scan(body, h, jnp.arange(len(run)))[0]
